@@ -1,0 +1,5 @@
+"""``python -m pgflow`` is the ``pgflow`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,234 @@
+"""The ``pgflow`` command line: init | demo | coordinator | worker | start | status | result | cancel | list.
+
+Every command takes ``--dsn`` (or ``PGFLOW_DSN``); without one it uses the embedded PostgreSQL under
+``PGFLOW_HOME``. Errors are one clear line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+import orjson
+
+from . import client, store
+from .errors import InstanceFailed, InstanceNotFinished, PgflowError
+
+dsn_option = click.option("--dsn", envvar="PGFLOW_DSN", default=None, metavar="DSN",
+                          help="PostgreSQL connection string (env PGFLOW_DSN). Default: the embedded server "
+                               "under PGFLOW_HOME (~/.local/share/pgflow).")
+
+
+def _friendly_errors(fn):
+    """Turn pgflow's own errors into a one-line message and exit status 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (PgflowError, TimeoutError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from exc
+    return wrapper
+
+
+def _json_argument(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}") from None
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(orjson.dumps(value, default=str, option=orjson.OPT_INDENT_2).decode())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--log-level", default="WARNING", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(log_level: str) -> None:
+    """pgflow: durable DAG workflows whose only infrastructure is PostgreSQL."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@main.command()
+@dsn_option
+@_friendly_errors
+def init(dsn: str | None) -> None:
+    """Install pgmq and apply pgflow's schema migrations (idempotent)."""
+    dsn = store.resolve_dsn(dsn)
+    applied = store.init_schema(dsn)
+    click.echo(f"pgflow schema at version {store.LATEST_VERSION}"
+               + (f" (applied {', '.join(map(str, applied))})" if applied else " (already up to date)"))
+
+
+@main.command()
+@dsn_option
+@click.option("--documents", default=2000, show_default=True, help="Documents to generate and embed.")
+@click.option("--batches", default=20, show_default=True, help="Instances to split the documents into.")
+@click.option("--workers", default=2, show_default=True, help="Worker processes.")
+@click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@_friendly_errors
+def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progress: bool) -> None:
+    """Run the fan-out embedding pipeline (load -> chunk -> embed -> upsert into pgvector -> mark done)
+    with a coordinator and worker processes, then print a summary."""
+    from .demo import format_summary, run_demo
+
+    if documents < 1 or not 1 <= batches <= documents or workers < 1:
+        raise click.BadParameter("need documents >= 1, 1 <= batches <= documents, workers >= 1")
+    dsn = store.resolve_dsn(dsn)
+    summary = run_demo(dsn, documents=documents, batches=batches, workers=workers, progress=not no_progress)
+    click.echo(format_summary(summary))
+    if not summary.ok:
+        raise click.ClickException("the demo did not complete every instance (see the summary above)")
+
+
+@main.command()
+@dsn_option
+@click.option("--batch", default=500, show_default=True, help="Instances evaluated per transaction.")
+@click.option("--retention", default=7 * 86400.0, show_default=True,
+              help="Seconds to keep finished instances and archived messages (0 keeps them forever).")
+@click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
+@_friendly_errors
+def coordinator(dsn: str | None, batch: int, retention: float, metrics_port: int) -> None:
+    """Run a coordinator: schedules ready steps, fans maps out and in, finishes instances. Several may
+    run at once (high availability)."""
+    from .coordinator import Coordinator
+    from .metrics import Health, readiness, serve
+
+    dsn = store.resolve_dsn(dsn)
+    health = Health()
+    serve(metrics_port, health, readiness(dsn))
+    instance = Coordinator(dsn, batch=batch, retention_seconds=retention or None, health=health)
+    signal.signal(signal.SIGTERM, instance.stop)
+    signal.signal(signal.SIGINT, instance.stop)
+    instance.run()
+
+
+@main.command()
+@dsn_option
+@click.option("--concurrency", "-c", default=2, show_default=True, help="Worker processes.")
+@click.option("--queue", "-q", "queues", multiple=True, help="Queue to serve (repeatable). Default: all.")
+@click.option("--batch-size", default=20, show_default=True, help="Messages read per batch.")
+@click.option("--visibility-timeout", default=30, show_default=True,
+              help="Seconds a read message stays hidden; extended while its step runs.")
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Import this module first (flows defined there; repeatable).")
+@click.option("--drain-timeout", default=45.0, show_default=True,
+              help="On SIGTERM, seconds to let in-flight steps finish before killing.")
+@click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
+@_friendly_errors
+def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_size: int, visibility_timeout: int,
+           imports: tuple[str, ...], drain_timeout: float, metrics_port: int) -> None:
+    """Run worker processes that pop steps from pgmq, execute them and checkpoint their results."""
+    import importlib
+
+    from .metrics import enable_multiprocess
+    from .worker import run_workers
+
+    if concurrency < 1 or batch_size < 1 or visibility_timeout < 1:
+        raise click.BadParameter("--concurrency, --batch-size and --visibility-timeout must be >= 1")
+    enable_multiprocess()
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    for module in imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise click.ClickException(f"cannot import {module!r}: {exc}") from exc
+    dsn = store.resolve_dsn(dsn)
+    with store.connect(dsn) as conn:
+        store.require_schema(conn)
+    sys.exit(run_workers(dsn, queues=list(queues) or None, concurrency=concurrency, drain_timeout=drain_timeout,
+                         metrics_port=metrics_port, batch_size=batch_size, visibility_timeout=visibility_timeout))
+
+
+@main.command()
+@dsn_option
+@click.argument("flow_ref", metavar="FLOW")
+@click.option("--input", "input_", callback=_json_argument, help="The flow input, as JSON.")
+@click.option("--label", help="A label to find the instance by (pgflow list --label).")
+@_friendly_errors
+def start(dsn: str | None, flow_ref: str, input_: Any, label: str | None) -> None:
+    """Start an instance of FLOW (module:attribute) and print its id."""
+    flow = client.load_flow(flow_ref)
+    click.echo(client.start(flow, input_, label=label, dsn=store.resolve_dsn(dsn)))
+
+
+@main.command()
+@dsn_option
+@click.argument("instance_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly_errors
+def status(dsn: str | None, instance_id: int, as_json: bool) -> None:
+    """Show an instance's status and its steps."""
+    st = client.status(instance_id, dsn=store.resolve_dsn(dsn))
+    if as_json:
+        _echo_json(st.as_dict())
+        return
+    click.echo(f"instance {st.id}  {st.flow} ({st.version})  {st.status}"
+               + (f"  label={st.label}" if st.label else ""))
+    if st.error:
+        click.echo(f"error: {st.error}")
+    for s in st.steps:
+        tasks = f"  tasks {s['tasks_completed']}/{s['tasks']}" if s["tasks"] else ""
+        error = f"  error: {s['error']}" if s["error"] else ""
+        click.echo(f"  {s['step_name']:<24} {s['status'] or '-':<10} attempts {s['attempts']}{tasks}{error}")
+
+
+@main.command()
+@dsn_option
+@click.argument("instance_id", type=int)
+@_friendly_errors
+def result(dsn: str | None, instance_id: int) -> None:
+    """Print a completed instance's output as JSON (exit 1 if it failed or has not finished)."""
+    try:
+        _echo_json(client.result(instance_id, dsn=store.resolve_dsn(dsn)))
+    except (InstanceFailed, InstanceNotFinished) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@dsn_option
+@click.argument("instance_id", type=int)
+@click.option("--reason", default=None, help="Stored as the instance's error.")
+@_friendly_errors
+def cancel(dsn: str | None, instance_id: int, reason: str | None) -> None:
+    """Cancel a pending or running instance."""
+    outcome = client.cancel(instance_id, reason, dsn=store.resolve_dsn(dsn))
+    if outcome != "cancelled":
+        raise click.ClickException(f"instance {instance_id} already {outcome}; nothing to cancel")
+    click.echo(f"instance {instance_id} cancelled")
+
+
+@main.command(name="list")
+@dsn_option
+@click.option("--status", type=click.Choice(["pending", "running", "completed", "failed", "cancelled"]))
+@click.option("--flow", help="Only this flow.")
+@click.option("--label", help="Only this label.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--before", type=int, help="Keyset pagination: only ids below this one (the last id shown).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_friendly_errors
+def list_(dsn: str | None, status: str | None, flow: str | None, label: str | None, limit: int,
+          before: int | None, as_json: bool) -> None:
+    """List instances, newest first."""
+    rows = client.list_instances(status=status, flow=flow, label=label, limit=limit, before=before,
+                                 dsn=store.resolve_dsn(dsn))
+    if as_json:
+        _echo_json(rows)
+        return
+    for r in rows:
+        click.echo(f"{r['id']:>10}  {r['flow_name']:<20} {r['status']:<10} {r['label'] or '':<16} "
+                   f"{r['created_at']:%Y-%m-%d %H:%M:%S}")
+    if len(rows) == limit:
+        click.echo(f"(more: pgflow list --before {rows[-1]['id']})", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

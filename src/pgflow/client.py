@@ -1,0 +1,179 @@
+"""Start, watch and control instances: the Python API behind ``pgflow start | status | result | cancel |
+list`` (all of it works on a DSN, or inside the caller's own psycopg connection and transaction)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from . import store
+from .errors import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound
+from .flows import INPUT, Flow
+from .queries import query
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def load_flow(ref: str) -> Flow:
+    """Import a flow from ``module:attribute`` (the CLI's FLOW argument), with a clear error."""
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise FlowDefinitionError(f"FLOW must look like module:attribute, not {ref!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # like `python -m`: modules in the current directory are importable
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise FlowDefinitionError(f"cannot import module {module_name!r} for flow {ref!r}: {exc}") from exc
+    flow = getattr(module, attr, None)
+    if not isinstance(flow, Flow):
+        raise FlowDefinitionError(f"{ref!r} is not a pgflow Flow (found {type(flow).__name__})")
+    return flow
+
+
+def register(conn: psycopg.Connection, flow: Flow) -> None:
+    """Store the flow's current version (idempotent) so coordinators and workers can run it."""
+    conn.execute(query("register_flow"), {"name": flow.name, "version": flow.version, "ref": flow.ref,
+                                          "shape": store.dumps(flow.shape)})
+
+
+def _check_input(flow: Flow, input: Any) -> str:
+    for step in flow.steps.values():
+        if step.over == INPUT and not isinstance(input, list):
+            raise FlowDefinitionError(
+                f"flow {flow.name!r}: step {step.name!r} maps over the input, which must be a list, "
+                f"not {type(input).__name__}"
+            )
+    return store.dumps(input, "flow input")
+
+
+def start(flow: Flow, input: Any = None, *, label: str | None = None, conn: psycopg.Connection | None = None,
+          dsn: str | None = None) -> int:
+    """Start an instance of ``flow`` and return its id.
+
+    With ``conn`` the instance is created inside that connection's current transaction (nothing is
+    committed here): if the caller rolls back, the instance never existed. Otherwise it is committed on
+    ``dsn`` (default: ``PGFLOW_DSN`` or the embedded server)."""
+    flow.validate()
+    payload = _check_input(flow, input)
+    params = {"flow": flow.name, "version": flow.version, "input": payload, "label": label}
+    if conn is not None:
+        register(conn, flow)
+        return conn.execute(query("start_instance"), params).fetchone()[0]
+    with store.transaction(store.resolve_dsn(dsn)) as own:
+        register(own, flow)
+        return own.execute(query("start_instance"), params).fetchone()[0]
+
+
+@dataclass
+class InstanceStatus:
+    """An instance as stored, with a per-step summary."""
+
+    id: int
+    flow: str
+    version: str
+    status: str
+    label: str | None
+    input: Any
+    output: Any
+    error: str | None
+    created_at: Any
+    started_at: Any
+    finished_at: Any
+    steps: list[dict[str, Any]]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in self.__dict__.items()}
+
+
+def _with_conn(dsn: str | None, conn: psycopg.Connection | None, fn):
+    if conn is not None:
+        return fn(conn)
+    with store.connect(store.resolve_dsn(dsn), autocommit=True) as own:
+        return fn(own)
+
+
+def status(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> InstanceStatus:
+    """The instance's state and a summary per step; InstanceNotFound for an unknown id."""
+    def read(c: psycopg.Connection) -> InstanceStatus:
+        with c.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(query("instance"), {"id": instance_id}).fetchone()
+            if row is None:
+                raise InstanceNotFound(f"no instance with id {instance_id}")
+            steps = cur.execute(query("instance_steps"), {"id": instance_id}).fetchall()
+        return InstanceStatus(
+            id=row["id"], flow=row["flow_name"], version=row["flow_version"], status=row["status"],
+            label=row["label"], input=row["input"], output=row["output"], error=row["error"],
+            created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+            steps=sorted(steps, key=lambda s: s["step_name"]),
+        )
+
+    return _with_conn(dsn, conn, read)
+
+
+def result(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> Any:
+    """The output of a completed instance. InstanceNotFinished while it runs, InstanceFailed if it failed
+    or was cancelled."""
+    st = status(instance_id, dsn=dsn, conn=conn)
+    if st.status == "completed":
+        return st.output
+    if st.status in ("failed", "cancelled"):
+        raise InstanceFailed(instance_id, st.status, st.error)
+    raise InstanceNotFinished(f"instance {instance_id} is {st.status}")
+
+
+def wait(instance_id: int, timeout: float = 60.0, *, dsn: str | None = None) -> InstanceStatus:
+    """Block until the instance finishes (woken by NOTIFY, re-checked every second); TimeoutError after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with store.connect(store.resolve_dsn(dsn), autocommit=True) as conn:
+        conn.execute("LISTEN pgflow_instance_done")
+        while True:
+            st = status(instance_id, conn=conn)
+            if st.finished:
+                return st
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"instance {instance_id} still {st.status} after {timeout} s")
+            for _ in conn.notifies(timeout=min(left, 1.0), stop_after=1):
+                pass
+
+
+def cancel(instance_id: int, reason: str | None = None, *, dsn: str | None = None,
+           conn: psycopg.Connection | None = None) -> str:
+    """Cancel a pending or running instance; returns its status afterwards (a finished instance keeps its
+    status). Its unfinished steps are marked cancelled and their queued messages are archived."""
+    def run(c: psycopg.Connection) -> str:
+        outcome = c.execute(query("cancel_instance"), {"id": instance_id, "reason": reason}).fetchone()[0]
+        if outcome is None:
+            raise InstanceNotFound(f"no instance with id {instance_id}")
+        return outcome
+
+    return _with_conn(dsn, conn, run)
+
+
+def list_instances(*, status: str | None = None, flow: str | None = None, label: str | None = None,
+                   limit: int = 50, before: int | None = None, dsn: str | None = None,
+                   conn: psycopg.Connection | None = None) -> list[dict[str, Any]]:
+    """Instances newest first, filtered. Keyset pagination: pass the last id you got as ``before``."""
+    if status is not None and status not in ("pending", "running", *TERMINAL):
+        raise ValueError(f"unknown status {status!r}: use pending, running, completed, failed or cancelled")
+    if not 1 <= limit <= 10_000:
+        raise ValueError("limit must be between 1 and 10000")
+    params = {"status": status, "flow": flow, "label": label, "limit": limit, "before": before}
+
+    def run(c: psycopg.Connection) -> list[dict[str, Any]]:
+        with c.cursor(row_factory=dict_row) as cur:
+            return cur.execute(query("list_instances"), params).fetchall()
+
+    return _with_conn(dsn, conn, run)

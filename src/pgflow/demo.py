@@ -1,0 +1,189 @@
+"""``pgflow demo``: the flagship workload end to end on one machine.
+
+Generated documents are loaded by a SQL step, chunked (a map per document), embedded (a map per chunk,
+flattened), upserted into a pgvector table by a SQL step with bound parameters, and marked done, by a
+coordinator and worker processes started here. The embedder is a deterministic CPU function (feature
+hashing), so the demo needs no model download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from . import client, store
+from .flows import Flow
+from .queries import query
+
+DIMENSIONS = 64
+CHUNK_WORDS = 40
+_VOCABULARY = (
+    "postgres durable workflow queue worker step retry vector embedding chunk document coordinator checkpoint "
+    "crash restart batch index table transaction commit fan out map join signal timer cron sql python latency "
+    "throughput replica lease lock schema migration archive"
+)
+
+flow = Flow("embed_docs", queue="embed", max_attempts=5, backoff_base=0.2, backoff_cap=5.0)
+
+load = flow.sql("load", "SELECT id, body FROM pgflow_demo.documents WHERE batch = $input.batch ORDER BY id")
+
+
+@flow.map(over=load)
+def chunk(ctx, doc: dict) -> list[dict]:
+    """Split a document into chunks of CHUNK_WORDS words."""
+    words = doc["body"].split()
+    return [{"doc_id": doc["id"], "chunk_no": n, "body": " ".join(words[i:i + CHUNK_WORDS])}
+            for n, i in enumerate(range(0, len(words), CHUNK_WORDS))]
+
+
+@flow.map(over=chunk, flatten=True)
+def embed(ctx, piece: dict) -> dict:
+    """Attach a deterministic embedding to a chunk."""
+    return {**piece, "embedding": embed_text(piece["body"])}
+
+
+upsert = flow.sql("upsert", """
+    INSERT INTO pgflow_demo.chunks (doc_id, chunk_no, body, embedding)
+    SELECT r.doc_id, r.chunk_no, r.body, pgflow_demo.to_embedding(r.embedding)
+    FROM jsonb_to_recordset($embed) AS r(doc_id integer, chunk_no integer, body text, embedding jsonb)
+    ON CONFLICT (doc_id, chunk_no) DO UPDATE SET body = excluded.body, embedding = excluded.embedding
+""", after=[embed])
+
+mark_done = flow.sql("mark_done", "UPDATE pgflow_demo.documents SET processed = true WHERE batch = $input.batch",
+                     after=[upsert])
+
+
+def embed_text(text: str) -> list[float]:
+    """Feature-hashing embedding: each word adds +-1 to one of DIMENSIONS buckets; L2-normalised."""
+    vector = [0.0] * DIMENSIONS
+    for word in text.split():
+        digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+        vector[digest[0] % DIMENSIONS] += 1.0 if digest[1] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [round(v / norm, 6) for v in vector]
+
+
+def generate_document(doc_id: int) -> str:
+    """A reproducible document of 30-160 words."""
+    rng = random.Random(doc_id)
+    words = _VOCABULARY.split()
+    return " ".join(rng.choice(words) for _ in range(rng.randint(30, 160)))
+
+
+def expected_steps(documents: int, batches: int) -> int:
+    """Steps the demo will complete: 5 per instance (load, chunk, embed, upsert, mark_done), one chunk
+    task per document and one embed task per chunk."""
+    chunks = sum(math.ceil(len(generate_document(d).split()) / CHUNK_WORDS) for d in range(documents))
+    return 5 * batches + documents + chunks
+
+
+def prepare(conn: psycopg.Connection, documents: int, batches: int) -> bool:
+    """Create the demo tables (pgvector if the server has it) and the documents; reset earlier runs.
+    Returns whether pgvector is used."""
+    conn.execute(query("demo_schema", "demo.sql"))
+    has_vector = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')").fetchone()[0]
+    conn.execute(query("demo_chunks_vector" if has_vector else "demo_chunks_array", "demo.sql"))
+    conn.execute(query("demo_reset", "demo.sql"))
+    if tuple(conn.execute(query("demo_document_count", "demo.sql")).fetchone()) != (documents, batches):
+        conn.execute(query("demo_replace_documents", "demo.sql"))
+        with conn.cursor().copy("COPY pgflow_demo.documents (id, batch, body) FROM STDIN") as copy:
+            for doc_id in range(documents):
+                copy.write_row((doc_id, doc_id % batches, generate_document(doc_id)))
+    return has_vector
+
+
+@dataclass
+class DemoSummary:
+    instances: int
+    completed: int
+    failed: int
+    steps: int
+    retries: int
+    step_failures: int
+    seconds: float
+    chunks: int
+    unprocessed: int
+    pgvector: bool
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.completed == self.instances and self.unprocessed == 0 and self.chunks > 0
+
+
+def run_demo(dsn: str, *, documents: int = 2000, batches: int = 20, workers: int = 2, progress: bool = True,
+             timeout: float = 600.0) -> DemoSummary:
+    """Run the demo pipeline with a coordinator and ``workers`` worker processes; returns the figures."""
+    import multiprocess
+    from tqdm import tqdm
+
+    from .coordinator import run_coordinator
+    from .worker import run_workers
+
+    store.init_schema(dsn)
+    with store.transaction(dsn) as conn:
+        has_vector = prepare(conn, documents, batches)
+    context = multiprocess.get_context("fork")
+    coordinator = context.Process(target=run_coordinator, args=(dsn,), name="pgflow-coordinator")
+    pool = context.Process(target=run_workers, args=(dsn,), kwargs={"queues": ["embed"], "concurrency": workers},
+                           name="pgflow-workers")
+    coordinator.start()
+    pool.start()
+    try:
+        started = time.monotonic()
+        with store.transaction(dsn) as conn:
+            ids = [client.start(flow, {"batch": b}, label="demo", conn=conn) for b in range(batches)]
+        finished = failed = 0
+        with store.connect(dsn, autocommit=True) as conn, tqdm(
+                total=expected_steps(documents, batches), unit="step", disable=not progress,
+                desc="embed_docs") as bar:
+            while finished < len(ids):
+                if time.monotonic() - started > timeout:
+                    raise TimeoutError(f"demo did not finish in {timeout} s ({finished}/{len(ids)} instances)")
+                time.sleep(0.2)
+                finished, failed, steps = conn.execute(query("demo_progress", "demo.sql"), {"ids": ids}).fetchone()
+                bar.set_postfix(instances=f"{finished}/{len(ids)}", failed=failed)
+                bar.update(steps - bar.n)
+        seconds = time.monotonic() - started
+        with store.connect(dsn, autocommit=True) as conn:
+            steps, retries, step_failures = conn.execute(query("demo_summary", "demo.sql"), {"ids": ids}).fetchone()
+            chunks, unprocessed = conn.execute(query("demo_check", "demo.sql")).fetchone()
+        return DemoSummary(instances=len(ids), completed=len(ids) - failed, failed=failed, steps=steps,
+                           retries=retries, step_failures=step_failures, seconds=seconds, chunks=chunks,
+                           unprocessed=unprocessed, pgvector=has_vector)
+    finally:
+        _stop(pool, coordinator)
+
+
+def _stop(*processes: Any) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # SIGTERM: drain and exit
+    for process in processes:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def format_summary(s: DemoSummary) -> str:
+    table = "pgvector" if s.pgvector else "real[] (pgvector not installed on this server)"
+    return "\n".join([
+        f"instances   {s.instances} ({s.completed} completed, {s.failed} failed)",
+        f"steps       {s.steps:,} completed ({s.steps_per_second:,.0f} steps/s)",
+        f"retries     {s.retries}",
+        f"failures    {s.step_failures}",
+        f"wall time   {s.seconds:.2f} s",
+        f"output      {s.chunks:,} chunks embedded into pgflow_demo.chunks, {table}",
+    ])
+

@@ -1,0 +1,178 @@
+"""References to earlier results inside SQL step text, turned into bound parameters.
+
+A SQL step may say ``$input``, ``$input.key``, ``$load`` (another step's output), ``$load.col`` (a column of
+its first row), ``$item`` (a map task's element) and ``$name?`` (NULL instead of an error when there is no
+row or no such key). References are found by a small lexer that skips string literals, quoted identifiers,
+comments and dollar-quoted bodies, and every reference becomes a ``%s`` placeholder: values travel as data,
+never as SQL text, so a value like ``'; DROP TABLE x; --`` is just a string.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from psycopg.types.json import Jsonb
+
+from .errors import FlowDefinitionError
+
+_DOLLAR_QUOTE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
+_REFERENCE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)(\.\*)?(\?)?")
+_POSITIONAL = re.compile(r"\$\d+")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """One ``$name.path?`` occurrence in a SQL step."""
+
+    name: str
+    path: tuple[str, ...] = ()
+    nullable: bool = False
+
+    def __str__(self) -> str:
+        return "$" + ".".join((self.name, *self.path)) + ("?" if self.nullable else "")
+
+
+@dataclass(frozen=True)
+class SqlTemplate:
+    """A SQL step's text with its references replaced by ``%s`` placeholders, in order."""
+
+    source: str
+    text: str
+    references: tuple[Reference, ...]
+
+    @property
+    def names(self) -> set[str]:
+        return {ref.name for ref in self.references}
+
+    def parameters(self, scope: dict[str, Any]) -> list[Any]:
+        """The bound values for one execution, looked up in ``scope`` (input, item and step outputs)."""
+        return [adapt(resolve(ref, scope)) for ref in self.references]
+
+
+def _end_of_quoted(text: str, start: int, quote: str, backslash_escapes: bool) -> int:
+    """Index just past the closing quote of a literal that opens at ``start``."""
+    i = start + 1
+    while i < len(text):
+        ch = text[i]
+        if backslash_escapes and ch == "\\":
+            i += 2
+            continue
+        if ch == quote:
+            if i + 1 < len(text) and text[i + 1] == quote:  # doubled quote is an escaped quote
+                i += 2
+                continue
+            return i + 1
+        i += 1
+    raise FlowDefinitionError(f"unterminated {quote} literal in SQL: {text[start:start + 40]!r}")
+
+
+def _end_of_block_comment(text: str, start: int) -> int:
+    depth, i = 0, start
+    while i < len(text) - 1:
+        pair = text[i : i + 2]
+        if pair == "/*":
+            depth, i = depth + 1, i + 2
+        elif pair == "*/":
+            depth, i = depth - 1, i + 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    raise FlowDefinitionError("unterminated /* comment in SQL")
+
+
+def compile_sql(source: str) -> SqlTemplate:
+    """Find the ``$references`` in a SQL step and replace them by placeholders (see module docs)."""
+    out: list[str] = []
+    refs: list[Reference] = []
+    i, n = 0, len(source)
+    while i < n:
+        ch = source[i]
+        if ch == "'":
+            e_string = i > 0 and source[i - 1] in "eE" and (i < 2 or not (source[i - 2].isalnum() or
+                                                                        source[i - 2] == "_"))
+            end = _end_of_quoted(source, i, "'", e_string)
+        elif ch == '"':
+            end = _end_of_quoted(source, i, '"', False)
+        elif source.startswith("--", i):
+            newline = source.find("\n", i)
+            end = n if newline < 0 else newline
+        elif source.startswith("/*", i):
+            end = _end_of_block_comment(source, i)
+        elif ch == "$":
+            quote = _DOLLAR_QUOTE.match(source, i)
+            if quote:
+                close = source.find(quote.group(0), quote.end())
+                if close < 0:
+                    raise FlowDefinitionError(f"unterminated dollar-quoted string {quote.group(0)} in SQL")
+                end = close + len(quote.group(0))
+            elif _POSITIONAL.match(source, i):
+                raise FlowDefinitionError(
+                    f"positional parameter {_POSITIONAL.match(source, i).group(0)} in SQL: "
+                    "refer to values by name ($input, $input.key, $step, $step.col, $item)"
+                )
+            elif match := _REFERENCE.match(source, i):
+                if match.group(3):
+                    raise FlowDefinitionError(
+                        f"row-set reference ${match.group(1)}.* is not supported in SQL steps yet"
+                    )
+                path = tuple(p for p in match.group(2).split(".") if p)
+                refs.append(Reference(match.group(1), path, bool(match.group(4))))
+                out.append("%s")
+                i = match.end()
+                continue
+            else:
+                raise FlowDefinitionError(f"stray '$' in SQL at {source[i:i + 20]!r}")
+            out.append(source[i:end])
+            i = end
+            continue
+        elif ch == "%":
+            out.append("%%")  # psycopg placeholder syntax: a literal percent sign must be doubled
+            i += 1
+            continue
+        else:
+            out.append(ch)
+            i += 1
+            continue
+        out.append(source[i:end])
+        i = end
+    return SqlTemplate(source, "".join(out), tuple(refs))
+
+
+class MissingValue(LookupError):
+    """A reference has nothing to point at (no such name, no rows, no such key) and is not ``?``."""
+
+
+def resolve(ref: Reference, scope: dict[str, Any]) -> Any:
+    """The value a reference points at; SQL results (lists of rows) yield their first row for ``.col``."""
+    if ref.name not in scope:
+        raise MissingValue(f"{ref}: no value named {ref.name!r} (known: {', '.join(sorted(scope))})")
+    value = scope[ref.name]
+    for key in ref.path:
+        if isinstance(value, list):
+            if not value:
+                if ref.nullable:
+                    return None
+                raise MissingValue(f"{ref}: {ref.name} returned no rows (write {ref}? to get NULL)")
+            value = value[0]
+        if isinstance(value, dict) and key in value:
+            value = value[key]
+        elif ref.nullable:
+            return None
+        else:
+            raise MissingValue(f"{ref}: no key {key!r} in {type(value).__name__} value")
+    return value
+
+
+def _orjson_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def adapt(value: Any) -> Any:
+    """Objects and arrays travel as jsonb; scalars as their natural PostgreSQL types."""
+    if isinstance(value, dict | list):
+        return Jsonb(value, dumps=_orjson_dumps)
+    return value

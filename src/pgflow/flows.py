@@ -1,0 +1,426 @@
+"""Flows: DAGs of named steps, defined in Python code (they live in git, not in the database).
+
+A step is a Python function, a SQL statement, or a *map* of either (one task per element of an earlier
+step's output list, followed by fan-in: dependents receive the ordered list of task outputs). The shape of
+a flow (steps, dependencies, options, SQL text) is hashed into a version; an instance runs the version it
+started with, because the coordinator reads that version's shape from the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+import sys
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import orjson
+
+from .dsl import SqlTemplate, compile_sql
+from .errors import FlowDefinitionError
+
+INPUT = "input"  # reserved name: the flow's input, as a parameter, a $reference or ``map(over=INPUT)``
+ITEM = "item"  # reserved name: a map task's element in SQL ($item)
+RESERVED = {INPUT, ITEM, "ctx"}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_QUEUE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+
+#: every Flow constructed in this process, by name: workers look steps up here before importing refs
+REGISTRY: dict[str, Flow] = {}
+
+
+@dataclass
+class StepContext:
+    """What a running step knows about itself; passed as the first argument of every Python step."""
+
+    instance_id: int
+    flow: str
+    step: str
+    task_index: int
+    attempt: int
+    max_attempts: int
+    input: Any
+
+    @property
+    def idempotency_key(self) -> str:
+        """Stable across retries and redeliveries of this task: use it to make side effects idempotent."""
+        task = "" if self.task_index < 0 else f"[{self.task_index}]"
+        return f"pgflow:{self.instance_id}:{self.step}{task}"
+
+
+@dataclass
+class Step:
+    """One node of a flow. Calling it calls the underlying Python function (handy in unit tests)."""
+
+    flow: Flow
+    name: str
+    kind: str  # "python" | "sql"
+    deps: tuple[str, ...]
+    fn: Callable[..., Any] | None = None
+    sql: SqlTemplate | None = None
+    over: str | None = None  # set for maps: a step name or INPUT
+    flatten: bool = False
+    queue: str | None = None
+    max_attempts: int | None = None
+    backoff_base: float | None = None
+    backoff_cap: float | None = None
+    timeout: float | None = None
+    bindings: tuple[tuple[str, str], ...] = field(default=())  # (parameter, source name) for Python steps
+    wants_all: bool = False  # the function takes **kwargs: it gets every dependency
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fn is None:
+            raise TypeError(f"step {self.name!r} is a SQL step; it runs in the database")
+        return self.fn(*args, **kwargs)
+
+    @property
+    def is_map(self) -> bool:
+        return self.over is not None
+
+    def option(self, key: str) -> Any:
+        """This step's setting, falling back to the flow's default."""
+        value = getattr(self, key)
+        return getattr(self.flow, key) if value is None else value
+
+    def spec(self) -> dict[str, Any]:
+        """The step's part of the flow shape (what the version hash covers)."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "deps": list(self.deps),
+            "over": self.over,
+            "flatten": self.flatten,
+            "queue": self.option("queue"),
+            "max_attempts": self.option("max_attempts"),
+            "backoff_base": self.option("backoff_base"),
+            "backoff_cap": self.option("backoff_cap"),
+            "timeout": self.option("timeout"),
+            "sql": self.sql.source if self.sql else None,
+        }
+
+
+StepRef = Step | str
+
+
+def _step_name(ref: StepRef) -> str:
+    if isinstance(ref, Step):
+        return ref.name
+    if isinstance(ref, str):
+        return ref
+    if callable(ref):
+        raise FlowDefinitionError(
+            f"{getattr(ref, '__name__', ref)!r} is a plain function, not a step: pass the object the "
+            "@flow.step decorator returned, or the step's name"
+        )
+    raise FlowDefinitionError(f"a dependency must be a step or a step name, not {ref!r}")
+
+
+def _check_positive(name: str, value: float | None, what: str) -> None:
+    if value is not None and (not isinstance(value, int | float) or value <= 0):
+        raise FlowDefinitionError(f"{what}: {name} must be a positive number, not {value!r}")
+
+
+class Flow:
+    """A workflow definition: a DAG of steps added with :meth:`step`, :meth:`map` and :meth:`sql`.
+
+    Defaults given here apply to every step that does not set its own: ``queue`` (the pgmq queue workers
+    read), ``max_attempts``, exponential backoff with jitter between ``backoff_base`` and ``backoff_cap``
+    seconds, and ``timeout`` in seconds (None: no limit).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        queue: str = "pgflow",
+        max_attempts: int = 3,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 60.0,
+        timeout: float | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise FlowDefinitionError(f"flow name {name!r} must be an identifier (letters, digits, _)")
+        self.name = name
+        self.queue = _check_queue(queue, f"flow {name!r}")
+        self.max_attempts = _check_attempts(max_attempts, f"flow {name!r}")
+        _check_positive("backoff_base", backoff_base, f"flow {name!r}")
+        _check_positive("backoff_cap", backoff_cap, f"flow {name!r}")
+        _check_positive("timeout", timeout, f"flow {name!r}")
+        self.backoff_base = float(backoff_base)
+        self.backoff_cap = float(backoff_cap)
+        self.timeout = timeout
+        self.steps: dict[str, Step] = {}
+        self.module = sys._getframe(1).f_globals.get("__name__", "__main__")
+        REGISTRY[name] = self
+
+    def __repr__(self) -> str:
+        return f"Flow({self.name!r}, steps={list(self.steps)})"
+
+    # ------------------------------------------------------------------------------------------ builders
+
+    def step(self, fn: Callable | None = None, *, name: str | None = None, after: Iterable[StepRef] = (),
+             **options: Any) -> Any:
+        """Decorator adding a Python step. Its parameters after ``ctx`` are bound by name to the flow
+        ``input`` and to the outputs of the steps listed in ``after``."""
+        def decorate(func: Callable) -> Step:
+            return self._add_python(func, name, after, None, False, options)
+
+        return decorate(fn) if fn is not None else decorate
+
+    def map(self, fn: Callable | None = None, *, over: StepRef, flatten: bool = False, name: str | None = None,
+            after: Iterable[StepRef] = (), **options: Any) -> Any:
+        """Decorator adding a fan-out step: the function runs once per element of ``over``'s output (a
+        list; ``over=INPUT`` maps over the flow input). Its first parameter after ``ctx`` receives the
+        element. With ``flatten=True`` the output must be a list of lists, mapped element by element."""
+        def decorate(func: Callable) -> Step:
+            return self._add_python(func, name, after, over, flatten, options)
+
+        return decorate(fn) if fn is not None else decorate
+
+    def sql(self, name: str, statement: str, *, after: Iterable[StepRef] = (), over: StepRef | None = None,
+            flatten: bool = False, **options: Any) -> Step:
+        """Add a SQL step. ``$input``, ``$step``, ``$step.col``, ``$item`` and ``$name?`` in the statement
+        become bound parameters. It runs in the worker's acknowledgement transaction: exactly once. Its
+        output is the list of result rows (as objects), or ``{"rowcount": n}`` for statements without rows.
+        With ``over`` it is a map: the statement runs once per element, which ``$item`` refers to."""
+        if not isinstance(statement, str) or not statement.strip():
+            raise FlowDefinitionError(f"SQL step {name!r}: the statement must be non-empty text")
+        template = compile_sql(statement)
+        step = self._new_step(name, "sql", after, over, flatten, options)
+        step.sql = template
+        known = {INPUT, *step.deps} | ({ITEM} if step.is_map else set())
+        unknown = template.names - known
+        if unknown:
+            raise FlowDefinitionError(
+                f"SQL step {name!r} refers to {', '.join('$' + u for u in sorted(unknown))}, which is not "
+                f"its input or a dependency (it can use: {', '.join('$' + k for k in sorted(known))})"
+            )
+        return self._register(step)
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _add_python(self, func: Callable, name: str | None, after: Iterable[StepRef], over: StepRef | None,
+                    flatten: bool, options: dict[str, Any]) -> Step:
+        if not callable(func):
+            raise FlowDefinitionError(f"{func!r} is not a function")
+        step = self._new_step(name or func.__name__, "python", after, over, flatten, options)
+        step.fn = func
+        step.bindings, step.wants_all = _bind_parameters(step, func)
+        return self._register(step)
+
+    def _new_step(self, name: str, kind: str, after: Iterable[StepRef], over: StepRef | None, flatten: bool,
+                  options: dict[str, Any]) -> Step:
+        where = f"flow {self.name!r}, step {name!r}"
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise FlowDefinitionError(f"{where}: a step name must be an identifier (letters, digits, _)")
+        if name in RESERVED:
+            raise FlowDefinitionError(f"{where}: {name!r} is reserved, choose another step name")
+        if name in self.steps:
+            raise FlowDefinitionError(f"{where}: duplicate step name {name!r}")
+        unknown_options = set(options) - {"queue", "max_attempts", "backoff_base", "backoff_cap", "timeout"}
+        if unknown_options:
+            raise FlowDefinitionError(f"{where}: unknown option(s) {sorted(unknown_options)}")
+        if isinstance(after, str | Step):
+            after = [after]
+        deps = [_step_name(a) for a in after]
+        over_name = None
+        if over is not None:
+            over_name = _step_name(over)
+            if over_name != INPUT and over_name not in deps:
+                deps.insert(0, over_name)
+            if flatten and over_name in self.steps and self.steps[over_name].kind == "sql":
+                raise FlowDefinitionError(f"{where}: flatten needs a list of lists, a SQL step returns rows")
+            _check_over_returns_list(where, self.steps.get(over_name))
+        elif flatten:
+            raise FlowDefinitionError(f"{where}: flatten=True only applies to a map (give over=...)")
+        if len(set(deps)) != len(deps):
+            raise FlowDefinitionError(f"{where}: a dependency is listed twice in {deps}")
+        if name in deps:
+            raise FlowDefinitionError(f"{where}: a step cannot depend on itself")
+        if "queue" in options:
+            _check_queue(options["queue"], where)
+        if "max_attempts" in options:
+            _check_attempts(options["max_attempts"], where)
+        for key in ("backoff_base", "backoff_cap", "timeout"):
+            _check_positive(key, options.get(key), where)
+        return Step(flow=self, name=name, kind=kind, deps=tuple(deps), over=over_name, flatten=flatten,
+                    **options)
+
+    def _register(self, step: Step) -> Step:
+        self.steps[step.name] = step
+        self.__dict__.pop("shape", None)  # the shape changed: recompute shape and version lazily
+        self.__dict__.pop("version", None)
+        return step
+
+    # ------------------------------------------------------------------------------------------ shape
+
+    def validate(self) -> None:
+        """Raise FlowDefinitionError for unknown dependencies and cycles (possible with names as strings)."""
+        if not self.steps:
+            raise FlowDefinitionError(f"flow {self.name!r} has no steps")
+        for step in self.steps.values():
+            for dep in step.deps:
+                if dep not in self.steps:
+                    raise FlowDefinitionError(
+                        f"flow {self.name!r}, step {step.name!r}: unknown dependency {dep!r} "
+                        f"(steps: {', '.join(self.steps)})"
+                    )
+        _check_acyclic(self)
+
+    @cached_property
+    def shape(self) -> dict[str, Any]:
+        """The flow's shape as stored in the database (validated)."""
+        self.validate()
+        return {"name": self.name, "steps": [s.spec() for s in self.steps.values()]}
+
+    @cached_property
+    def version(self) -> str:
+        """A hash of the shape: changes whenever steps, dependencies, SQL or options change."""
+        blob = orjson.dumps(self.shape, option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def ref(self) -> str | None:
+        """``module:attribute`` from which a worker process can import this flow, if there is one."""
+        module = sys.modules.get(self.module)
+        if module is None or self.module == "__main__":
+            return None
+        for attr, value in vars(module).items():
+            if value is self:
+                return f"{self.module}:{attr}"
+        return None
+
+
+def _check_queue(queue: Any, where: str) -> str:
+    if not isinstance(queue, str) or not _QUEUE.match(queue):
+        raise FlowDefinitionError(f"{where}: queue {queue!r} must be lowercase letters, digits, _ (max 40)")
+    return queue
+
+
+def _check_attempts(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise FlowDefinitionError(f"{where}: max_attempts must be an integer >= 1, not {value!r}")
+    return value
+
+
+def _check_over_returns_list(where: str, over_step: Step | None) -> None:
+    """Catch ``map(over=x)`` where x is annotated to return something that is not a list."""
+    if over_step is None or over_step.fn is None or over_step.is_map:
+        return
+    try:
+        hint = typing.get_type_hints(over_step.fn).get("return")
+    except Exception:  # unresolvable annotations: nothing to check
+        return
+    if hint is None:
+        return
+    origin = typing.get_origin(hint) or hint
+    if origin is Any or (isinstance(origin, type) and issubclass(origin, list | tuple)):
+        return
+    if getattr(origin, "__module__", "") == "collections.abc":  # Sequence[...], Iterable[...]
+        return
+    raise FlowDefinitionError(f"{where}: map over {over_step.name!r}, which is annotated to return {hint!r}, "
+                              "not a list")
+
+
+def _bind_parameters(step: Step, func: Callable) -> tuple[tuple[tuple[str, str], ...], bool]:
+    """Decide, once, which value each parameter of a Python step receives."""
+    where = f"flow {step.flow.name!r}, step {step.name!r}"
+    params = list(inspect.signature(func).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not positional or positional[0].kind == positional[0].KEYWORD_ONLY:
+        raise FlowDefinitionError(f"{where}: the function's first parameter must be the step context (ctx)")
+    rest = positional[1:]
+    bindings: list[tuple[str, str]] = []
+    if step.is_map:
+        if not rest:
+            raise FlowDefinitionError(f"{where}: a map function takes (ctx, element, ...)")
+        bindings.append((rest[0].name, ITEM))
+        rest = rest[1:]
+    sources = {INPUT, *step.deps}
+    for p in rest:
+        if p.name in sources:
+            bindings.append((p.name, p.name))
+        elif p.default is p.empty:
+            raise FlowDefinitionError(
+                f"{where}: parameter {p.name!r} names no dependency; parameters after ctx are bound to "
+                f"'input' or to a step listed in after= (here: {', '.join(sorted(sources))})"
+            )
+    wants_all = any(p.kind == p.VAR_KEYWORD for p in params)
+    return tuple(bindings), wants_all
+
+
+def _check_acyclic(flow: Flow) -> None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = path[path.index(name):] + [name]
+            raise FlowDefinitionError(f"flow {flow.name!r} has a cycle: {' -> '.join(cycle)}")
+        state[name] = 1
+        for dep in flow.steps[name].deps:
+            visit(dep, path + [name])
+        state[name] = 2
+
+    for name in flow.steps:
+        visit(name, [])
+
+
+# ---------------------------------------------------------------------------------------------- shapes
+
+@dataclass(frozen=True)
+class StepShape:
+    """A step as the coordinator and workers see it: read from the database, no user code needed."""
+
+    name: str
+    kind: str
+    deps: tuple[str, ...]
+    over: str | None
+    flatten: bool
+    queue: str
+    max_attempts: int
+    backoff_base: float
+    backoff_cap: float
+    timeout: float | None
+    sql: str | None
+
+    @property
+    def is_map(self) -> bool:
+        return self.over is not None
+
+
+@dataclass(frozen=True)
+class FlowShape:
+    """A flow version's DAG, parsed from its stored shape."""
+
+    name: str
+    version: str
+    ref: str | None
+    steps: dict[str, StepShape]
+
+    @classmethod
+    def from_json(cls, name: str, version: str, ref: str | None, shape: dict[str, Any]) -> FlowShape:
+        steps = {}
+        for s in shape["steps"]:
+            steps[s["name"]] = StepShape(
+                name=s["name"], kind=s["kind"], deps=tuple(s["deps"]), over=s.get("over"),
+                flatten=bool(s.get("flatten")), queue=s["queue"], max_attempts=s["max_attempts"],
+                backoff_base=s["backoff_base"], backoff_cap=s["backoff_cap"], timeout=s.get("timeout"),
+                sql=s.get("sql"),
+            )
+        return cls(name, version, ref, steps)
+
+    @cached_property
+    def terminal(self) -> tuple[str, ...]:
+        """Steps nothing depends on: their outputs form the instance's result."""
+        needed = {d for s in self.steps.values() for d in s.deps}
+        return tuple(n for n in self.steps if n not in needed)
+
+    @cached_property
+    def dependents(self) -> dict[str, tuple[str, ...]]:
+        return {n: tuple(s.name for s in self.steps.values() if n in s.deps) for n in self.steps}

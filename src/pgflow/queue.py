@@ -1,0 +1,74 @@
+"""pgflow's messages on pgmq queues: what a task message holds and how it is read and put aside.
+
+A message only names the task (flow, version, instance, step, task index) and, for a map task, carries its
+element; everything else (inputs, dependency outputs, attempt) is read from the step tables when the task
+is claimed, so a message is small and a redelivered one can never carry stale state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .queries import query
+
+
+@dataclass(frozen=True)
+class Task:
+    """A decoded task message."""
+
+    msg_id: int
+    flow: str
+    version: str
+    instance_id: int
+    step: str
+    task_index: int
+    item: Any = None
+
+
+def task_message(flow: str, version: str, instance_id: int, step: str, task_index: int = -1,
+                 item: Any = None) -> dict[str, Any]:
+    """The message body for one task (kept short: it is written and read once per step)."""
+    body: dict[str, Any] = {"f": flow, "v": version, "i": instance_id, "s": step, "t": task_index}
+    if task_index >= 0:
+        body["x"] = item
+    return body
+
+
+def decode(msg_id: int, body: Any) -> Task | None:
+    """A Task, or None when the message is not a pgflow task (it will be archived, not run)."""
+    try:
+        return Task(msg_id, str(body["f"]), str(body["v"]), int(body["i"]), str(body["s"]), int(body["t"]),
+                    body.get("x"))
+    except (TypeError, KeyError, ValueError):
+        return None
+
+
+def read(conn: psycopg.Connection, queue: str, visibility_timeout: int, qty: int) -> list[tuple[int, Any]]:
+    """Read up to ``qty`` messages, hiding them from other readers for ``visibility_timeout`` seconds."""
+    rows = conn.execute(query("read_messages"), {"queue": queue, "vt": visibility_timeout, "qty": qty})
+    return [(msg_id, message) for msg_id, _read_ct, message in rows.fetchall()]
+
+
+def archive(conn: psycopg.Connection, queue: str, msg_ids: list[int]) -> None:
+    """Move messages to the queue's archive table (kept for inspection; never silently dropped)."""
+    if msg_ids:
+        conn.execute(query("archive_messages"), {"queue": queue, "msg_ids": msg_ids})
+
+
+def extend(conn: psycopg.Connection, queue: str, msg_ids: list[int], visibility_timeout: int) -> None:
+    """Push back the visibility timeout of messages still being worked on (long-running steps)."""
+    if msg_ids:
+        conn.execute(query("extend_visibility"), {"queue": queue, "msg_ids": msg_ids, "vt": visibility_timeout})
+
+
+def pgflow_queues(conn: psycopg.Connection) -> list[str]:
+    """Every queue pgflow created."""
+    return [r[0] for r in conn.execute(query("list_queues")).fetchall()]
+
+
+def channel(queue: str) -> str:
+    """The NOTIFY channel on which the coordinator announces new messages in ``queue``."""
+    return f"pgflow_queue_{queue}"

@@ -1,0 +1,173 @@
+-- Named queries used by pgflow's Python code. Each block starts with "-- name: <name>" and runs with
+-- psycopg placeholders (%s / %(name)s); every value is a bound parameter.
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM pgflow.migrations;
+
+-- name: register_flow
+SELECT pgflow.register_flow(%(name)s, %(version)s, %(ref)s, %(shape)s::jsonb);
+
+-- name: start_instance
+SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s);
+
+-- name: flow_shape
+SELECT ref, shape FROM pgflow.flows WHERE flow_name = %(name)s AND version = %(version)s;
+
+-- name: claim_wakeups
+DELETE FROM pgflow.wakeups
+WHERE id IN (SELECT id FROM pgflow.wakeups WHERE due_at <= now()
+             ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
+RETURNING instance_id;
+
+-- name: next_wakeup_in
+SELECT extract(epoch FROM min(due_at) - now()) FROM pgflow.wakeups;
+
+-- name: lock_instances
+SELECT id, flow_name, flow_version, status, input, created_at
+FROM pgflow.instances
+WHERE id = ANY(%(ids)s) AND status IN ('pending', 'running')
+ORDER BY id
+FOR UPDATE;
+
+-- name: step_states
+SELECT instance_id, step_name, status, error
+FROM pgflow.steps
+WHERE instance_id = ANY(%(ids)s) AND task_index = -1;
+
+-- name: map_progress
+SELECT c.instance_id, c.step_name,
+       count(*) FILTER (WHERE c.status <> 'completed') AS unfinished,
+       min(c.step_name || '[' || c.task_index || ']: ' || c.error) FILTER (WHERE c.status = 'failed')
+           AS failure
+FROM pgflow.steps p
+JOIN pgflow.steps c ON c.instance_id = p.instance_id AND c.step_name = p.step_name AND c.task_index >= 0
+WHERE p.instance_id = ANY(%(ids)s) AND p.task_index = -1 AND p.status = 'mapping'
+GROUP BY c.instance_id, c.step_name;
+
+-- name: step_outputs
+SELECT s.instance_id, s.step_name, s.output
+FROM unnest(%(ids)s::bigint[], %(steps)s::text[]) AS u(instance_id, step_name)
+JOIN pgflow.steps s ON s.instance_id = u.instance_id AND s.step_name = u.step_name AND s.task_index = -1;
+
+-- name: mark_started
+UPDATE pgflow.instances SET status = 'running', started_at = now()
+WHERE id = ANY(%(ids)s) AND status = 'pending';
+
+-- name: insert_map_parents
+INSERT INTO pgflow.steps (instance_id, step_name, task_index, status, queue, output, finished_at)
+SELECT u.instance_id, u.step_name, -1, u.status, u.queue,
+       CASE WHEN u.status = 'completed' THEN '[]'::jsonb END,
+       CASE WHEN u.status = 'completed' THEN now() END
+FROM unnest(%(ids)s::bigint[], %(steps)s::text[], %(statuses)s::text[], %(queues)s::text[])
+    AS u(instance_id, step_name, status, queue);
+
+-- name: finish_maps
+UPDATE pgflow.steps p
+SET status = 'completed', finished_at = now(),
+    output = (SELECT coalesce(jsonb_agg(c.output ORDER BY c.task_index), '[]'::jsonb)
+              FROM pgflow.steps c
+              WHERE c.instance_id = p.instance_id AND c.step_name = p.step_name AND c.task_index >= 0)
+FROM unnest(%(ids)s::bigint[], %(steps)s::text[]) AS u(instance_id, step_name)
+WHERE p.instance_id = u.instance_id AND p.step_name = u.step_name AND p.task_index = -1;
+
+-- name: complete_instances
+-- %(done)s: [{"id": .., "terminal": [step names], "single": bool}]; one terminal step gives its output,
+-- several give an object keyed by step name.
+UPDATE pgflow.instances i
+SET status = 'completed', finished_at = now(),
+    output = CASE WHEN u.single
+                  THEN (SELECT s.output FROM pgflow.steps s
+                        WHERE s.instance_id = i.id AND s.step_name = u.terminal[1] AND s.task_index = -1)
+                  ELSE (SELECT jsonb_object_agg(s.step_name, s.output) FROM pgflow.steps s
+                        WHERE s.instance_id = i.id AND s.step_name = ANY(u.terminal) AND s.task_index = -1)
+             END
+FROM jsonb_to_recordset(%(done)s::jsonb) AS u(id bigint, terminal text[], single boolean)
+WHERE i.id = u.id
+RETURNING i.id, i.flow_name, extract(epoch FROM i.finished_at - i.created_at)::float8 AS seconds;
+
+-- name: fail_instance
+UPDATE pgflow.instances SET status = 'failed', error = %(error)s, finished_at = now()
+WHERE id = %(id)s;
+
+-- name: cancel_open_steps
+UPDATE pgflow.steps SET status = 'cancelled', finished_at = now()
+WHERE instance_id = %(id)s AND status IN ('queued', 'running', 'retrying', 'mapping');
+
+-- name: notify_done
+SELECT pg_notify('pgflow_instance_done', id::text) FROM unnest(%(ids)s::bigint[]) AS id;
+
+-- name: read_messages
+SELECT msg_id, read_ct, message FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s);
+
+-- name: claim_tasks
+SELECT * FROM pgflow.claim_tasks(%(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s);
+
+-- name: complete_tasks
+SELECT pgflow.complete_tasks(%(queue)s, %(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s,
+                             %(attempts)s, %(outputs)s::jsonb[]);
+
+-- name: fail_task
+SELECT pgflow.fail_task(%(queue)s, %(msg_id)s, %(instance_id)s, %(step)s, %(task)s, %(attempt)s,
+                        %(error)s, %(traceback)s, %(retry_in)s);
+
+-- name: release_tasks
+SELECT pgflow.release_tasks(%(queue)s, %(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s, %(attempts)s);
+
+-- name: archive_messages
+SELECT pgmq.archive(%(queue)s, %(msg_ids)s::bigint[]);
+
+-- name: extend_visibility
+SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(vt)s);
+
+-- name: enqueue_tasks
+SELECT pgflow.enqueue_tasks(%(queue)s, %(instance_ids)s, %(steps)s, %(tasks)s, %(messages)s::jsonb[]);
+
+-- name: list_queues
+SELECT queue_name FROM pgflow.queues ORDER BY queue_name;
+
+-- name: instance
+SELECT id, flow_name, flow_version, status, label, input, output, error,
+       created_at, started_at, finished_at
+FROM pgflow.instances WHERE id = %(id)s;
+
+-- name: instance_steps
+SELECT step_name,
+       count(*) FILTER (WHERE task_index >= 0) AS tasks,
+       max(status) FILTER (WHERE task_index = -1) AS status,
+       count(*) FILTER (WHERE task_index >= 0 AND status = 'completed') AS tasks_completed,
+       max(attempt) AS attempts,
+       max(error) FILTER (WHERE status IN ('failed', 'retrying')) AS error,
+       max(traceback) FILTER (WHERE status = 'failed') AS traceback
+FROM pgflow.steps WHERE instance_id = %(id)s
+GROUP BY step_name;
+
+-- name: cancel_instance
+SELECT pgflow.cancel_instance(%(id)s, %(reason)s);
+
+-- name: list_instances
+SELECT id, flow_name, status, label, created_at, finished_at, error
+FROM pgflow.instances
+WHERE (%(status)s::text IS NULL OR status = %(status)s)
+  AND (%(flow)s::text IS NULL OR flow_name = %(flow)s)
+  AND (%(label)s::text IS NULL OR label = %(label)s)
+  AND (%(before)s::bigint IS NULL OR id < %(before)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: stalled_instances
+-- Safety net: running instances with nothing queued, running or waiting to wake them.
+INSERT INTO pgflow.wakeups (instance_id)
+SELECT i.id FROM pgflow.instances i
+WHERE i.status IN ('pending', 'running') AND i.created_at < now() - make_interval(secs => %(age)s)
+  AND NOT EXISTS (SELECT 1 FROM pgflow.wakeups w WHERE w.instance_id = i.id)
+  AND NOT EXISTS (SELECT 1 FROM pgflow.steps s WHERE s.instance_id = i.id
+                  AND s.status IN ('queued', 'running', 'retrying'))
+RETURNING instance_id;
+
+-- name: delete_finished_instances
+DELETE FROM pgflow.instances
+WHERE id IN (SELECT id FROM pgflow.instances
+             WHERE finished_at < now() - make_interval(secs => %(seconds)s) LIMIT 10000);
+
+-- name: try_maintenance_lock
+SELECT pg_try_advisory_xact_lock(hashtext('pgflow.maintenance'));

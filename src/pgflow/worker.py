@@ -1,0 +1,476 @@
+"""Workers: processes that pop tasks from pgmq, run them and acknowledge them with a checkpoint write.
+
+The acknowledgement of a task (its output, status and attempt, the message's deletion and a wake-up for
+the coordinator) is one transaction. A SQL step runs inside that same transaction, so its effect lands
+exactly once; a Python step runs before it, so it runs at least once and gets a stable
+``ctx.idempotency_key``. Python acknowledgements are batched (one transaction for many tasks); messages
+of long steps have their visibility timeout extended by a heartbeat thread.
+
+``pgflow worker --concurrency N`` runs N such processes (``multiprocess``) under a supervisor that
+restarts crashed children and, on SIGTERM, lets them drain: stop taking work, finish the step in hand,
+give back claimed tasks not yet started, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ctypes
+import decimal
+import inspect
+import logging
+import os
+import random
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from . import queue as q
+from . import store
+from .client import load_flow
+from .coordinator import RETRYABLE, ShapeCache
+from .dsl import SqlTemplate, compile_sql
+from .errors import DatabaseUnavailable, NonRetryableError, NotSerializable, PayloadTooLarge, StepTimeout
+from .flows import INPUT, ITEM, REGISTRY, Step, StepContext, StepShape
+from .metrics import Health, metrics
+from .queries import query
+
+log = logging.getLogger("pgflow.worker")
+
+PERMANENT_SQLSTATE_CLASSES = ("42", "22")  # syntax/undefined object, data exceptions: retrying won't help
+
+
+def backoff_seconds(step: StepShape, attempt: int) -> float:
+    """Exponential backoff with "equal jitter": between half and all of min(cap, base * 2^(attempt-1))."""
+    delay = min(step.backoff_cap, step.backoff_base * 2 ** (attempt - 1))
+    return random.uniform(delay / 2, delay)
+
+
+@contextmanager
+def time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise StepTimeout in the running step after ``seconds`` (SIGALRM: main thread only)."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise StepTimeout(f"step exceeded its {seconds} s timeout")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _sql_value(value: Any) -> Any:
+    """JSON form of column types orjson does not know (numeric, bytea)."""
+    if isinstance(value, decimal.Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, bytes | memoryview):
+        return base64.b64encode(bytes(value)).decode()
+    return str(value)
+
+
+class StepCode:
+    """Finds the Python function behind a step: flows defined in this process first, else the flow's
+    ``module:attribute`` reference recorded when it was registered."""
+
+    def function(self, flow_name: str, ref: str | None, step_name: str) -> Step:
+        flow = REGISTRY.get(flow_name)
+        if flow is None and ref:
+            flow = load_flow(ref)
+        if flow is None:
+            raise NonRetryableError(f"flow {flow_name!r} is not importable by this worker (defined in "
+                                    "__main__?): start the worker with --import MODULE")
+        step = flow.steps.get(step_name)
+        if step is None or step.fn is None:
+            raise NonRetryableError(f"flow {flow_name!r} as loaded by this worker has no Python step "
+                                    f"{step_name!r} (the code changed since the instance started?)")
+        return step
+
+
+class _Acks:
+    """Completed Python tasks waiting to be checkpointed together."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.rows: list[tuple[dict, str, tuple[str, str, str]]] = []
+        self.since = 0.0
+
+    def add(self, row: dict, payload: str, labels: tuple[str, str, str]) -> None:
+        if not self.rows:
+            self.since = time.monotonic()
+        self.rows.append((row, payload, labels))
+
+    def due(self, interval: float) -> bool:
+        return bool(self.rows) and time.monotonic() - self.since >= interval
+
+    def flush(self, conn: psycopg.Connection) -> None:
+        if not self.rows:
+            return
+        rows = [r for r, _, _ in self.rows]
+        conn.execute(query("complete_tasks"), {
+            "queue": self.queue,
+            "msg_ids": [r["msg_id"] for r in rows],
+            "instance_ids": [r["instance_id"] for r in rows],
+            "steps": [r["step_name"] for r in rows],
+            "tasks": [r["task_index"] for r in rows],
+            "attempts": [r["attempt"] for r in rows],
+            "outputs": [p for _, p, _ in self.rows],
+        })
+        completed = metrics().completed
+        for _, _, labels in self.rows:
+            completed.labels(*labels).inc()
+        self.rows.clear()
+
+
+class Worker:
+    """One worker process's loop: read a batch, claim it, run it, acknowledge it."""
+
+    def __init__(self, dsn: str, queues: list[str] | None = None, *, batch_size: int = 20,
+                 visibility_timeout: int = 30, poll_interval: float = 1.0, ack_interval: float = 0.05,
+                 health: Health | None = None) -> None:
+        self.dsn = dsn
+        self.fixed_queues = list(queues) if queues else None
+        self.batch_size = batch_size
+        self.visibility_timeout = visibility_timeout
+        self.poll_interval = poll_interval
+        self.ack_interval = ack_interval
+        self.health = health or Health()
+        self.shapes = ShapeCache()
+        self.code = StepCode()
+        self.templates: dict[str, SqlTemplate] = {}
+        self.stop_event = threading.Event()
+        self.in_flight: dict[str, set[int]] = {}
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection | None = None
+        self._listen: psycopg.Connection | None = None
+        self._queues: list[str] = []
+        self._listening: set[str] = set()
+        self._queues_checked = 0.0
+
+    # ------------------------------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        """Work until :meth:`stop`; reconnects with backoff when the database goes away."""
+        heartbeat = threading.Thread(target=self._heartbeat, name="pgflow-heartbeat", daemon=True)
+        heartbeat.start()
+        backoff = 0.2
+        while not self.stop_event.is_set():
+            try:
+                self._connect()
+                backoff = 0.2
+                self._loop()
+            except RETRYABLE as exc:
+                log.info("retrying after %s", type(exc).__name__)
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                log.warning("database unavailable (%s); reconnecting in %.1f s", str(exc).strip(), backoff)
+                self._close()
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 3.0)
+        self._close()
+
+    def stop(self, *_: Any) -> None:
+        """Stop taking work; the step in hand finishes and claimed tasks not started are given back."""
+        self.stop_event.set()
+
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            self.health.beat()
+            got = 0
+            for name in self._current_queues():
+                if self.stop_event.is_set():
+                    break
+                messages = q.read(self._conn, name, self.visibility_timeout, self.batch_size)
+                if messages:
+                    got += len(messages)
+                    self.process(name, messages)
+            if got == 0 and not self.stop_event.is_set():
+                for _ in self._listen.notifies(timeout=self.poll_interval, stop_after=1):
+                    pass
+
+    def _connect(self) -> None:
+        if self._conn is None or self._conn.closed:
+            self._conn = store.connect(self.dsn, autocommit=True)
+            store.require_schema(self._conn)
+        if self._listen is None or self._listen.closed:
+            self._listen = store.connect(self.dsn, autocommit=True)
+            self._listening = set()
+        self._queues_checked = 0.0
+
+    def _close(self) -> None:
+        store.close_quietly(self._conn, self._listen)
+        self._conn = self._listen = None
+
+    def _current_queues(self) -> list[str]:
+        """The queues to serve (fixed, or every pgflow queue, re-read every few seconds), listened to."""
+        now = time.monotonic()
+        if now - self._queues_checked > 5.0:
+            self._queues_checked = now
+            self._queues = self.fixed_queues or q.pgflow_queues(self._conn)
+            for name in self._queues:
+                if name not in self._listening:
+                    self._listen.execute(sql.SQL("LISTEN {}").format(sql.Identifier(q.channel(name))))
+                    self._listening.add(name)
+        return self._queues
+
+    # ------------------------------------------------------------------------------------------ batch
+
+    def process(self, queue: str, messages: list[tuple[int, Any]]) -> None:
+        """Claim, run and acknowledge one batch read from ``queue``."""
+        conn = self._conn
+        tasks = []
+        for msg_id, body in messages:
+            task = q.decode(msg_id, body)
+            if task is None:
+                log.error("archiving message %s on %s: not a pgflow task: %.200r", msg_id, queue, body)
+                q.archive(conn, queue, [msg_id])
+            else:
+                tasks.append(task)
+        if not tasks:
+            return
+        with conn.cursor(row_factory=dict_row) as cur:
+            rows = cur.execute(query("claim_tasks"), {
+                "msg_ids": [t.msg_id for t in tasks], "instance_ids": [t.instance_id for t in tasks],
+                "steps": [t.step for t in tasks], "tasks": [t.task_index for t in tasks],
+            }).fetchall()
+        claimed = {r["msg_id"] for r in rows}
+        # nothing runnable (instance cancelled or failed, task finished): put the message aside
+        q.archive(conn, queue, [t.msg_id for t in tasks if t.msg_id not in claimed])
+        items = {t.msg_id: t.item for t in tasks}
+        with self._lock:
+            self.in_flight[queue] = set(claimed)
+        acks = _Acks(queue)
+        try:
+            for index, row in enumerate(rows):
+                if self.stop_event.is_set():
+                    acks.flush(conn)
+                    self._release(queue, rows[index:])
+                    break
+                self._run_task(queue, row, items[row["msg_id"]], acks)
+                if acks.due(self.ack_interval):
+                    acks.flush(conn)
+            acks.flush(conn)
+        finally:
+            with self._lock:
+                self.in_flight[queue] = set()
+
+    def _release(self, queue: str, rows: list[dict]) -> None:
+        self._conn.execute(query("release_tasks"), {
+            "queue": queue, "msg_ids": [r["msg_id"] for r in rows],
+            "instance_ids": [r["instance_id"] for r in rows], "steps": [r["step_name"] for r in rows],
+            "tasks": [r["task_index"] for r in rows], "attempts": [r["attempt"] for r in rows],
+        })
+
+    def _run_task(self, queue: str, row: dict, item: Any, acks: _Acks) -> None:
+        shape = self.shapes.get(self._conn, row["flow_name"], row["flow_version"])
+        step = shape.steps.get(row["step_name"])
+        labels = (shape.name, row["step_name"], queue)
+        m = metrics()
+        if step is None:
+            self._record_failure(queue, row, None, NonRetryableError(f"flow version has no step {row['step_name']!r}"),
+                                 labels)
+            return
+        if row["attempt"] > step.max_attempts:
+            self._record_failure(queue, row, step, NonRetryableError(
+                f"attempt {row['attempt']} exceeds max_attempts={step.max_attempts}: earlier attempts were lost "
+                "(worker killed, or visibility timeout expired)"), labels)
+            return
+        m.started.labels(*labels).inc()
+        in_flight = m.in_flight.labels(queue)
+        in_flight.inc()
+        started = time.perf_counter()
+        try:
+            if step.kind == "sql":
+                acks.flush(self._conn)  # keep acknowledgements in order with the SQL step's transaction
+                self._run_sql(queue, row, step, item, labels)
+            else:
+                try:
+                    output = self._call_python(shape.ref, step, row, item)
+                    payload = store.dumps(output, f"output of step {step.name}")
+                except (PayloadTooLarge, NotSerializable) as exc:
+                    raise NonRetryableError(str(exc)) from exc
+                acks.add(row, payload, labels)
+        except Exception as exc:
+            if isinstance(exc, psycopg.Error) and (self._conn.broken or self._conn.closed):
+                raise  # the connection is gone: the loop reconnects; the message comes back after its vt
+            self._record_failure(queue, row, step, exc, labels)
+        finally:
+            in_flight.dec()
+            m.step_duration.labels(*labels).observe(time.perf_counter() - started)
+
+    def _call_python(self, ref: str | None, step: StepShape, row: dict, item: Any) -> Any:
+        code = self.code.function(row["flow_name"], ref, step.name)
+        ctx = StepContext(instance_id=row["instance_id"], flow=row["flow_name"], step=step.name,
+                          task_index=row["task_index"], attempt=row["attempt"], max_attempts=step.max_attempts,
+                          input=row["input"])
+        deps = row["deps"] or {}
+        kwargs = {}
+        for param, source in code.bindings:
+            kwargs[param] = item if source == ITEM else row["input"] if source == INPUT else deps[source]
+        if code.wants_all:
+            for name, value in deps.items():
+                kwargs.setdefault(name, value)
+        with time_limit(step.timeout):
+            result = code.fn(ctx, **kwargs)
+            if inspect.isawaitable(result):
+                result = asyncio.run(_awaited(result))
+        return result
+
+    def _run_sql(self, queue: str, row: dict, step: StepShape, item: Any, labels: tuple[str, str, str]) -> None:
+        """Run a SQL step and its acknowledgement in one transaction: its effect happens exactly once."""
+        template = self.templates.get(step.sql)
+        if template is None:
+            template = self.templates[step.sql] = compile_sql(step.sql)
+        scope = {INPUT: row["input"], **(row["deps"] or {})}
+        if row["task_index"] >= 0:
+            scope[ITEM] = item
+        try:
+            params = template.parameters(scope)
+        except LookupError as exc:
+            raise NonRetryableError(str(exc)) from exc
+        conn = self._conn
+        try:
+            with conn.transaction():
+                if step.timeout:
+                    conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(step.timeout * 1000)}ms",))
+                with conn.cursor(row_factory=dict_row) as cur:
+                    cur.execute(template.text, params)
+                    output = cur.fetchall() if cur.description else {"rowcount": cur.rowcount}
+                payload = store.dumps(output, f"output of step {step.name}", default=_sql_value)
+                conn.execute(query("complete_tasks"), {
+                    "queue": queue, "msg_ids": [row["msg_id"]], "instance_ids": [row["instance_id"]],
+                    "steps": [row["step_name"]], "tasks": [row["task_index"]], "attempts": [row["attempt"]],
+                    "outputs": [payload],
+                })
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise
+            if exc.sqlstate and exc.sqlstate[:2] in PERMANENT_SQLSTATE_CLASSES:
+                raise NonRetryableError(f"{type(exc).__name__}: {exc}".strip()) from exc
+            raise
+        except (PayloadTooLarge, NotSerializable) as exc:
+            raise NonRetryableError(str(exc)) from exc
+        metrics().completed.labels(*labels).inc()
+
+    def _record_failure(self, queue: str, row: dict, step: StepShape | None, exc: BaseException,
+                        labels: tuple[str, str, str]) -> None:
+        permanent = step is None or isinstance(exc, NonRetryableError) or row["attempt"] >= step.max_attempts
+        retry_in = None if permanent else backoff_seconds(step, row["attempt"])
+        error = f"{type(exc).__name__}: {exc}"
+        log.log(logging.ERROR if permanent else logging.WARNING, "step %s[%s] of instance %s attempt %s: %s",
+                row["step_name"], row["task_index"], row["instance_id"], row["attempt"], error)
+        self._conn.execute(query("fail_task"), {
+            "queue": queue, "msg_id": row["msg_id"], "instance_id": row["instance_id"], "step": row["step_name"],
+            "task": row["task_index"], "attempt": row["attempt"], "error": error,
+            "traceback": "".join(traceback.format_exception(exc)), "retry_in": retry_in,
+        })
+        (metrics().failed if permanent else metrics().retried).labels(*labels).inc()
+
+    # ------------------------------------------------------------------------------------------ heartbeat
+
+    def _heartbeat(self) -> None:
+        """Extend the visibility timeout of claimed messages so long steps are not redelivered."""
+        conn = None
+        while not self.stop_event.wait(self.visibility_timeout / 3):
+            with self._lock:
+                snapshot = {name: list(ids) for name, ids in self.in_flight.items() if ids}
+            if not snapshot:
+                continue
+            try:
+                if conn is None or conn.closed:
+                    conn = store.connect(self.dsn, autocommit=True)
+                for name, ids in snapshot.items():
+                    q.extend(conn, name, ids, self.visibility_timeout)
+            except Exception as exc:  # the main loop deals with outages; just try again next beat
+                log.debug("heartbeat failed: %s", exc)
+                conn = None
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when the supervisor dies (even by kill -9), so it drains."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any]) -> None:
+    _die_with_parent()
+    worker = Worker(dsn, queues, **options)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    worker.run()
+
+
+def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int = 2, drain_timeout: float = 45.0,
+                metrics_port: int = 0, stop_event: threading.Event | None = None, **options: Any) -> int:
+    """Supervise ``concurrency`` worker processes until SIGTERM/SIGINT (or ``stop_event``); restart any
+    that dies; on stop, let them drain for up to ``drain_timeout`` seconds. Returns the exit code (0)."""
+    import multiprocess
+
+    from .metrics import readiness, serve
+
+    context = multiprocess.get_context("fork")
+    stop = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    health = Health()
+    serve(metrics_port, health, readiness(dsn))
+    alive_gauge = metrics().workers_alive
+
+    def spawn(index: int):
+        process = context.Process(target=_child_main, args=(dsn, queues, options), name=f"pgflow-worker-{index}")
+        process.start()
+        return process
+
+    children = [spawn(i) for i in range(concurrency)]
+    started = [time.monotonic()] * concurrency
+    while not stop.is_set():
+        health.beat()
+        for i, child in enumerate(children):
+            if not child.is_alive():
+                log.warning("worker process %s exited with %s; restarting", child.pid, child.exitcode)
+                _mark_dead(child.pid)
+                if time.monotonic() - started[i] < 1.0:
+                    time.sleep(1.0)  # do not spin on a child that dies at start-up
+                children[i], started[i] = spawn(i), time.monotonic()
+        for name in queues or ["*"]:
+            alive_gauge.labels(name).set(sum(c.is_alive() for c in children))
+        stop.wait(0.5)
+    for child in children:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGTERM)
+    deadline = time.monotonic() + drain_timeout
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            log.error("worker process %s did not drain in %s s; killing it", child.pid, drain_timeout)
+            child.kill()
+            child.join()
+        _mark_dead(child.pid)
+    return 0
+
+
+def _mark_dead(pid: int | None) -> None:
+    if pid and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess as prom_mp
+
+        prom_mp.mark_process_dead(pid)
