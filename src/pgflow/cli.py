@@ -48,7 +48,7 @@ def _echo_json(value: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", default="WARNING", show_default=True,
+@click.option("--log-level", envvar="PGFLOW_LOG_LEVEL", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def main(log_level: str) -> None:
     """pgflow: durable DAG workflows whose only infrastructure is PostgreSQL."""

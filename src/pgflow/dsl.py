@@ -126,7 +126,7 @@ def compile_sql(source: str) -> SqlTemplate:
                 continue
             else:
                 raise FlowDefinitionError(f"stray '$' in SQL at {source[i:i + 20]!r}")
-            out.append(source[i:end])
+            out.append(source[i:end].replace("%", "%%"))
             i = end
             continue
         elif ch == "%":
@@ -137,7 +137,7 @@ def compile_sql(source: str) -> SqlTemplate:
             out.append(ch)
             i += 1
             continue
-        out.append(source[i:end])
+        out.append(source[i:end].replace("%", "%%"))  # psycopg reads % even inside literals
         i = end
     return SqlTemplate(source, "".join(out), tuple(refs))
 

@@ -80,8 +80,8 @@ class Health:
 
 
 def serve(port: int, health: Health, ready: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer | None:
-    """Serve /metrics, /healthz and /readyz on 127.0.0.1 or all interfaces (PGFLOW_METRICS_HOST) in a
-    daemon thread; port 0 disables it."""
+    """Serve /metrics, /healthz and /readyz in a daemon thread on ``PGFLOW_METRICS_HOST`` (default
+    127.0.0.1; the Kubernetes manifests set 0.0.0.0 so probes and Prometheus reach it); port 0 disables it."""
     if not port:
         return None
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -117,7 +117,7 @@ def serve(port: int, health: Health, ready: Callable[[], tuple[bool, str]]) -> T
         def log_message(self, *args: object) -> None:  # keep scrapes out of the logs
             pass
 
-    host = os.environ.get("PGFLOW_METRICS_HOST", "0.0.0.0")
+    host = os.environ.get("PGFLOW_METRICS_HOST", "127.0.0.1")
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="pgflow-metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", host, port)

