@@ -176,3 +176,34 @@ def test_list_filters_and_keyset_pagination(dsn):
         pgflow.result(ids[0], dsn=dsn)
     with pytest.raises(ValueError, match="unknown status"):
         pgflow.list_instances(status="bogus", dsn=dsn)
+
+
+def test_long_steps_keep_their_message_invisible(dsn, engine_factory):
+    """A step running longer than the visibility timeout (3 s here) is not redelivered meanwhile."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE py_runs (key text, attempt int)")
+        conn.execute("CREATE TABLE sql_effects (instance_id int, value int)")
+    engine_factory(PGFLOW_TEST_EFFECTS_DSN=dsn).start(concurrency=2)
+    iid, st = run(sf.effects, {"i": 0, "sleep": 7}, dsn)
+    assert st.status == "completed", st.error
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM py_runs").fetchone()[0] == 1
+
+
+def test_retention_removes_finished_instances_and_archived_messages(dsn, engine_factory):
+    engine = engine_factory()
+    engine.coordinator("--retention", "1", "--maintenance-every", "0.5")
+    engine.worker(concurrency=1)
+    done, _ = run(sf.diamond, 1, dsn)
+    failed, _ = run(sf.broken, 1, dsn)
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pgmq.a_pgflow").fetchone()[0] == 1
+    deadline = time.monotonic() + 20
+    while pgflow.list_instances(dsn=dsn) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pgflow.list_instances(dsn=dsn) == []
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM pgflow.steps").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM pgmq.a_pgflow").fetchone()[0] == 0
+    with pytest.raises(InstanceNotFound):
+        pgflow.status(done, dsn=dsn)

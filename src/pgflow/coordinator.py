@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,16 +19,12 @@ import psycopg
 from psycopg import sql
 
 from . import store
-from .errors import DatabaseUnavailable
 from .flows import INPUT, FlowShape, StepShape
 from .metrics import Health, metrics
 from .queries import query
 from .queue import task_message
 
 log = logging.getLogger("pgflow.coordinator")
-
-RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
-
 
 class ShapeCache:
     """Flow versions are immutable, so their parsed shapes are cached for the life of the process."""
@@ -92,63 +87,33 @@ class _Writes:
         self.map_parents.clear()
 
 
-class Coordinator:
+class Coordinator(store.ConnectedLoop):
     """Runs the coordinator loop on one database. ``batch`` bounds the instances handled per transaction."""
 
     def __init__(self, dsn: str, *, batch: int = 500, maintenance_every: float = 10.0,
                  retention_seconds: float | None = 7 * 86400, stalled_after: float = 30.0,
                  health: Health | None = None) -> None:
-        self.dsn = dsn
+        super().__init__(dsn)
         self.batch = batch
         self.maintenance_every = maintenance_every
         self.retention_seconds = retention_seconds
         self.stalled_after = stalled_after
         self.health = health or Health()
         self.shapes = ShapeCache()
-        self.stop_event = threading.Event()
-        self._conn: psycopg.Connection | None = None
-        self._listen: psycopg.Connection | None = None
         self._next_maintenance = 0.0
 
     # ------------------------------------------------------------------------------------------ loop
 
-    def run(self) -> None:
-        """Loop until :meth:`stop`; survives database restarts by reconnecting with backoff."""
-        backoff = 0.2
+    def loop(self) -> None:
         while not self.stop_event.is_set():
-            try:
-                self._connect()
-                backoff = 0.2
-                while not self.stop_event.is_set():
-                    self.health.beat()
-                    handled = self.process_batch()
-                    self._maybe_maintain()
-                    if handled == 0:
-                        self._wait()
-            except RETRYABLE as exc:
-                log.info("retrying after %s", type(exc).__name__)
-            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-                log.warning("database unavailable (%s); reconnecting in %.1f s", str(exc).strip(), backoff)
-                self._close()
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 3.0)
-        self._close()
+            self.health.beat()
+            handled = self.process_batch()
+            self._maybe_maintain()
+            if handled == 0:
+                self._wait()
 
-    def stop(self, *_: Any) -> None:
-        """Ask the loop to finish its current batch and return."""
-        self.stop_event.set()
-
-    def _connect(self) -> None:
-        if self._conn is None or self._conn.closed:
-            self._conn = store.connect(self.dsn, autocommit=True)
-            store.require_schema(self._conn)
-        if self._listen is None or self._listen.closed:
-            self._listen = store.connect(self.dsn, autocommit=True)
-            self._listen.execute("LISTEN pgflow_coordinator")
-
-    def _close(self) -> None:
-        store.close_quietly(self._conn, self._listen)
-        self._conn = self._listen = None
+    def on_connect(self) -> None:
+        self._listen.execute("LISTEN pgflow_coordinator")
 
     def _wait(self) -> None:
         """Sleep until a NOTIFY or the next timed wake-up (at most one second, as a safety net)."""

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -185,3 +186,58 @@ def wait_for_database(dsn: str, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
+
+
+class ConnectedLoop:
+    """A long-running loop on two connections (work + LISTEN) that survives database outages: on a lost
+    connection it closes both, waits with exponential backoff and reconnects. Subclasses implement
+    :meth:`loop` (return when :attr:`stop_event` is set) and may extend :meth:`on_connect`."""
+
+    RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.stop_event = threading.Event()
+        self._conn: psycopg.Connection | None = None
+        self._listen: psycopg.Connection | None = None
+
+    def loop(self) -> None:
+        raise NotImplementedError
+
+    def on_connect(self) -> None:
+        """Called after (re)connecting: set up LISTENs and per-connection state."""
+
+    def stop(self, *_: Any) -> None:
+        """Ask the loop to finish what it has in hand and return."""
+        self.stop_event.set()
+
+    def run(self) -> None:
+        """Run :meth:`loop` until :meth:`stop`, reconnecting with backoff when the database goes away."""
+        backoff = 0.2
+        while not self.stop_event.is_set():
+            try:
+                self._connect()
+                backoff = 0.2
+                self.loop()
+            except self.RETRYABLE as exc:
+                log.info("retrying after %s", type(exc).__name__)
+            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                log.warning("database unavailable (%s); reconnecting in %.1f s", str(exc).strip(), backoff)
+                self._close()
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, 3.0)
+        self._close()
+
+    def _connect(self) -> None:
+        if self._conn is not None and not self._conn.closed and self._listen is not None \
+                and not self._listen.closed:
+            return
+        self._close()
+        self._conn = connect(self.dsn, autocommit=True)
+        require_schema(self._conn)
+        self._listen = connect(self.dsn, autocommit=True)
+        self.on_connect()
+
+    def _close(self) -> None:
+        close_quietly(self._conn, self._listen)
+        self._conn = self._listen = None

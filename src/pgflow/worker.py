@@ -37,9 +37,9 @@ from psycopg.rows import dict_row
 from . import queue as q
 from . import store
 from .client import load_flow
-from .coordinator import RETRYABLE, ShapeCache
+from .coordinator import ShapeCache
 from .dsl import SqlTemplate, compile_sql
-from .errors import DatabaseUnavailable, NonRetryableError, NotSerializable, PayloadTooLarge, StepTimeout
+from .errors import NonRetryableError, NotSerializable, PayloadTooLarge, StepTimeout
 from .flows import INPUT, ITEM, REGISTRY, Step, StepContext, StepShape
 from .metrics import Health, metrics
 from .queries import query
@@ -136,13 +136,13 @@ class _Acks:
         self.rows.clear()
 
 
-class Worker:
+class Worker(store.ConnectedLoop):
     """One worker process's loop: read a batch, claim it, run it, acknowledge it."""
 
     def __init__(self, dsn: str, queues: list[str] | None = None, *, batch_size: int = 20,
                  visibility_timeout: int = 30, poll_interval: float = 1.0, ack_interval: float = 0.05,
                  health: Health | None = None) -> None:
-        self.dsn = dsn
+        super().__init__(dsn)
         self.fixed_queues = list(queues) if queues else None
         self.batch_size = batch_size
         self.visibility_timeout = visibility_timeout
@@ -152,11 +152,9 @@ class Worker:
         self.shapes = ShapeCache()
         self.code = StepCode()
         self.templates: dict[str, SqlTemplate] = {}
-        self.stop_event = threading.Event()
+        self._finished = threading.Event()  # the loop has returned: the heartbeat may stop too
         self.in_flight: dict[str, set[int]] = {}
         self._lock = threading.Lock()
-        self._conn: psycopg.Connection | None = None
-        self._listen: psycopg.Connection | None = None
         self._queues: list[str] = []
         self._listening: set[str] = set()
         self._queues_checked = 0.0
@@ -164,29 +162,14 @@ class Worker:
     # ------------------------------------------------------------------------------------------ loop
 
     def run(self) -> None:
-        """Work until :meth:`stop`; reconnects with backoff when the database goes away."""
-        heartbeat = threading.Thread(target=self._heartbeat, name="pgflow-heartbeat", daemon=True)
-        heartbeat.start()
-        backoff = 0.2
-        while not self.stop_event.is_set():
-            try:
-                self._connect()
-                backoff = 0.2
-                self._loop()
-            except RETRYABLE as exc:
-                log.info("retrying after %s", type(exc).__name__)
-            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
-                log.warning("database unavailable (%s); reconnecting in %.1f s", str(exc).strip(), backoff)
-                self._close()
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, 3.0)
-        self._close()
+        """Work until :meth:`stop` (then finish the step in hand and give back the rest)."""
+        threading.Thread(target=self._heartbeat, name="pgflow-heartbeat", daemon=True).start()
+        try:
+            super().run()
+        finally:
+            self._finished.set()
 
-    def stop(self, *_: Any) -> None:
-        """Stop taking work; the step in hand finishes and claimed tasks not started are given back."""
-        self.stop_event.set()
-
-    def _loop(self) -> None:
+    def loop(self) -> None:
         while not self.stop_event.is_set():
             self.health.beat()
             got = 0
@@ -201,18 +184,9 @@ class Worker:
                 for _ in self._listen.notifies(timeout=self.poll_interval, stop_after=1):
                     pass
 
-    def _connect(self) -> None:
-        if self._conn is None or self._conn.closed:
-            self._conn = store.connect(self.dsn, autocommit=True)
-            store.require_schema(self._conn)
-        if self._listen is None or self._listen.closed:
-            self._listen = store.connect(self.dsn, autocommit=True)
-            self._listening = set()
+    def on_connect(self) -> None:
+        self._listening = set()
         self._queues_checked = 0.0
-
-    def _close(self) -> None:
-        store.close_quietly(self._conn, self._listen)
-        self._conn = self._listen = None
 
     def _current_queues(self) -> list[str]:
         """The queues to serve (fixed, or every pgflow queue, re-read every few seconds), listened to."""
@@ -384,7 +358,7 @@ class Worker:
     def _heartbeat(self) -> None:
         """Extend the visibility timeout of claimed messages so long steps are not redelivered."""
         conn = None
-        while not self.stop_event.wait(self.visibility_timeout / 3):
+        while not self._finished.wait(self.visibility_timeout / 3):  # beats on while draining
             with self._lock:
                 snapshot = {name: list(ids) for name, ids in self.in_flight.items() if ids}
             if not snapshot:

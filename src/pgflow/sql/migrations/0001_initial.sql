@@ -163,16 +163,16 @@ CREATE FUNCTION pgflow.claim_tasks(
                   i.flow_name, i.flow_version, i.input
     )
     SELECT c.msg_id, c.instance_id, c.step_name, c.task_index, c.attempt, c.flow_name, c.flow_version,
-           c.input,
+           -- a task of a map over the input gets its element, not the whole input list (no N^2 reads)
+           CASE WHEN c.task_index >= 0 AND fs.over = 'input' THEN NULL ELSE c.input END,
            (SELECT jsonb_object_agg(d.step_name, d.output)
-              FROM pgflow.flow_steps fs
-              JOIN pgflow.steps d ON d.instance_id = c.instance_id AND d.task_index = -1
-                                 AND d.step_name = ANY (fs.deps)
-             WHERE fs.flow_name = c.flow_name AND fs.version = c.flow_version
-               AND fs.step_name = c.step_name
-               -- a map task gets its element from the message, not the whole list it fans out over
+              FROM pgflow.steps d
+             WHERE d.instance_id = c.instance_id AND d.task_index = -1 AND d.step_name = ANY (fs.deps)
+               -- likewise a map task gets its element from the message, not the list it fans out over
                AND (c.task_index < 0 OR d.step_name IS DISTINCT FROM fs.over)) AS deps
-    FROM claimed c;
+    FROM claimed c
+    JOIN pgflow.flow_steps fs
+      ON fs.flow_name = c.flow_name AND fs.version = c.flow_version AND fs.step_name = c.step_name;
 $$;
 
 -- Worker: checkpoint finished tasks and acknowledge their messages in one transaction.
