@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -26,15 +27,18 @@ def _admin(dsn: str) -> psycopg.Connection:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """(admin DSN, embedded server handle or None)."""
+def server():
+    """(admin DSN, embedded server handle or None). The embedded server's data lives in its own temporary
+    directory (not pytest's tmp_path, which a concurrent pytest run may prune)."""
     dsn = os.environ.get("PGFLOW_TEST_DSN")
     if dsn:
         yield dsn, None
         return
-    pgdata = tmp_path_factory.mktemp("pg") / "pgdata"
+    pgdata = Path(tempfile.mkdtemp(prefix="pgflow-test-")) / "pgdata"
     handle = store.start_embedded_server(pgdata, cleanup_mode="delete")
     yield handle.get_uri(), handle
+    handle.cleanup()
+    shutil.rmtree(pgdata.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -216,3 +216,28 @@ def alpha(ctx, input):  # noqa: F811
 @versioned.step(after=[alpha])
 def beta(ctx, alpha):
     return alpha + "+beta"
+
+
+# --- autoscaling (tests/test_autoscale.py, loadtests/autoscale.py) -----------------------------------------
+
+fanout = Flow("fanout", queue="scale", max_attempts=5, backoff_base=0.05, backoff_cap=0.2)
+
+
+@fanout.step()
+def spread(ctx, input) -> list[int]:
+    return list(range(input["tasks"]))
+
+
+@fanout.map(over=spread)
+def crunch(ctx, i, input):
+    """One map task: its side effect (a py_runs row), then between ``input["sleep"]`` = [low, high] seconds
+    of "work" (spread evenly over the tasks)."""
+    record_run(ctx)
+    low, high = input["sleep"]
+    time.sleep(low + (high - low) * (i * 37 % 31) / 30)
+    return i
+
+
+@fanout.step(after=[crunch])
+def gather(ctx, crunch):
+    return {"count": len(crunch), "sum": sum(crunch)}

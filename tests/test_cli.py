@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 from conftest import pgflow_command, subprocess_env
 
-COMMANDS = ["init", "demo", "coordinator", "worker", "start", "status", "result", "cancel", "list"]
+import pgflow
+
+COMMANDS = ["init", "demo", "coordinator", "worker", "start", "status", "result", "cancel", "list", "explain",
+            "watch", "signal"]
 
 
 def cli(*args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -39,8 +43,6 @@ def test_start_status_result_list_cancel(dsn, engine):
     iid = int(started.stdout)
     subprocess.run(pgflow_command("status", str(iid), "--dsn", dsn), env=subprocess_env(), check=True,
                    capture_output=True)
-    import pgflow
-
     pgflow.wait(iid, 30, dsn=dsn)
     result = cli("result", str(iid), "--dsn", dsn)
     assert result.returncode == 0 and json.loads(result.stdout) == [14, 21]
@@ -100,3 +102,22 @@ def test_demo_runs_twice(dsn):
         assert out.returncode == 0, out.stderr[-3000:]
         assert "instances   3 (3 completed, 0 failed)" in out.stdout
         assert "failures    0" in out.stdout
+
+
+def test_explain_watch_and_signal_a_control_flow_workflow(dsn, engine):
+    started = cli("start", "sample_trees:approval", "--dsn", dsn)
+    assert started.returncode == 0, started.stderr
+    iid = started.stdout.strip()
+    deadline = time.monotonic() + 20
+    while "[waiting] wait for signal go" not in (shown := cli("explain", iid, "--dsn", dsn).stdout):
+        assert time.monotonic() < deadline, shown
+    bad = cli("signal", iid, "go", "--data", "{oops", "--dsn", dsn)
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+    sent = cli("signal", iid, "go", "--data", '{"v": 5}', "--dsn", dsn)
+    assert sent.returncode == 0, sent.stderr
+    watched = cli("watch", iid, "--interval", "0.2", "--dsn", dsn, timeout=60)
+    assert watched.returncode == 0 and "instance " + iid + "  python  completed" in watched.stdout
+    assert "[done]    wait for signal go" in watched.stdout
+    assert pgflow.result(int(iid), dsn=dsn) == [{"v": 5}]
+    late = cli("signal", iid, "go", "--dsn", dsn)
+    assert late.returncode == 1 and "takes no signals" in late.stderr

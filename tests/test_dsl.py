@@ -41,7 +41,7 @@ def test_percent_signs_are_escaped_for_psycopg():
     ("SELECT $1", "positional parameter"),
     ("SELECT 'open", "unterminated"),
     ("SELECT $x$ never closed", "unterminated dollar-quoted"),
-    ("SELECT $input.*", "row-set reference"),
+    ("SELECT $input.a.*", "use \\$name.\\* on a whole result"),
     ("SELECT $ 1", "stray"),
 ])
 def test_malformed_sql_is_a_definition_error(sql, message):
@@ -61,6 +61,26 @@ def test_resolve_columns_rows_and_null_safety():
     assert resolve(Reference("input", ("b",), True), scope) is None
     with pytest.raises(MissingValue, match="no value named 'nope'"):
         resolve(Reference("nope"), scope)
+
+
+def test_row_sets_render_as_typed_relations():
+    t = compile_sql("SELECT a FROM $batch.* WHERE a > $min")
+    text, params = t.render({"batch": [{"a": 1, "b": "x"}], "min": 0}, {"batch": [["a", "integer"], ["b", "text"]]})
+    assert text == 'SELECT a FROM jsonb_to_recordset(%s::jsonb) AS "batch"("a" integer, "b" text) WHERE a > %s'
+    assert params[1] == 0
+    inferred, _ = t.render({"batch": [{"a": 1.5, "b": True}], "min": 0})
+    assert '"a" double precision, "b" boolean' in inferred
+    with pytest.raises(MissingValue, match="no rows and no known columns"):
+        t.render({"batch": [], "min": 0})
+    with pytest.raises(MissingValue, match="unsupported column type"):
+        t.render({"batch": [], "min": 0}, {"batch": [["a", "int); DROP TABLE x; --"]]})
+
+
+def test_a_sql_result_by_name_is_its_first_cell():
+    t = compile_sql("SELECT $total, $total.other, $empty?")
+    columns = {"total": [["amount", "integer"], ["other", "integer"]], "empty": [["v", "text"]]}
+    _, params = t.render({"total": [{"other": 1, "amount": 100}], "empty": []}, columns)
+    assert params == [100, 1, None]
 
 
 def test_parameters_adapt_structures_to_jsonb_and_keep_scalars():

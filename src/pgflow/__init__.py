@@ -4,7 +4,8 @@ Define a :class:`Flow` in Python, :func:`start` instances (optionally inside you
 ``pgflow coordinator`` plus ``pgflow worker`` processes. See the README for a tour.
 """
 
-from .client import cancel, list_instances, load_flow, result, start, status, wait
+from . import tree
+from .client import cancel, explain, list_instances, load_flow, result, set_variable, signal, start, status, wait
 from .errors import (
     DatabaseUnavailable,
     FlowDefinitionError,
@@ -24,6 +25,6 @@ __all__ = [
     "INPUT", "DatabaseUnavailable", "Flow", "FlowDefinitionError", "InstanceFailed", "InstanceNotFinished",
     "InstanceNotFound", "NonRetryableError", "NotSerializable", "PayloadTooLarge", "PgflowError", "Step",
     "StepContext", "StepTimeout", "cancel", "init_schema", "list_instances", "load_flow", "resolve_dsn",
-    "result", "start", "status", "wait",
+    "result", "start", "status", "wait", "explain", "signal", "set_variable", "tree",
 ]
 __version__ = "0.1.0"

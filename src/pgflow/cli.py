@@ -100,8 +100,9 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
     """Run a coordinator: schedules ready steps, fans maps out and in, finishes instances. Several may
     run at once (high availability)."""
     from .coordinator import Coordinator
-    from .metrics import Health, readiness, serve
+    from .metrics import Health, disable_multiprocess, readiness, serve
 
+    disable_multiprocess()  # one process: export its own values, never files another process left behind
     dsn = store.resolve_dsn(dsn)
     health = Health()
     serve(metrics_port, health, readiness(dsn))
@@ -130,12 +131,20 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
     """Run worker processes that pop steps from pgmq, execute them and checkpoint their results."""
     import importlib
 
-    from .metrics import enable_multiprocess
+    from .metrics import disable_multiprocess, enable_multiprocess
     from .worker import run_workers
 
     if concurrency < 1 or batch_size < 1 or visibility_timeout < 1:
         raise click.BadParameter("--concurrency, --batch-size and --visibility-timeout must be >= 1")
-    enable_multiprocess()
+    # before --import (user modules may import prometheus_client): children's samples go to a fresh directory
+    # that /metrics aggregates; without /metrics, none is needed (and an inherited one must not be written to)
+    if metrics_port:
+        try:
+            enable_multiprocess()
+        except RuntimeError as exc:
+            raise click.ClickException(str(exc)) from exc
+    else:
+        disable_multiprocess()
     if "" not in sys.path:
         sys.path.insert(0, "")
     for module in imports:
@@ -157,7 +166,8 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
 @click.option("--label", help="A label to find the instance by (pgflow list --label).")
 @_friendly_errors
 def start(dsn: str | None, flow_ref: str, input_: Any, label: str | None) -> None:
-    """Start an instance of FLOW (module:attribute) and print its id."""
+    """Start an instance of FLOW (module:attribute: a Flow, or a workflow node from pgflow.tree) and print
+    its id."""
     flow = client.load_flow(flow_ref)
     click.echo(client.start(flow, input_, label=label, dsn=store.resolve_dsn(dsn)))
 
@@ -206,6 +216,47 @@ def cancel(dsn: str | None, instance_id: int, reason: str | None) -> None:
     if outcome != "cancelled":
         raise click.ClickException(f"instance {instance_id} already {outcome}; nothing to cancel")
     click.echo(f"instance {instance_id} cancelled")
+
+
+@main.command()
+@dsn_option
+@click.argument("instance_id", type=int)
+@_friendly_errors
+def explain(dsn: str | None, instance_id: int) -> None:
+    """Draw the instance's tree with a status marker per node (pending, running, completed, failed,
+    skipped, waiting with its due time), attempts and errors."""
+    click.echo(client.explain(instance_id, dsn=store.resolve_dsn(dsn)))
+
+
+@main.command()
+@dsn_option
+@click.argument("instance_id", type=int)
+@click.option("--interval", default=0.5, show_default=True, help="Seconds between refreshes.")
+@_friendly_errors
+def watch(dsn: str | None, instance_id: int, interval: float) -> None:
+    """Redraw `pgflow explain ID` until the instance ends."""
+    import time
+
+    dsn = store.resolve_dsn(dsn)
+    while True:
+        text = client.explain(instance_id, dsn=dsn)
+        click.clear()
+        click.echo(text)
+        if client.status(instance_id, dsn=dsn).finished:
+            return
+        time.sleep(interval)
+
+
+@main.command(name="signal")
+@dsn_option
+@click.argument("instance_id", type=int)
+@click.argument("name")
+@click.option("--data", callback=_json_argument, help="The signal's data, as JSON.")
+@_friendly_errors
+def signal_(dsn: str | None, instance_id: int, name: str, data: Any) -> None:
+    """Send signal NAME to an instance (a wait_for_signal(NAME) receives DATA)."""
+    client.signal(instance_id, name, data, dsn=store.resolve_dsn(dsn))
+    click.echo(f"signal {name!r} sent to instance {instance_id}")
 
 
 @main.command(name="list")

@@ -3,25 +3,29 @@ list`` (all of it works on a DSN, or inside the caller's own psycopg connection 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.rows import dict_row
 
 from . import store
-from .errors import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound
+from .errors import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PgflowError
 from .flows import INPUT, Flow
 from .queries import query
+from .tree import Node, as_node
 
 TERMINAL = ("completed", "failed", "cancelled")
 
 
-def load_flow(ref: str) -> Flow:
-    """Import a flow from ``module:attribute`` (the CLI's FLOW argument), with a clear error."""
+def load_flow(ref: str) -> Flow | Node:
+    """Import a flow (or a control-flow workflow node) from ``module:attribute`` (the CLI's FLOW
+    argument), with a clear error."""
     module_name, _, attr = ref.partition(":")
     if not module_name or not attr:
         raise FlowDefinitionError(f"FLOW must look like module:attribute, not {ref!r}")
@@ -32,8 +36,8 @@ def load_flow(ref: str) -> Flow:
     except ImportError as exc:
         raise FlowDefinitionError(f"cannot import module {module_name!r} for flow {ref!r}: {exc}") from exc
     flow = getattr(module, attr, None)
-    if not isinstance(flow, Flow):
-        raise FlowDefinitionError(f"{ref!r} is not a pgflow Flow (found {type(flow).__name__})")
+    if not isinstance(flow, Flow | Node):
+        raise FlowDefinitionError(f"{ref!r} is not a pgflow Flow or workflow node (found {type(flow).__name__})")
     return flow
 
 
@@ -53,22 +57,95 @@ def _check_input(flow: Flow, input: Any) -> str:
     return store.dumps(input, "flow input")
 
 
-def start(flow: Flow, input: Any = None, *, label: str | None = None, conn: psycopg.Connection | None = None,
-          dsn: str | None = None) -> int:
-    """Start an instance of ``flow`` and return its id.
+def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = None,
+          conn: psycopg.Connection | None = None, dsn: str | None = None, name: str = "python") -> int:
+    """Start an instance of ``flow`` (a DAG :class:`Flow`, or a control-flow node from
+    :mod:`pgflow.tree`, or SQL text) and return its id.
 
     With ``conn`` the instance is created inside that connection's current transaction (nothing is
     committed here): if the caller rolls back, the instance never existed. Otherwise it is committed on
-    ``dsn`` (default: ``PGFLOW_DSN`` or the embedded server)."""
-    flow.validate()
-    payload = _check_input(flow, input)
-    params = {"flow": flow.name, "version": flow.version, "input": payload, "label": label}
+    ``dsn`` (default: ``PGFLOW_DSN`` or the embedded server). ``name`` names a control-flow workflow."""
+    if isinstance(flow, Flow):
+        flow.validate()
+        payload = _check_input(flow, input)
+    else:
+        payload = store.dumps(input, "flow input")
+
+    def run(c: psycopg.Connection) -> int:
+        if isinstance(flow, Flow):
+            register(c, flow)
+            flow_name, version = flow.name, flow.version
+        else:
+            flow_name, version = register_tree(c, as_node(flow), name)
+        return c.execute(query("start_instance"),
+                         {"flow": flow_name, "version": version, "input": payload, "label": label}).fetchone()[0]
+
     if conn is not None:
-        register(conn, flow)
-        return conn.execute(query("start_instance"), params).fetchone()[0]
+        return run(conn)
     with store.transaction(store.resolve_dsn(dsn)) as own:
-        register(own, flow)
-        return own.execute(query("start_instance"), params).fetchone()[0]
+        return run(own)
+
+
+def register_tree(conn: psycopg.Connection, node: Node, name: str) -> tuple[str, str]:
+    """Validate a control-flow workflow in the database (the same rules as the SQL front door) and
+    register it; returns (flow name, version)."""
+    try:
+        with conn.transaction():
+            shape = conn.execute("SELECT pgflow.tree_shape(%s::jsonb, %s)", (store.dumps(node.data), name)
+                                 ).fetchone()[0]
+    except psycopg.errors.InvalidParameterValue as exc:
+        raise FlowDefinitionError(_sql_message(exc)) from None
+    version = hashlib.sha256(orjson.dumps(shape, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+    conn.execute(query("register_flow"), {"name": name, "version": version, "ref": None, "shape": store.dumps(shape)})
+    return name, version
+
+
+def _sql_message(exc: psycopg.Error) -> str:
+    """The text of an error raised by pgflow's SQL functions, without the "pgflow: " prefix."""
+    message = exc.diag.message_primary or str(exc)
+    return message.removeprefix("pgflow: ")
+
+
+def signal(instance_id: int, name: str, data: Any = None, *, dsn: str | None = None,
+           conn: psycopg.Connection | None = None) -> int:
+    """Send a signal to a running instance (kept until a ``wait_for_signal(name)`` consumes it).
+    InstanceNotFound for an unknown id; PgflowError for a finished instance."""
+    def run(c: psycopg.Connection) -> int:
+        try:
+            with c.transaction():
+                return c.execute("SELECT pgflow.signal(%s, %s, %s::jsonb)",
+                                 (instance_id, name, store.dumps(data, "signal data"))).fetchone()[0]
+        except psycopg.errors.NoDataFound as exc:
+            raise InstanceNotFound(_sql_message(exc)) from None
+        except psycopg.Error as exc:
+            if exc.sqlstate in ("55000", "22023"):
+                raise PgflowError(_sql_message(exc)) from None
+            raise
+
+    return _with_conn(dsn, conn, run)
+
+
+def explain(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> str:
+    """The instance drawn as a tree, one line per node with its status marker (``pgflow.explain``)."""
+    def run(c: psycopg.Connection) -> str:
+        try:
+            text = c.execute("SELECT pgflow.explain(%s)", (instance_id,)).fetchone()[0]
+        except psycopg.errors.NoDataFound as exc:
+            raise InstanceNotFound(_sql_message(exc)) from None
+        if text is None:
+            raise InstanceNotFound(f"no instance with id {instance_id}")
+        return text
+
+    return _with_conn(dsn, conn, run)
+
+
+def set_variable(name: str, value: Any, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:
+    """Set one of the current user's variables, copied into every instance they start from now on
+    (``$vars.name`` in SQL, ``ctx.vars`` / a ``vars`` parameter in Python)."""
+    def run(c: psycopg.Connection) -> None:
+        c.execute("SELECT pgflow.set_variable(%s, %s::jsonb)", (name, store.dumps(value, "variable")))
+
+    _with_conn(dsn, conn, run)
 
 
 @dataclass

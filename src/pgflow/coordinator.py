@@ -18,13 +18,16 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import store
+from . import store, tree
 from .flows import INPUT, FlowShape, StepShape
 from .metrics import Health, metrics
 from .queries import query
 from .queue import task_message
+from .tree import TreeRun
 
 log = logging.getLogger("pgflow.coordinator")
+
+INSTANCE_STATUSES = ("pending", "running", "completed", "failed", "cancelled")
 
 class ShapeCache:
     """Flow versions are immutable, so their parsed shapes are cached for the life of the process."""
@@ -47,7 +50,7 @@ class _Instance:
     id: int
     shape: FlowShape
     input: Any
-    created_at: Any
+    variables: Any
     states: dict[str, str] = field(default_factory=dict)  # step -> status of its task_index -1 row
 
 
@@ -101,6 +104,7 @@ class Coordinator(store.ConnectedLoop):
         self.health = health or Health()
         self.shapes = ShapeCache()
         self._next_maintenance = 0.0
+        self._sampled_flows: set[str] = set()
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -111,6 +115,9 @@ class Coordinator(store.ConnectedLoop):
             self._maybe_maintain()
             if handled == 0:
                 self._wait()
+
+    def waiting_for_database(self) -> None:
+        self.health.beat()
 
     def on_connect(self) -> None:
         self._listen.execute("LISTEN pgflow_coordinator")
@@ -140,15 +147,24 @@ class Coordinator(store.ConnectedLoop):
 
     def _evaluate(self, conn: psycopg.Connection, rows: list[tuple]) -> None:
         instances: dict[int, _Instance] = {}
-        for iid, flow, version, _status, input_, created_at in rows:
+        trees: list[_Instance] = []
+        for iid, flow, version, _status, input_, variables in rows:
             try:
                 shape = self.shapes.get(conn, flow, version)
             except LookupError as exc:
                 self._fail(conn, {iid: str(exc)})
                 continue
-            instances[iid] = _Instance(iid, shape, input_, created_at)
+            inst = _Instance(iid, shape, input_, variables)
+            if shape.tree is not None:
+                trees.append(inst)
+            else:
+                instances[iid] = inst
+        conn.execute(query("mark_started"), {"ids": [r[0] for r in rows]})
+        if trees:
+            self._evaluate_trees(conn, trees)
         ids = list(instances)
-        conn.execute(query("mark_started"), {"ids": ids})
+        if not ids:
+            return
         failures: dict[int, str] = {}
         for iid, step, status, error in conn.execute(query("step_states"), {"ids": ids}).fetchall():
             instances[iid].states[step] = status
@@ -166,6 +182,29 @@ class Coordinator(store.ConnectedLoop):
         self._finish_maps(conn, finished_maps, instances)
         self._schedule(conn, instances)
         self._complete(conn, instances)
+
+    def _evaluate_trees(self, conn: psycopg.Connection, trees: list[_Instance]) -> None:
+        """Control-flow workflows: walk each tree, then finish or fail the instances that are done."""
+        now = conn.execute("SELECT clock_timestamp()").fetchone()[0]
+        writes = _Writes()
+        failures: dict[int, str] = {}
+        for inst in trees:
+            run = TreeRun(conn, inst.id, inst.shape.name, inst.shape.version, inst.input, inst.variables,
+                          inst.shape.steps, now, writes.enqueue)
+            try:
+                result = run.evaluate(inst.shape.tree)
+            except ValueError as exc:  # e.g. a cron expression croniter rejects
+                result = tree.Result("failed", error=str(exc))
+            if result.status == "failed":
+                failures[inst.id] = result.error
+            elif result.done:
+                seconds = conn.execute(query("complete_tree_instance"),
+                                       {"id": inst.id, "output": store.dumps(result.output)}).fetchone()[0]
+                conn.execute(query("notify_done"), {"ids": [inst.id]})
+                metrics().instance_duration.labels(inst.shape.name).observe(seconds)
+        writes.drop_instances(failures)
+        writes.flush(conn)
+        self._fail(conn, failures)
 
     def _finish_maps(self, conn: psycopg.Connection, finished: list[tuple[int, str]],
                      instances: dict[int, _Instance]) -> None:
@@ -287,14 +326,21 @@ class Coordinator(store.ConnectedLoop):
 
     def _sample_metrics(self, conn: psycopg.Connection) -> None:
         m = metrics()
-        for flow, status, count in conn.execute(
-                "SELECT flow_name, status, count(*) FROM pgflow.instances GROUP BY 1, 2").fetchall():
-            m.instances.labels(flow, status).set(count)
-        for name, depth, oldest, total in conn.execute(
-                "SELECT m.queue_name, m.queue_length, m.oldest_msg_age_sec, m.total_messages"
+        counts = {(f, st): n for f, st, n in conn.execute(
+            "SELECT flow_name, status, count(*) FROM pgflow.instances GROUP BY 1, 2").fetchall()}
+        self._sampled_flows.update(f for f, _ in counts)
+        for flow in self._sampled_flows:  # statuses without rows read 0, not their last count
+            for status in INSTANCE_STATUSES:
+                m.instances.labels(flow, status).set(counts.get((flow, status), 0))
+        for name, total in conn.execute(
+                "SELECT m.queue_name, m.total_messages"
                 " FROM pgmq.metrics_all() m JOIN pgflow.queues q ON q.queue_name = m.queue_name").fetchall():
-            m.queue_depth.labels(name).set(depth)
-            m.queue_oldest.labels(name).set(oldest or 0)
+            # depth and age of *ready* messages, as KEDA counts them (not in-flight or delayed ones)
+            ready, oldest = conn.execute(sql.SQL(
+                "SELECT count(*), coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8"
+                " FROM pgmq.{} WHERE vt <= now()").format(sql.Identifier("q_" + name))).fetchone()
+            m.queue_depth.labels(name).set(ready)
+            m.queue_oldest.labels(name).set(oldest)
             m.queue_total.labels(name).set(total)
 
 

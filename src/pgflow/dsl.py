@@ -30,26 +30,82 @@ class Reference:
     name: str
     path: tuple[str, ...] = ()
     nullable: bool = False
+    rowset: bool = False  # $name.* : the named result's rows as a relation
 
     def __str__(self) -> str:
-        return "$" + ".".join((self.name, *self.path)) + ("?" if self.nullable else "")
+        return "$" + ".".join((self.name, *self.path)) + (".*" if self.rowset else "") + ("?" if self.nullable else "")
+
+
+_SQL_TYPE = re.compile(r"^[A-Za-z_][A-Za-z0-9_ .,()\[\]\"]*$")
+_PYTHON_TYPES = ((bool, "boolean"), (int, "bigint"), (float, "double precision"), (str, "text"))
 
 
 @dataclass(frozen=True)
 class SqlTemplate:
-    """A SQL step's text with its references replaced by ``%s`` placeholders, in order."""
+    """A SQL step's text split around its references; :meth:`render` puts placeholders back in."""
 
     source: str
-    text: str
+    parts: tuple[str, ...]  # len(references) + 1 pieces of SQL text, %-escaped for psycopg
     references: tuple[Reference, ...]
 
     @property
     def names(self) -> set[str]:
         return {ref.name for ref in self.references}
 
+    @property
+    def text(self) -> str:
+        """The statement with a ``%s`` per reference (what a scalar-only template executes)."""
+        return "%s".join(self.parts)
+
+    def render(self, scope: dict[str, Any], columns: dict[str, list[list[str]]] | None = None
+               ) -> tuple[str, list[Any]]:
+        """The statement and its bound values for one execution. ``scope`` maps names to values (input,
+        vars, item, step outputs); ``columns`` gives the [name, SQL type] columns, in order, of the
+        results that came from SQL steps: ``$name`` of such a result is its first column of its first row,
+        and ``$name.*`` rebuilds a typed relation (for other lists of objects, types are inferred)."""
+        pieces = [self.parts[0]]
+        params = []
+        for ref, after in zip(self.references, self.parts[1:], strict=True):
+            value = resolve(ref, scope)
+            if not ref.rowset and not ref.path and columns and columns.get(ref.name):
+                value = _first_cell(ref, value, columns[ref.name][0][0])
+            if ref.rowset:
+                pieces.append(_rowset_sql(ref, value, (columns or {}).get(ref.name)))
+                params.append(Jsonb(value, dumps=_orjson_dumps))
+            else:
+                pieces.append("%s")
+                params.append(adapt(value))
+            pieces.append(after)
+        return "".join(pieces), params
+
     def parameters(self, scope: dict[str, Any]) -> list[Any]:
-        """The bound values for one execution, looked up in ``scope`` (input, item and step outputs)."""
-        return [adapt(resolve(ref, scope)) for ref in self.references]
+        """The bound values of a template without row-set references."""
+        return self.render(scope)[1]
+
+
+def _first_cell(ref: Reference, rows: Any, column: str) -> Any:
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+        return rows[0].get(column)
+    if ref.nullable:
+        return None
+    raise MissingValue(f"{ref}: {ref.name} returned no rows (write {ref}? to get NULL)")
+
+
+def _rowset_sql(ref: Reference, rows: Any, types: list[list[str]] | None) -> str:
+    """``jsonb_to_recordset(%s) AS "name"(col type, ...)``: the rows as a relation in a FROM clause,
+    named after the result."""
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise MissingValue(f"{ref}: {ref.name} is not a list of rows")
+    if not types:
+        if not rows:
+            raise MissingValue(f"{ref}: {ref.name} has no rows and no known columns")
+        types = [[col, next((t for py, t in _PYTHON_TYPES if type(v) is py), "jsonb")] for col, v in rows[0].items()]
+    columns = []
+    for col, sql_type in types:
+        if not _SQL_TYPE.match(sql_type):
+            raise MissingValue(f"{ref}: unsupported column type {sql_type!r}")
+        columns.append('"' + col.replace('"', '""') + '" ' + sql_type)
+    return f'jsonb_to_recordset(%s::jsonb) AS "{ref.name}"({", ".join(columns)})'
 
 
 def _end_of_quoted(text: str, start: int, quote: str, backslash_escapes: bool) -> int:
@@ -87,6 +143,7 @@ def _end_of_block_comment(text: str, start: int) -> int:
 def compile_sql(source: str) -> SqlTemplate:
     """Find the ``$references`` in a SQL step and replace them by placeholders (see module docs)."""
     out: list[str] = []
+    parts: list[str] = []
     refs: list[Reference] = []
     i, n = 0, len(source)
     while i < n:
@@ -115,13 +172,12 @@ def compile_sql(source: str) -> SqlTemplate:
                     "refer to values by name ($input, $input.key, $step, $step.col, $item)"
                 )
             elif match := _REFERENCE.match(source, i):
-                if match.group(3):
-                    raise FlowDefinitionError(
-                        f"row-set reference ${match.group(1)}.* is not supported in SQL steps yet"
-                    )
                 path = tuple(p for p in match.group(2).split(".") if p)
-                refs.append(Reference(match.group(1), path, bool(match.group(4))))
-                out.append("%s")
+                if match.group(3) and path:
+                    raise FlowDefinitionError(f"row-set reference {match.group(0)}: use $name.* on a whole result")
+                refs.append(Reference(match.group(1), path, bool(match.group(4)), bool(match.group(3))))
+                parts.append("".join(out))
+                out = []
                 i = match.end()
                 continue
             else:
@@ -139,7 +195,8 @@ def compile_sql(source: str) -> SqlTemplate:
             continue
         out.append(source[i:end].replace("%", "%%"))  # psycopg reads % even inside literals
         i = end
-    return SqlTemplate(source, "".join(out), tuple(refs))
+    parts.append("".join(out))
+    return SqlTemplate(source, tuple(parts), tuple(refs))
 
 
 class MissingValue(LookupError):
@@ -149,6 +206,8 @@ class MissingValue(LookupError):
 def resolve(ref: Reference, scope: dict[str, Any]) -> Any:
     """The value a reference points at; SQL results (lists of rows) yield their first row for ``.col``."""
     if ref.name not in scope:
+        if ref.nullable:
+            return None
         raise MissingValue(f"{ref}: no value named {ref.name!r} (known: {', '.join(sorted(scope))})")
     value = scope[ref.name]
     for key in ref.path:

@@ -25,7 +25,8 @@ from .errors import FlowDefinitionError
 
 INPUT = "input"  # reserved name: the flow's input, as a parameter, a $reference or ``map(over=INPUT)``
 ITEM = "item"  # reserved name: a map task's element in SQL ($item)
-RESERVED = {INPUT, ITEM, "ctx"}
+VARS = "vars"  # reserved name: the starting user's variables ($vars.name, ctx.vars)
+RESERVED = {INPUT, ITEM, VARS, "ctx"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUEUE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 
@@ -44,6 +45,7 @@ class StepContext:
     attempt: int
     max_attempts: int
     input: Any
+    vars: dict[str, Any] = field(default_factory=dict)
 
     @property
     def idempotency_key(self) -> str:
@@ -192,7 +194,7 @@ class Flow:
         template = compile_sql(statement)
         step = self._new_step(name, "sql", after, over, flatten, options)
         step.sql = template
-        known = {INPUT, *step.deps} | ({ITEM} if step.is_map else set())
+        known = {INPUT, VARS, *step.deps} | ({ITEM} if step.is_map else set())
         unknown = template.names - known
         if unknown:
             raise FlowDefinitionError(
@@ -340,7 +342,7 @@ def _bind_parameters(step: Step, func: Callable) -> tuple[tuple[tuple[str, str],
             raise FlowDefinitionError(f"{where}: a map function takes (ctx, element, ...)")
         bindings.append((rest[0].name, ITEM))
         rest = rest[1:]
-    sources = {INPUT, *step.deps}
+    sources = {INPUT, VARS, *step.deps}
     for p in rest:
         if p.name in sources:
             bindings.append((p.name, p.name))
@@ -388,6 +390,7 @@ class StepShape:
     backoff_cap: float
     timeout: float | None
     sql: str | None
+    spec: dict[str, Any] | None = None  # a control-flow leaf's node (python function, http request...)
 
     @property
     def is_map(self) -> bool:
@@ -402,6 +405,7 @@ class FlowShape:
     version: str
     ref: str | None
     steps: dict[str, StepShape]
+    tree: dict[str, Any] | None = None  # set for control-flow workflows (see tree.py)
 
     @classmethod
     def from_json(cls, name: str, version: str, ref: str | None, shape: dict[str, Any]) -> FlowShape:
@@ -411,9 +415,9 @@ class FlowShape:
                 name=s["name"], kind=s["kind"], deps=tuple(s["deps"]), over=s.get("over"),
                 flatten=bool(s.get("flatten")), queue=s["queue"], max_attempts=s["max_attempts"],
                 backoff_base=s["backoff_base"], backoff_cap=s["backoff_cap"], timeout=s.get("timeout"),
-                sql=s.get("sql"),
+                sql=s.get("sql"), spec=s.get("spec"),
             )
-        return cls(name, version, ref, steps)
+        return cls(name, version, ref, steps, shape.get("tree"))
 
     @cached_property
     def terminal(self) -> tuple[str, ...]:

@@ -26,6 +26,8 @@ class Task:
     step: str
     task_index: int
     item: Any = None
+    scope: dict[str, Any] | None = None  # control-flow leaves: input, vars and named results
+    columns: dict[str, Any] | None = None  # SQL column types of named SQL results
 
 
 def task_message(flow: str, version: str, instance_id: int, step: str, task_index: int = -1,
@@ -41,7 +43,7 @@ def decode(msg_id: int, body: Any) -> Task | None:
     """A Task, or None when the message is not a pgflow task (it will be archived, not run)."""
     try:
         return Task(msg_id, str(body["f"]), str(body["v"]), int(body["i"]), str(body["s"]), int(body["t"]),
-                    body.get("x"))
+                    body.get("x"), body.get("c"), body.get("ct"))
     except (TypeError, KeyError, ValueError):
         return None
 

@@ -207,6 +207,9 @@ class ConnectedLoop:
     def on_connect(self) -> None:
         """Called after (re)connecting: set up LISTENs and per-connection state."""
 
+    def waiting_for_database(self) -> None:
+        """Called between reconnection attempts (waiting for the database is not being stuck)."""
+
     def stop(self, *_: Any) -> None:
         """Ask the loop to finish what it has in hand and return."""
         self.stop_event.set()
@@ -224,6 +227,7 @@ class ConnectedLoop:
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 log.warning("database unavailable (%s); reconnecting in %.1f s", str(exc).strip(), backoff)
                 self._close()
+                self.waiting_for_database()
                 self.stop_event.wait(backoff)
                 backoff = min(backoff * 2, 3.0)
         self._close()

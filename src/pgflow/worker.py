@@ -18,15 +18,17 @@ import base64
 import contextlib
 import ctypes
 import decimal
+import importlib
 import inspect
 import logging
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -34,13 +36,13 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from . import http_step, store
 from . import queue as q
-from . import store
 from .client import load_flow
 from .coordinator import ShapeCache
 from .dsl import SqlTemplate, compile_sql
 from .errors import NonRetryableError, NotSerializable, PayloadTooLarge, StepTimeout
-from .flows import INPUT, ITEM, REGISTRY, Step, StepContext, StepShape
+from .flows import INPUT, ITEM, REGISTRY, VARS, Step, StepContext, StepShape
 from .metrics import Health, metrics
 from .queries import query
 
@@ -85,7 +87,29 @@ def _sql_value(value: Any) -> Any:
 
 class StepCode:
     """Finds the Python function behind a step: flows defined in this process first, else the flow's
-    ``module:attribute`` reference recorded when it was registered."""
+    ``module:attribute`` reference recorded when it was registered; for control-flow leaves, the
+    ``module:function`` named in the node."""
+
+    def __init__(self) -> None:
+        self._leaves: dict[str, tuple[Callable, tuple[tuple[str, str], ...], bool]] = {}
+
+    def leaf_function(self, ref: str) -> tuple[Callable, tuple[tuple[str, str], ...], bool]:
+        """The function, its (parameter, scope name) bindings, and whether it takes **kwargs."""
+        if ref not in self._leaves:
+            module_name, _, qualname = ref.partition(":")
+            if "" not in sys.path:
+                sys.path.insert(0, "")
+            try:
+                target: Any = importlib.import_module(module_name)
+                for part in qualname.split("."):
+                    target = getattr(target, part)
+            except (ImportError, AttributeError) as exc:
+                raise NonRetryableError(f"cannot load Python step {ref!r}: {exc}") from exc
+            params = list(inspect.signature(target).parameters.values())[1:]  # after ctx
+            bindings = tuple((p.name, p.name) for p in params
+                             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
+            self._leaves[ref] = (target, bindings, any(p.kind == p.VAR_KEYWORD for p in params))
+        return self._leaves[ref]
 
     def function(self, flow_name: str, ref: str | None, step_name: str) -> Step:
         flow = REGISTRY.get(flow_name)
@@ -129,6 +153,7 @@ class _Acks:
             "tasks": [r["task_index"] for r in rows],
             "attempts": [r["attempt"] for r in rows],
             "outputs": [p for _, p, _ in self.rows],
+            "columns": None,
         })
         completed = metrics().completed
         for _, _, labels in self.rows:
@@ -152,6 +177,7 @@ class Worker(store.ConnectedLoop):
         self.shapes = ShapeCache()
         self.code = StepCode()
         self.templates: dict[str, SqlTemplate] = {}
+        self.type_names: dict[int, str] = {}
         self._finished = threading.Event()  # the loop has returned: the heartbeat may stop too
         self.in_flight: dict[str, set[int]] = {}
         self._lock = threading.Lock()
@@ -183,6 +209,9 @@ class Worker(store.ConnectedLoop):
             if got == 0 and not self.stop_event.is_set():
                 for _ in self._listen.notifies(timeout=self.poll_interval, stop_after=1):
                     pass
+
+    def waiting_for_database(self) -> None:
+        self.health.beat()
 
     def on_connect(self) -> None:
         self._listening = set()
@@ -223,7 +252,7 @@ class Worker(store.ConnectedLoop):
         claimed = {r["msg_id"] for r in rows}
         # nothing runnable (instance cancelled or failed, task finished): put the message aside
         q.archive(conn, queue, [t.msg_id for t in tasks if t.msg_id not in claimed])
-        items = {t.msg_id: t.item for t in tasks}
+        by_msg = {t.msg_id: t for t in tasks}
         with self._lock:
             self.in_flight[queue] = set(claimed)
         acks = _Acks(queue)
@@ -233,7 +262,7 @@ class Worker(store.ConnectedLoop):
                     acks.flush(conn)
                     self._release(queue, rows[index:])
                     break
-                self._run_task(queue, row, items[row["msg_id"]], acks)
+                self._run_task(queue, row, by_msg[row["msg_id"]], acks)
                 if acks.due(self.ack_interval):
                     acks.flush(conn)
             acks.flush(conn)
@@ -248,11 +277,12 @@ class Worker(store.ConnectedLoop):
             "tasks": [r["task_index"] for r in rows], "attempts": [r["attempt"] for r in rows],
         })
 
-    def _run_task(self, queue: str, row: dict, item: Any, acks: _Acks) -> None:
+    def _run_task(self, queue: str, row: dict, task: q.Task, acks: _Acks) -> None:
         shape = self.shapes.get(self._conn, row["flow_name"], row["flow_version"])
         step = shape.steps.get(row["step_name"])
         labels = (shape.name, row["step_name"], queue)
         m = metrics()
+        m.started.labels(*labels).inc()  # also for tasks that fail before running, so failed <= started
         if step is None:
             self._record_failure(queue, row, None, NonRetryableError(f"flow version has no step {row['step_name']!r}"),
                                  labels)
@@ -262,17 +292,17 @@ class Worker(store.ConnectedLoop):
                 f"attempt {row['attempt']} exceeds max_attempts={step.max_attempts}: earlier attempts were lost "
                 "(worker killed, or visibility timeout expired)"), labels)
             return
-        m.started.labels(*labels).inc()
         in_flight = m.in_flight.labels(queue)
         in_flight.inc()
         started = time.perf_counter()
         try:
+            scope, columns = self._scope(row, task)
             if step.kind == "sql":
                 acks.flush(self._conn)  # keep acknowledgements in order with the SQL step's transaction
-                self._run_sql(queue, row, step, item, labels)
+                self._run_sql(queue, row, step, scope, columns, labels)
             else:
                 try:
-                    output = self._call_python(shape.ref, step, row, item)
+                    output = self._call(shape.ref, step, row, task, scope)
                     payload = store.dumps(output, f"output of step {step.name}")
                 except (PayloadTooLarge, NotSerializable) as exc:
                     raise NonRetryableError(str(exc)) from exc
@@ -285,34 +315,55 @@ class Worker(store.ConnectedLoop):
             in_flight.dec()
             m.step_duration.labels(*labels).observe(time.perf_counter() - started)
 
-    def _call_python(self, ref: str | None, step: StepShape, row: dict, item: Any) -> Any:
-        code = self.code.function(row["flow_name"], ref, step.name)
-        ctx = StepContext(instance_id=row["instance_id"], flow=row["flow_name"], step=step.name,
-                          task_index=row["task_index"], attempt=row["attempt"], max_attempts=step.max_attempts,
-                          input=row["input"])
-        deps = row["deps"] or {}
-        kwargs = {}
-        for param, source in code.bindings:
-            kwargs[param] = item if source == ITEM else row["input"] if source == INPUT else deps[source]
-        if code.wants_all:
-            for name, value in deps.items():
+    @staticmethod
+    def _scope(row: dict, task: q.Task) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The values a step can refer to, and the SQL column types of SQL results among them. A
+        control-flow leaf brings its scope (input, vars, named results) in its message; a DAG step gets
+        the flow input, the user's variables and its dependencies' outputs from the claim."""
+        if task.scope is not None:
+            return task.scope, task.columns or {}
+        scope = {INPUT: row["input"], VARS: row["variables"] or {}, **(row["deps"] or {})}
+        if row["task_index"] >= 0:
+            scope[ITEM] = task.item
+        return scope, row["dep_columns"] or {}
+
+    def _context(self, step: StepShape, row: dict, scope: dict[str, Any]) -> StepContext:
+        return StepContext(instance_id=row["instance_id"], flow=row["flow_name"], step=step.name,
+                           task_index=row["task_index"], attempt=row["attempt"], max_attempts=step.max_attempts,
+                           input=scope.get(INPUT), vars=scope.get(VARS) or {})
+
+    def _call(self, ref: str | None, step: StepShape, row: dict, task: q.Task, scope: dict[str, Any]) -> Any:
+        """Run a Python or HTTP step (not in a transaction: at least once)."""
+        if step.kind == "http":
+            with time_limit(step.timeout):
+                return http_step.request(step.spec, scope, row["attempt"], step.max_attempts)
+        if task.scope is not None:  # a control-flow leaf: a module-level function bound by parameter names
+            fn, bindings, wants_all = self.code.leaf_function(step.spec["fn"])
+            kwargs = {p: scope[source] for p, source in bindings if source in scope}
+            missing = [p for p, source in bindings if source not in scope]
+            if missing:
+                raise NonRetryableError(f"{step.spec['fn']}: no value for parameter(s) {missing}")
+        else:
+            code = self.code.function(row["flow_name"], ref, step.name)
+            fn, wants_all = code.fn, code.wants_all
+            kwargs = {p: scope[source] for p, source in code.bindings}
+        if wants_all:
+            for name, value in scope.items():
                 kwargs.setdefault(name, value)
         with time_limit(step.timeout):
-            result = code.fn(ctx, **kwargs)
+            result = fn(self._context(step, row, scope), **kwargs)
             if inspect.isawaitable(result):
                 result = asyncio.run(_awaited(result))
         return result
 
-    def _run_sql(self, queue: str, row: dict, step: StepShape, item: Any, labels: tuple[str, str, str]) -> None:
+    def _run_sql(self, queue: str, row: dict, step: StepShape, scope: dict[str, Any], columns: dict[str, Any],
+                 labels: tuple[str, str, str]) -> None:
         """Run a SQL step and its acknowledgement in one transaction: its effect happens exactly once."""
         template = self.templates.get(step.sql)
         if template is None:
             template = self.templates[step.sql] = compile_sql(step.sql)
-        scope = {INPUT: row["input"], **(row["deps"] or {})}
-        if row["task_index"] >= 0:
-            scope[ITEM] = item
         try:
-            params = template.parameters(scope)
+            text, params = template.render(scope, columns)
         except LookupError as exc:
             raise NonRetryableError(str(exc)) from exc
         conn = self._conn
@@ -321,13 +372,16 @@ class Worker(store.ConnectedLoop):
                 if step.timeout:
                     conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(step.timeout * 1000)}ms",))
                 with conn.cursor(row_factory=dict_row) as cur:
-                    cur.execute(template.text, params)
-                    output = cur.fetchall() if cur.description else {"rowcount": cur.rowcount}
+                    cur.execute(text, params)
+                    if cur.description:
+                        output, types = cur.fetchall(), self._column_types(cur.description)
+                    else:
+                        output, types = {"rowcount": cur.rowcount}, None
                 payload = store.dumps(output, f"output of step {step.name}", default=_sql_value)
                 conn.execute(query("complete_tasks"), {
                     "queue": queue, "msg_ids": [row["msg_id"]], "instance_ids": [row["instance_id"]],
                     "steps": [row["step_name"]], "tasks": [row["task_index"]], "attempts": [row["attempt"]],
-                    "outputs": [payload],
+                    "outputs": [payload], "columns": [store.dumps(types) if types else None],
                 })
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
@@ -338,6 +392,16 @@ class Worker(store.ConnectedLoop):
         except (PayloadTooLarge, NotSerializable) as exc:
             raise NonRetryableError(str(exc)) from exc
         metrics().completed.labels(*labels).inc()
+
+    def _column_types(self, description: Any) -> list[list[str]]:
+        """[column name, SQL type name] of a result, in order (jsonb keeps neither order nor types: this
+        lets ``$name`` pick the first column and ``$name.*`` rebuild a typed relation)."""
+        unknown = [c.type_code for c in description if c.type_code not in self.type_names]
+        if unknown:
+            for oid, name in self._conn.execute("SELECT t, format_type(t, NULL) FROM unnest(%s::oid[]) AS t",
+                                                (unknown,)).fetchall():
+                self.type_names[oid] = name
+        return [[c.name, self.type_names[c.type_code]] for c in description]
 
     def _record_failure(self, queue: str, row: dict, step: StepShape | None, exc: BaseException,
                         labels: tuple[str, str, str]) -> None:
@@ -385,8 +449,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any]) -> None:
+def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any], inherited: tuple = ()) -> None:
+    """A worker child (forked): close what it inherited but must not hold (the supervisor's metrics socket,
+    so a child draining after its supervisor died never keeps the port), then work until SIGTERM."""
     _die_with_parent()
+    for resource in inherited:
+        with contextlib.suppress(OSError):
+            resource.close()
     worker = Worker(dsn, queues, **options)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
@@ -396,22 +465,49 @@ def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any]) -> 
 def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int = 2, drain_timeout: float = 45.0,
                 metrics_port: int = 0, stop_event: threading.Event | None = None, **options: Any) -> int:
     """Supervise ``concurrency`` worker processes until SIGTERM/SIGINT (or ``stop_event``); restart any
-    that dies; on stop, let them drain for up to ``drain_timeout`` seconds. Returns the exit code (0)."""
+    that dies; on stop, let them drain for up to ``drain_timeout`` seconds. Returns the exit code (0).
+
+    With ``metrics_port`` the supervisor serves /metrics (the children's samples, aggregated through
+    prometheus-client's multiprocess mode: call :func:`pgflow.metrics.enable_multiprocess` before
+    prometheus_client is imported; done here if it has not been), /healthz and /readyz."""
     import multiprocess
 
-    from .metrics import readiness, serve
+    from .metrics import enable_multiprocess, multiprocess_active, readiness, serve
 
+    if metrics_port and not multiprocess_active():
+        try:
+            enable_multiprocess()
+        except RuntimeError as exc:
+            log.warning("/metrics will not include the worker processes' samples: %s", exc)
     context = multiprocess.get_context("fork")
     stop = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
     health = Health()
-    serve(metrics_port, health, readiness(dsn))
+    server = serve(metrics_port, health, readiness(dsn))
+    inherited = (server.socket,) if server else ()
     alive_gauge = metrics().workers_alive
+    served = list(queues or [])  # the queue label of pgflow_worker_processes_alive
+
+    def discover_queues() -> None:
+        """Serving every queue: label the gauge with each pgflow queue (re-read, as queues appear), so that
+        it joins pgflow_queue_depth on `queue` like a worker started with --queue does."""
+        while True:
+            try:
+                with store.connect(dsn, autocommit=True) as conn:
+                    served[:] = q.pgflow_queues(conn)
+            except Exception as exc:  # the database may be away; keep the last list and try again
+                log.debug("reading the queue list failed: %s", exc)
+            if stop.wait(5.0):
+                return
+
+    if metrics_port and not queues:
+        threading.Thread(target=discover_queues, name="pgflow-queue-list", daemon=True).start()
 
     def spawn(index: int):
-        process = context.Process(target=_child_main, args=(dsn, queues, options), name=f"pgflow-worker-{index}")
+        process = context.Process(target=_child_main, args=(dsn, queues, options, inherited),
+                                  name=f"pgflow-worker-{index}")
         process.start()
         return process
 
@@ -426,8 +522,9 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
                 if time.monotonic() - started[i] < 1.0:
                     time.sleep(1.0)  # do not spin on a child that dies at start-up
                 children[i], started[i] = spawn(i), time.monotonic()
-        for name in queues or ["*"]:
-            alive_gauge.labels(name).set(sum(c.is_alive() for c in children))
+        alive = sum(c.is_alive() for c in children)
+        for name in list(served):
+            alive_gauge.labels(name).set(alive)
         stop.wait(0.5)
     for child in children:
         if child.is_alive():
@@ -440,11 +537,19 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
             child.kill()
             child.join()
         _mark_dead(child.pid)
+        health.beat()
+    if server is not None:
+        server.shutdown()
+        server.server_close()
     return 0
 
 
 def _mark_dead(pid: int | None) -> None:
-    if pid and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess as prom_mp
+    """Forget a dead child's live gauges (in flight): multiprocess mode would keep exporting them."""
+    if pid:
+        from .metrics import multiprocess_active
 
-        prom_mp.mark_process_dead(pid)
+        if multiprocess_active():
+            from prometheus_client import multiprocess as prom_mp
+
+            prom_mp.mark_process_dead(pid)

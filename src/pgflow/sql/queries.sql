@@ -23,7 +23,7 @@ RETURNING instance_id;
 SELECT extract(epoch FROM min(due_at) - now()) FROM pgflow.wakeups;
 
 -- name: lock_instances
-SELECT id, flow_name, flow_version, status, input, created_at
+SELECT id, flow_name, flow_version, status, input, variables
 FROM pgflow.instances
 WHERE id = ANY(%(ids)s) AND status IN ('pending', 'running')
 ORDER BY id
@@ -85,6 +85,11 @@ FROM jsonb_to_recordset(%(done)s::jsonb) AS u(id bigint, terminal text[], single
 WHERE i.id = u.id
 RETURNING i.id, i.flow_name, extract(epoch FROM i.finished_at - i.created_at)::float8 AS seconds;
 
+-- name: complete_tree_instance
+UPDATE pgflow.instances SET status = 'completed', output = %(output)s::jsonb, finished_at = now()
+WHERE id = %(id)s
+RETURNING extract(epoch FROM finished_at - created_at)::float8;
+
 -- name: fail_instance
 UPDATE pgflow.instances SET status = 'failed', error = %(error)s, finished_at = now()
 WHERE id = %(id)s;
@@ -104,7 +109,7 @@ SELECT * FROM pgflow.claim_tasks(%(msg_ids)s, %(instance_ids)s, %(steps)s, %(tas
 
 -- name: complete_tasks
 SELECT pgflow.complete_tasks(%(queue)s, %(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s,
-                             %(attempts)s, %(outputs)s::jsonb[]);
+                             %(attempts)s, %(outputs)s::jsonb[], %(columns)s::jsonb[]);
 
 -- name: fail_task
 SELECT pgflow.fail_task(%(queue)s, %(msg_id)s, %(instance_id)s, %(step)s, %(task)s, %(attempt)s,
@@ -161,7 +166,7 @@ SELECT i.id FROM pgflow.instances i
 WHERE i.status IN ('pending', 'running') AND i.created_at < now() - make_interval(secs => %(age)s)
   AND NOT EXISTS (SELECT 1 FROM pgflow.wakeups w WHERE w.instance_id = i.id)
   AND NOT EXISTS (SELECT 1 FROM pgflow.steps s WHERE s.instance_id = i.id
-                  AND s.status IN ('queued', 'running', 'retrying'))
+                  AND s.status IN ('queued', 'running', 'retrying', 'waiting'))
 RETURNING instance_id;
 
 -- name: delete_finished_instances
