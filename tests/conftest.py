@@ -62,6 +62,8 @@ def dsn(server, template_db):
     name = f"pgflow_t_{uuid.uuid4().hex[:12]}"
     with _admin(admin_dsn) as conn:
         conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+        # the suite connects as a superuser: let it start instances (tests of the guard turn this off)
+        conn.execute(f'ALTER DATABASE "{name}" SET pgflow.allow_superuser = on')
     yield make_conninfo(admin_dsn, dbname=name)
     with _admin(admin_dsn) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -5,7 +5,19 @@ Define a :class:`Flow` in Python, :func:`start` instances (optionally inside you
 """
 
 from . import tree
-from .client import cancel, explain, list_instances, load_flow, result, set_variable, signal, start, status, wait
+from .client import (
+    cancel,
+    explain,
+    list_instances,
+    load_flow,
+    result,
+    set_secret,
+    set_variable,
+    signal,
+    start,
+    status,
+    wait,
+)
 from .errors import (
     DatabaseUnavailable,
     FlowDefinitionError,
@@ -25,6 +37,6 @@ __all__ = [
     "INPUT", "DatabaseUnavailable", "Flow", "FlowDefinitionError", "InstanceFailed", "InstanceNotFinished",
     "InstanceNotFound", "NonRetryableError", "NotSerializable", "PayloadTooLarge", "PgflowError", "Step",
     "StepContext", "StepTimeout", "cancel", "init_schema", "list_instances", "load_flow", "resolve_dsn",
-    "result", "start", "status", "wait", "explain", "signal", "set_variable", "tree",
+    "result", "start", "status", "wait", "explain", "signal", "set_variable", "set_secret", "tree",
 ]
 __version__ = "0.1.0"

@@ -80,10 +80,13 @@ def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = Non
         return c.execute(query("start_instance"),
                          {"flow": flow_name, "version": version, "input": payload, "label": label}).fetchone()[0]
 
-    if conn is not None:
-        return run(conn)
-    with store.transaction(store.resolve_dsn(dsn)) as own:
-        return run(own)
+    try:
+        if conn is not None:
+            return run(conn)
+        with store.transaction(store.resolve_dsn(dsn)) as own:
+            return run(own)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise PgflowError(_sql_message(exc)) from None
 
 
 def register_tree(conn: psycopg.Connection, node: Node, name: str) -> tuple[str, str]:
@@ -137,6 +140,19 @@ def explain(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connectio
         return text
 
     return _with_conn(dsn, conn, run)
+
+
+def set_secret(name: str, ref: str, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:
+    """Declare a secret by reference — ``env:NAME`` or ``file:/path`` on the workers — never its value.
+    HTTP steps use it as ``$secrets.name``; Python steps call ``ctx.secret(name)``."""
+    def run(c: psycopg.Connection) -> None:
+        try:
+            with c.transaction():
+                c.execute("SELECT pgflow.set_secret(%s, %s)", (name, ref))
+        except psycopg.errors.InvalidParameterValue as exc:
+            raise PgflowError(_sql_message(exc)) from None
+
+    _with_conn(dsn, conn, run)
 
 
 def set_variable(name: str, value: Any, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:

@@ -142,6 +142,8 @@ def run_demo(dsn: str, *, documents: int = 2000, batches: int = 20, workers: int
     try:
         started = time.monotonic()
         with store.transaction(dsn) as conn:
+            # the demo is a local tool: if it connects as a superuser, let it start its own instances
+            conn.execute("SET LOCAL pgflow.allow_superuser = on")
             ids = [client.start(flow, {"batch": b}, label="demo", conn=conn) for b in range(batches)]
         finished = failed = 0
         with store.connect(dsn, autocommit=True) as conn, tqdm(

@@ -45,7 +45,7 @@ class SqlTemplate:
     """A SQL step's text split around its references; :meth:`render` puts placeholders back in."""
 
     source: str
-    parts: tuple[str, ...]  # len(references) + 1 pieces of SQL text, %-escaped for psycopg
+    parts: tuple[str, ...]  # len(references) + 1 pieces of the SQL text around the references
     references: tuple[Reference, ...]
 
     @property
@@ -54,8 +54,9 @@ class SqlTemplate:
 
     @property
     def text(self) -> str:
-        """The statement with a ``%s`` per reference (what a scalar-only template executes)."""
-        return "%s".join(self.parts)
+        """The statement for psycopg: a ``%s`` per reference, literal ``%`` doubled (psycopg reads ``%``
+        everywhere, even inside string literals)."""
+        return "%s".join(_escape_percent(p) for p in self.parts)
 
     def render(self, scope: dict[str, Any], columns: dict[str, list[list[str]]] | None = None
                ) -> tuple[str, list[Any]]:
@@ -63,20 +64,43 @@ class SqlTemplate:
         vars, item, step outputs); ``columns`` gives the [name, SQL type] columns, in order, of the
         results that came from SQL steps: ``$name`` of such a result is its first column of its first row,
         and ``$name.*`` rebuilds a typed relation (for other lists of objects, types are inferred)."""
-        pieces = [self.parts[0]]
+        pieces = [_escape_percent(self.parts[0])]
         params = []
         for ref, after in zip(self.references, self.parts[1:], strict=True):
-            value = resolve(ref, scope)
-            if not ref.rowset and not ref.path and columns and columns.get(ref.name):
-                value = _first_cell(ref, value, columns[ref.name][0][0])
+            value = self._value(ref, scope, columns)
             if ref.rowset:
-                pieces.append(_rowset_sql(ref, value, (columns or {}).get(ref.name)))
+                pieces.append(_rowset_sql(ref, value, (columns or {}).get(ref.name), "%s::jsonb"))
                 params.append(Jsonb(value, dumps=_orjson_dumps))
             else:
                 pieces.append("%s")
                 params.append(adapt(value))
-            pieces.append(after)
+            pieces.append(_escape_percent(after))
         return "".join(pieces), params
+
+    def render_jsonb(self, scope: dict[str, Any], columns: dict[str, list[list[str]]] | None = None
+                     ) -> tuple[str, str]:
+        """The statement and its values for an executor that takes one jsonb array parameter (``$1``):
+        each reference becomes a typed extraction such as ``(($1->>0)::bigint)``. Used to run a step as
+        another role; values still travel as data. Strings arrive as text (cast them where a column of
+        another type is compared)."""
+        pieces = [self.parts[0]]
+        values = []
+        for index, (ref, after) in enumerate(zip(self.references, self.parts[1:], strict=True)):
+            value = self._value(ref, scope, columns)
+            values.append(value)
+            if ref.rowset:
+                pieces.append(_rowset_sql(ref, value, (columns or {}).get(ref.name), f"($1->{index})"))
+            else:
+                pieces.append(_typed_extraction(value, index))
+            pieces.append(after)
+        return "".join(pieces), _orjson_dumps(values)
+
+    @staticmethod
+    def _value(ref: Reference, scope: dict[str, Any], columns: dict[str, list[list[str]]] | None) -> Any:
+        value = resolve(ref, scope)
+        if not ref.rowset and not ref.path and columns and columns.get(ref.name):
+            value = _first_cell(ref, value, columns[ref.name][0][0])  # $name of a SQL result: first cell
+        return value
 
     def parameters(self, scope: dict[str, Any]) -> list[Any]:
         """The bound values of a template without row-set references."""
@@ -91,7 +115,26 @@ def _first_cell(ref: Reference, rows: Any, column: str) -> Any:
     raise MissingValue(f"{ref}: {ref.name} returned no rows (write {ref}? to get NULL)")
 
 
-def _rowset_sql(ref: Reference, rows: Any, types: list[list[str]] | None) -> str:
+def _escape_percent(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def _typed_extraction(value: Any, index: int) -> str:
+    """The SQL that reads element ``index`` of the ``$1`` jsonb array with the type psycopg would bind."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return f"(($1->>{index})::boolean)"
+    if isinstance(value, int):
+        return f"(($1->>{index})::bigint)"
+    if isinstance(value, float):
+        return f"(($1->>{index})::float8)"
+    if isinstance(value, str):
+        return f"($1->>{index})"
+    return f"($1->{index})"
+
+
+def _rowset_sql(ref: Reference, rows: Any, types: list[list[str]] | None, source: str) -> str:
     """``jsonb_to_recordset(%s) AS "name"(col type, ...)``: the rows as a relation in a FROM clause,
     named after the result."""
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
@@ -105,7 +148,7 @@ def _rowset_sql(ref: Reference, rows: Any, types: list[list[str]] | None) -> str
         if not _SQL_TYPE.match(sql_type):
             raise MissingValue(f"{ref}: unsupported column type {sql_type!r}")
         columns.append('"' + col.replace('"', '""') + '" ' + sql_type)
-    return f'jsonb_to_recordset(%s::jsonb) AS "{ref.name}"({", ".join(columns)})'
+    return f'jsonb_to_recordset({source}) AS "{ref.name}"({", ".join(columns)})'
 
 
 def _end_of_quoted(text: str, start: int, quote: str, backslash_escapes: bool) -> int:
@@ -182,18 +225,14 @@ def compile_sql(source: str) -> SqlTemplate:
                 continue
             else:
                 raise FlowDefinitionError(f"stray '$' in SQL at {source[i:i + 20]!r}")
-            out.append(source[i:end].replace("%", "%%"))
+            out.append(source[i:end])
             i = end
-            continue
-        elif ch == "%":
-            out.append("%%")  # psycopg placeholder syntax: a literal percent sign must be doubled
-            i += 1
             continue
         else:
             out.append(ch)
             i += 1
             continue
-        out.append(source[i:end].replace("%", "%%"))  # psycopg reads % even inside literals
+        out.append(source[i:end])
         i = end
     parts.append("".join(out))
     return SqlTemplate(source, tuple(parts), tuple(refs))

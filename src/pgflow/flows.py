@@ -10,23 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import re
 import sys
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from .dsl import SqlTemplate, compile_sql
-from .errors import FlowDefinitionError
+from .errors import FlowDefinitionError, NonRetryableError
 
 INPUT = "input"  # reserved name: the flow's input, as a parameter, a $reference or ``map(over=INPUT)``
 ITEM = "item"  # reserved name: a map task's element in SQL ($item)
 VARS = "vars"  # reserved name: the starting user's variables ($vars.name, ctx.vars)
-RESERVED = {INPUT, ITEM, VARS, "ctx"}
+SECRETS = "secrets"  # reserved name: secrets by reference, for HTTP steps only ($secrets.name)
+RESERVED = {INPUT, ITEM, VARS, SECRETS, "ctx"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUEUE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 
@@ -46,6 +49,14 @@ class StepContext:
     max_attempts: int
     input: Any
     vars: dict[str, Any] = field(default_factory=dict)
+    secret_refs: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def secret(self, name: str) -> str:
+        """A secret variable's value, read now from where its reference points (environment or file):
+        the value is never stored by pgflow. Do not return it from the step."""
+        if name not in self.secret_refs:
+            raise KeyError(f"no secret named {name!r} (set one with pgflow.set_secret)")
+        return resolve_secrets({name: self.secret_refs[name]})[name]
 
     @property
     def idempotency_key(self) -> str:
@@ -106,6 +117,20 @@ class Step:
 
 
 StepRef = Step | str
+
+
+def resolve_secrets(refs: dict[str, str] | None) -> dict[str, str]:
+    """Secret values from their references: ``env:NAME`` (the worker's environment, e.g. a Kubernetes
+    Secret as env) or ``file:/path`` (e.g. a mounted Secret volume)."""
+    values = {}
+    for name, ref in (refs or {}).items():
+        kind, _, where = ref.partition(":")
+        try:
+            values[name] = os.environ[where] if kind == "env" else Path(where).read_text().strip()
+        except (KeyError, OSError) as exc:
+            raise NonRetryableError(f"secret {name!r}: cannot resolve {ref!r} on this worker ({type(exc).__name__})"
+                                    ) from None
+    return values
 
 
 def _step_name(ref: StepRef) -> str:

@@ -10,21 +10,102 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
+import ipaddress
+import os
 import re
+import socket
 import time
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
 
 from .dsl import Reference, resolve
+from .errors import NonRetryableError
 
 _REFERENCE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)(\?)?")
 
 
 class RetryableStatus(Exception):
     """A response whose status is in ``retry_on``: the step is tried again."""
+
+
+class HttpError(Exception):
+    """A network-level failure (retried), its message stripped of secret values."""
+
+
+class EgressDenied(NonRetryableError):
+    """The egress policy forbids this request (never retried)."""
+
+
+#: never reachable from HTTP steps: link-local (incl. cloud metadata at 169.254.169.254) and metadata hosts
+ALWAYS_DENIED = tuple(ipaddress.ip_network(n) for n in (
+    "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32"))
+
+
+@dataclass
+class EgressPolicy:
+    """Where HTTP steps may go and how much they may bring back (environment of the worker):
+
+    - ``PGFLOW_HTTP_ALLOW``: comma-separated hosts (``api.example.com``, ``*.example.org``) and CIDRs
+      (``10.0.0.0/8``, ``127.0.0.1``). Empty or unset: any host except the always-denied ranges.
+    - link-local and cloud-metadata addresses are always denied, whatever the allow-list says;
+    - ``PGFLOW_HTTP_MAX_BYTES`` (default 10 MiB): larger responses fail the step;
+    - ``PGFLOW_HTTP_MAX_TIMEOUT`` (default 60 s): caps each node's timeout.
+    """
+
+    hosts: tuple[str, ...] = ()
+    networks: tuple[Any, ...] = ()
+    max_bytes: int = 10 * 1024 * 1024
+    max_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls) -> EgressPolicy:
+        hosts, networks = [], []
+        for item in filter(None, (i.strip() for i in os.environ.get("PGFLOW_HTTP_ALLOW", "").split(","))):
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                hosts.append(item.lower())
+        return cls(tuple(hosts), tuple(networks), int(os.environ.get("PGFLOW_HTTP_MAX_BYTES", 10 * 1024 * 1024)),
+                   float(os.environ.get("PGFLOW_HTTP_MAX_TIMEOUT", 60)))
+
+    def check(self, url: str) -> None:
+        """Raise EgressDenied unless every address ``url``'s host resolves to is allowed."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise EgressDenied(f"only http(s) URLs with a host are allowed, not {parts.scheme or '?'}://")
+        host = parts.hostname.lower()
+        try:
+            infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80))
+        except socket.gaierror as exc:
+            raise httpx.ConnectError(f"cannot resolve {host}: {exc}") from None
+        addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}
+        for address in addresses:
+            if any(address in net for net in ALWAYS_DENIED):
+                raise EgressDenied(f"{host} resolves to {address}: link-local/metadata addresses are never allowed")
+        if not self.hosts and not self.networks:
+            return
+        if any(fnmatch.fnmatch(host, pattern) for pattern in self.hosts):
+            return
+        if all(any(address in net for net in self.networks) for address in addresses):
+            return
+        raise EgressDenied(f"{host} is not in the HTTP allow-list (PGFLOW_HTTP_ALLOW)")
+
+    def timeout(self, requested: float | None) -> float:
+        return min(float(requested or 30.0), self.max_timeout)
+
+    def read_limited(self, response: httpx.Response) -> bytes:
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise EgressDenied(f"response larger than {self.max_bytes:,} bytes (PGFLOW_HTTP_MAX_BYTES)")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def _reference(match: re.Match) -> Reference:
@@ -56,25 +137,39 @@ def substitute_body(body: Any, scope: dict[str, Any]) -> Any:
     return body
 
 
-def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attempts: int) -> dict[str, Any]:
-    """Perform the request described by an http node and return its envelope."""
+def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attempts: int,
+            redact: list[str] | None = None) -> dict[str, Any]:
+    """Perform the request described by an http node (within the egress policy) and return its envelope.
+    Values in ``redact`` (secrets) never appear in error messages."""
     url = substitute_text(spec["url"], scope, url=True)
     headers = {k: substitute_text(str(v), scope) for k, v in (spec.get("headers") or {}).items()}
     body = substitute_body(spec.get("body"), scope)
     retry_on = set(spec.get("retry_on") or range(500, 600))
+    policy = EgressPolicy.from_env()
     started = time.perf_counter()
-    with httpx.Client(timeout=spec.get("timeout") or 30.0, follow_redirects=False) as client:
-        response = client.request(spec.get("method", "GET"), url, headers=headers,
-                                  content=body if isinstance(body, str | bytes) else None,
-                                  json=None if body is None or isinstance(body, str | bytes) else body)
-    envelope = envelope_of(response, (time.perf_counter() - started) * 1000)
+    try:
+        policy.check(url)
+        with httpx.Client(timeout=policy.timeout(spec.get("timeout")), follow_redirects=False) as client, \
+                client.stream(spec.get("method", "GET"), url, headers=headers,
+                              content=body if isinstance(body, str | bytes) else None,
+                              json=None if body is None or isinstance(body, str | bytes) else body) as response:
+            content = policy.read_limited(response)
+    except httpx.HTTPError as exc:
+        raise HttpError(_redacted(f"{type(exc).__name__}: {exc} ({spec['url']})", redact)) from None
+    envelope = envelope_of(response, content, (time.perf_counter() - started) * 1000)
     if response.status_code in retry_on:
         raise RetryableStatus(f"HTTP {response.status_code} from {spec['url']} (attempt {attempt} of {max_attempts})")
     return envelope
 
 
-def envelope_of(response: httpx.Response, duration_ms: float) -> dict[str, Any]:
-    content = response.content
+def _redacted(text: str, secrets: list[str] | None) -> str:
+    for secret in secrets or []:
+        if secret:
+            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
+    return text
+
+
+def envelope_of(response: httpx.Response, content: bytes, duration_ms: float) -> dict[str, Any]:
     try:
         body, encoding = content.decode("utf-8"), "text"
     except UnicodeDecodeError:

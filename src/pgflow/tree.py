@@ -86,9 +86,16 @@ def sql(statement: str) -> Node:
     return Node({"t": "sql", "sql": statement})
 
 
+def task(function: Any) -> Any:
+    """Mark a module-level function as callable from workflows (``python(fn)`` / ``pgflow.python('m:f')``).
+    Workers refuse unmarked functions, so a workflow cannot call arbitrary library code."""
+    function.__pgflow_task__ = True
+    return function
+
+
 def python(function: Any) -> Node:
-    """A Python step: a module-level function (or ``"module:function"``) called as ``fn(ctx, ...)`` with
-    parameters bound by name to ``input``, ``vars`` and named results."""
+    """A Python step: a module-level function marked with :func:`task` (or ``"module:function"``) called
+    as ``fn(ctx, ...)`` with parameters bound by name to ``input``, ``vars`` and named results."""
     if callable(function):
         qualname = function.__qualname__
         if "<locals>" in qualname or function.__module__ == "__main__":

@@ -42,7 +42,7 @@ from .client import load_flow
 from .coordinator import ShapeCache
 from .dsl import SqlTemplate, compile_sql
 from .errors import NonRetryableError, NotSerializable, PayloadTooLarge, StepTimeout
-from .flows import INPUT, ITEM, REGISTRY, VARS, Step, StepContext, StepShape
+from .flows import INPUT, ITEM, REGISTRY, SECRETS, VARS, Step, StepContext, StepShape, resolve_secrets
 from .metrics import Health, metrics
 from .queries import query
 
@@ -76,6 +76,16 @@ def time_limit(seconds: float | None) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+def _unique(names: list[str]) -> list[str]:
+    """Column names made unique (a record's column list may not repeat one): "n", "n_2", ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return out
+
+
 def _sql_value(value: Any) -> Any:
     """JSON form of column types orjson does not know (numeric, bytea)."""
     if isinstance(value, decimal.Decimal):
@@ -105,6 +115,9 @@ class StepCode:
                     target = getattr(target, part)
             except (ImportError, AttributeError) as exc:
                 raise NonRetryableError(f"cannot load Python step {ref!r}: {exc}") from exc
+            if not getattr(target, "__pgflow_task__", False):
+                # a workflow names its functions itself: only those marked for it may run (not os:system)
+                raise NonRetryableError(f"{ref} is not marked with @pgflow.tree.task, so workflows may not call it")
             params = list(inspect.signature(target).parameters.values())[1:]  # after ctx
             bindings = tuple((p.name, p.name) for p in params
                              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty)
@@ -178,6 +191,9 @@ class Worker(store.ConnectedLoop):
         self.code = StepCode()
         self.templates: dict[str, SqlTemplate] = {}
         self.type_names: dict[int, str] = {}
+        self.executors: set[str] = set()  # roles whose executor was checked
+        self.session_role = ""
+        self._jsonb_oid = 3802
         self._finished = threading.Event()  # the loop has returned: the heartbeat may stop too
         self.in_flight: dict[str, set[int]] = {}
         self._lock = threading.Lock()
@@ -214,6 +230,7 @@ class Worker(store.ConnectedLoop):
         self.health.beat()
 
     def on_connect(self) -> None:
+        self.session_role = self._conn.execute("SELECT current_user").fetchone()[0]
         self._listening = set()
         self._queues_checked = 0.0
 
@@ -238,8 +255,7 @@ class Worker(store.ConnectedLoop):
         for msg_id, body in messages:
             task = q.decode(msg_id, body)
             if task is None:
-                log.error("archiving message %s on %s: not a pgflow task: %.200r", msg_id, queue, body)
-                q.archive(conn, queue, [msg_id])
+                q.dead_letter(conn, queue, msg_id, body, "not a pgflow task message (undecodable)")
             else:
                 tasks.append(task)
         if not tasks:
@@ -250,8 +266,9 @@ class Worker(store.ConnectedLoop):
                 "steps": [t.step for t in tasks], "tasks": [t.task_index for t in tasks],
             }).fetchall()
         claimed = {r["msg_id"] for r in rows}
-        # nothing runnable (instance cancelled or failed, task finished): put the message aside
-        q.archive(conn, queue, [t.msg_id for t in tasks if t.msg_id not in claimed])
+        unclaimed = [t for t in tasks if t.msg_id not in claimed]
+        if unclaimed:
+            self._put_aside(queue, unclaimed)
         by_msg = {t.msg_id: t for t in tasks}
         with self._lock:
             self.in_flight[queue] = set(claimed)
@@ -269,6 +286,30 @@ class Worker(store.ConnectedLoop):
         finally:
             with self._lock:
                 self.in_flight[queue] = set()
+
+    def _put_aside(self, queue: str, tasks: list[q.Task]) -> None:
+        """Archive messages that cannot run. Those of a cancelled or finished instance are expected; those
+        naming no instance or no step of the flow version are poison, recorded with the reason."""
+        known = {msg_id: (instance, step) for msg_id, instance, step in self._conn.execute(
+            "SELECT u.msg_id, i.id IS NOT NULL, fs.step_name IS NOT NULL"
+            " FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[])"
+            "      AS u(msg_id, instance_id, flow, version, step)"
+            " LEFT JOIN pgflow.instances i ON i.id = u.instance_id"
+            " LEFT JOIN pgflow.flow_steps fs ON fs.flow_name = u.flow AND fs.version = u.version"
+            "                                 AND fs.step_name = u.step",
+            ([t.msg_id for t in tasks], [t.instance_id for t in tasks], [t.flow for t in tasks],
+             [t.version for t in tasks], [t.step for t in tasks])).fetchall()}
+        expected = []
+        for task in tasks:
+            has_instance, has_step = known[task.msg_id]
+            if not has_instance:
+                q.dead_letter(self._conn, queue, task.msg_id, task.body, f"no instance {task.instance_id}")
+            elif not has_step:
+                q.dead_letter(self._conn, queue, task.msg_id, task.body,
+                              f"flow {task.flow!r} version {task.version} has no step {task.step!r}")
+            else:
+                expected.append(task.msg_id)
+        q.archive(self._conn, queue, expected)
 
     def _release(self, queue: str, rows: list[dict]) -> None:
         self._conn.execute(query("release_tasks"), {
@@ -330,13 +371,16 @@ class Worker(store.ConnectedLoop):
     def _context(self, step: StepShape, row: dict, scope: dict[str, Any]) -> StepContext:
         return StepContext(instance_id=row["instance_id"], flow=row["flow_name"], step=step.name,
                            task_index=row["task_index"], attempt=row["attempt"], max_attempts=step.max_attempts,
-                           input=scope.get(INPUT), vars=scope.get(VARS) or {})
+                           input=scope.get(INPUT), vars=scope.get(VARS) or {},
+                           secret_refs=row["secret_refs"] or {})
 
     def _call(self, ref: str | None, step: StepShape, row: dict, task: q.Task, scope: dict[str, Any]) -> Any:
         """Run a Python or HTTP step (not in a transaction: at least once)."""
         if step.kind == "http":
+            secrets = resolve_secrets(row["secret_refs"])
             with time_limit(step.timeout):
-                return http_step.request(step.spec, scope, row["attempt"], step.max_attempts)
+                return http_step.request(step.spec, {**scope, SECRETS: secrets}, row["attempt"], step.max_attempts,
+                                         redact=list(secrets.values()))
         if task.scope is not None:  # a control-flow leaf: a module-level function bound by parameter names
             fn, bindings, wants_all = self.code.leaf_function(step.spec["fn"])
             kwargs = {p: scope[source] for p, source in bindings if source in scope}
@@ -362,21 +406,21 @@ class Worker(store.ConnectedLoop):
         template = self.templates.get(step.sql)
         if template is None:
             template = self.templates[step.sql] = compile_sql(step.sql)
+        run_as = row["owner"] if row["owner"] != self.session_role else None
         try:
-            text, params = template.render(scope, columns)
+            if run_as:
+                text, params = template.render_jsonb(scope, columns)
+            else:
+                text, params = template.render(scope, columns)
         except LookupError as exc:
             raise NonRetryableError(str(exc)) from exc
         conn = self._conn
         try:
             with conn.transaction():
-                if step.timeout:
-                    conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(step.timeout * 1000)}ms",))
-                with conn.cursor(row_factory=dict_row) as cur:
-                    cur.execute(text, params)
-                    if cur.description:
-                        output, types = cur.fetchall(), self._column_types(cur.description)
-                    else:
-                        output, types = {"rowcount": cur.rowcount}, None
+                if run_as:
+                    output, types = self._execute_as(run_as, text, params, step.timeout)
+                else:
+                    output, types = self._execute(text, params, step.timeout)
                 payload = store.dumps(output, f"output of step {step.name}", default=_sql_value)
                 conn.execute(query("complete_tasks"), {
                     "queue": queue, "msg_ids": [row["msg_id"]], "instance_ids": [row["instance_id"]],
@@ -393,15 +437,79 @@ class Worker(store.ConnectedLoop):
             raise NonRetryableError(str(exc)) from exc
         metrics().completed.labels(*labels).inc()
 
-    def _column_types(self, description: Any) -> list[list[str]]:
-        """[column name, SQL type name] of a result, in order (jsonb keeps neither order nor types: this
-        lets ``$name`` pick the first column and ``$name.*`` rebuild a typed relation)."""
-        unknown = [c.type_code for c in description if c.type_code not in self.type_names]
+    def _execute(self, text: str, params: list[Any], timeout: float | None) -> tuple[Any, list[list[str]] | None]:
+        """Run a statement on the worker's own connection (its role is the instance's owner)."""
+        if timeout:
+            self._conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout * 1000)}ms",))
+        with self._conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(text, params)
+            if cur.description:
+                return cur.fetchall(), self._column_types(cur.description)
+            return {"rowcount": cur.rowcount}, None
+
+    def _execute_as(self, role: str, text: str, params: str, timeout: float | None
+                    ) -> tuple[Any, list[list[str]] | None]:
+        """Run a statement with exactly ``role``'s privileges, through its SECURITY DEFINER executor
+        (created by pgflow.grant_usage; SET ROLE is impossible inside it). The result's columns are
+        described first, without running it, to give the executor's record its column list."""
+        self._check_executor(role)
+        described = self._describe(text)
+        timeout_ms = int(timeout * 1000) if timeout else None
+        executor = sql.Identifier("pgflow_exec", role)
+        if not described:
+            count = self._conn.execute(sql.SQL("SELECT {}(%s, %s::jsonb, %s, true)").format(executor),
+                                       (text, params, timeout_ms)).fetchone()[0]
+            return {"rowcount": count}, None
+        names = _unique([name for name, _ in described])
+        column_list = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t))
+                                         for n, (_, t) in zip(names, described, strict=True))
+        with self._conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql.SQL("SELECT * FROM {}(%s, %s::jsonb, %s) AS t({})").format(executor, column_list),
+                        (text, params, timeout_ms))
+            return cur.fetchall(), [[n, t] for n, (_, t) in zip(names, described, strict=True)]
+
+    def _check_executor(self, role: str) -> None:
+        """Refuse to run a step through an executor that does not exist or is not owned by its role."""
+        if role in self.executors:
+            return
+        owners = {r[0] for r in self._conn.execute(
+            "SELECT proowner::regrole::text FROM pg_proc WHERE pronamespace = 'pgflow_exec'::regnamespace"
+            " AND proname = %s", (role,)).fetchall()}
+        if owners != {sql.Identifier(role).as_string(self._conn)} and owners != {role}:
+            raise NonRetryableError(f"role {role!r} cannot run SQL steps: no executor owned by it "
+                                    f"(run SELECT pgflow.grant_usage('{role}'))")
+        self.executors.add(role)
+
+    def _describe(self, text: str) -> list[tuple[str, str]]:
+        """(name, SQL type) of the columns a statement would return, from a prepare that runs nothing."""
+        pgconn = self._conn.pgconn
+        name = b"pgflow_describe"
+        result = pgconn.prepare(name, text.encode(), [self._jsonb_oid])
+        try:
+            if result.status != psycopg.pq.ExecStatus.COMMAND_OK:
+                raise psycopg.errors.lookup(result.error_field(psycopg.pq.DiagnosticField.SQLSTATE).decode())(
+                    (result.error_message or b"").decode().strip())
+            described = pgconn.describe_prepared(name)
+            columns = [(described.fname(i).decode(), described.ftype(i)) for i in range(described.nfields)]
+        finally:
+            if result.status == psycopg.pq.ExecStatus.COMMAND_OK:
+                pgconn.exec_(b"DEALLOCATE pgflow_describe")
+        types = self._type_names([oid for _, oid in columns])
+        return [(n, types[oid]) for n, oid in columns]
+
+    def _type_names(self, oids: list[int]) -> dict[int, str]:
+        unknown = [oid for oid in oids if oid not in self.type_names]
         if unknown:
             for oid, name in self._conn.execute("SELECT t, format_type(t, NULL) FROM unnest(%s::oid[]) AS t",
                                                 (unknown,)).fetchall():
                 self.type_names[oid] = name
-        return [[c.name, self.type_names[c.type_code]] for c in description]
+        return self.type_names
+
+    def _column_types(self, description: Any) -> list[list[str]]:
+        """[column name, SQL type name] of a result, in order (jsonb keeps neither order nor types: this
+        lets ``$name`` pick the first column and ``$name.*`` rebuild a typed relation)."""
+        types = self._type_names([c.type_code for c in description])
+        return [[c.name, types[c.type_code]] for c in description]
 
     def _record_failure(self, queue: str, row: dict, step: StepShape | None, exc: BaseException,
                         labels: tuple[str, str, str]) -> None:
