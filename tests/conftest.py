@@ -69,6 +69,23 @@ def dsn(server, template_db):
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def run_sql(dsn: str, statement: str, params: tuple | list = ()) -> list[tuple] | None:
+    """Run one statement in autocommit; its rows, or None for a statement without rows."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(statement, params)
+        return cur.fetchall() if cur.description else None
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll ``predicate`` every 50 ms; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def pgflow_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "pgflow", *args]
 

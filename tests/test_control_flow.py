@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 import pytest
+from conftest import run_sql as sql
 
 import pgflow
 from pgflow import FlowDefinitionError, InstanceNotFound, PgflowError
@@ -36,12 +37,6 @@ def finish(dsn, iid, timeout=60):
     st = pgflow.wait(iid, timeout, dsn=dsn)
     assert st.status == "completed", (st.error, pgflow.explain(iid, dsn=dsn))
     return st.output
-
-
-def sql(dsn, statement, params=()):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(statement, params)
-        return cur.fetchall() if cur.description else None
 
 
 @pytest.fixture

@@ -7,28 +7,14 @@ import os
 import signal
 import time
 
-import psycopg
 import pytest
+from conftest import run_sql as sql
+from conftest import wait_until
 
 import pgflow
 from pgflow import tree as t
 
 pytestmark = pytest.mark.slow
-
-
-def sql(dsn, statement, params=()):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(statement, params)
-        return cur.fetchall() if cur.description else None
-
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def kill_worker_processes(engine, worker):

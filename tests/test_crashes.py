@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psycopg
 import pytest
 import sample_flows as sf
-from conftest import restart_postgres
+from conftest import restart_postgres, run_sql, wait_until
 
 import pgflow
 
@@ -36,18 +35,8 @@ def wait_all(dsn, ids, timeout=120.0):
     return [pgflow.wait(iid, timeout, dsn=dsn) for iid in ids]
 
 
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def count(dsn, sql):
-    with psycopg.connect(dsn) as conn:
-        return conn.execute(sql).fetchone()[0]
+    return run_sql(dsn, sql)[0][0]
 
 
 def assert_effects(dsn, statuses, max_runs_per_step):

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 import pytest
+from conftest import run_sql as as_role
 from psycopg.conninfo import make_conninfo
 
 import pgflow
@@ -43,12 +44,6 @@ def roles(dsn, server):
         conn.execute(f'DROP DATABASE IF EXISTS "{psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')
         for name in names.values():
             conn.execute(f'DROP ROLE IF EXISTS "{name}"')
-
-
-def as_role(dsn, statement, params=()):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        cur = conn.execute(statement, params)
-        return cur.fetchall() if cur.description else None
 
 
 def test_nothing_is_granted_to_public(dsn, roles):
