@@ -193,6 +193,19 @@ def wait_for_database(dsn: str, timeout: float = 30.0) -> None:
             time.sleep(0.2)
 
 
+def internal_synchronous_commit() -> str:
+    """``synchronous_commit`` for coordinator and worker transactions (``PGFLOW_SYNCHRONOUS_COMMIT``,
+    default ``off``). Off is safe for pgflow's contract: a transaction is never half-applied, so a
+    server crash can only lose whole recent acknowledgements or scheduling decisions, which are then
+    redone — a Python step may run again (at least once), a SQL step's effect is lost together with its
+    acknowledgement and runs again (still exactly once). Starts, signals and cancellations, which clients
+    rely on, use the server's setting."""
+    value = os.environ.get("PGFLOW_SYNCHRONOUS_COMMIT", "off")
+    if value not in ("on", "off", "local", "remote_write", "remote_apply"):
+        raise PgflowError(f"PGFLOW_SYNCHRONOUS_COMMIT={value!r}: use on, off, local, remote_write or remote_apply")
+    return value
+
+
 class ConnectedLoop:
     """A long-running loop on two connections (work + LISTEN) that survives database outages: on a lost
     connection it closes both, waits with exponential backoff and reconnects. Subclasses implement
@@ -244,6 +257,7 @@ class ConnectedLoop:
         self._close()
         self._conn = connect(self.dsn, autocommit=True)
         require_schema(self._conn)
+        self._conn.execute("SELECT set_config('synchronous_commit', %s, false)", (internal_synchronous_commit(),))
         self._listen = connect(self.dsn, autocommit=True)
         self.on_connect()
 
