@@ -159,7 +159,9 @@ class Coordinator(store.ConnectedLoop):
                 trees.append(inst)
             else:
                 instances[iid] = inst
-        conn.execute(query("mark_started"), {"ids": [r[0] for r in rows]})
+        pending = [r[0] for r in rows if r[3] == "pending"]
+        if pending:
+            conn.execute(query("mark_started"), {"ids": pending})
         if trees:
             self._evaluate_trees(conn, trees)
         ids = list(instances)
@@ -171,7 +173,9 @@ class Coordinator(store.ConnectedLoop):
             if status == "failed":
                 failures.setdefault(iid, f"step {step} failed: {error}")
         finished_maps = []
-        for iid, step, unfinished, failure in conn.execute(query("map_progress"), {"ids": ids}).fetchall():
+        mapping = [i for i in ids if "mapping" in instances[i].states.values()]
+        progress = conn.execute(query("map_progress"), {"ids": mapping}).fetchall() if mapping else []
+        for iid, step, unfinished, failure in progress:
             if failure:
                 failures.setdefault(iid, f"step {failure}")
             elif unfinished == 0:
