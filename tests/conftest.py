@@ -115,6 +115,7 @@ class Engine:
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc.started_at = time.monotonic()
         self.procs.append(proc)
         return proc
 
@@ -141,12 +142,13 @@ class Engine:
                 proc.terminate()
         problems = []
         for proc in self.procs:
+            young = time.monotonic() - proc.started_at < 3.0  # SIGTERM before its handlers were installed
             try:
                 _, err = proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 _, err = proc.communicate()
-            if proc.returncode not in (0, -9):
+            if proc.returncode not in (0, -9) and not (young and proc.returncode == -15):
                 problems.append(f"{proc.args[3]} exited {proc.returncode}: {err.decode()[-2000:]}")
         return problems
 

@@ -96,7 +96,7 @@ def register_tree(conn: psycopg.Connection, node: Node, name: str) -> tuple[str,
         with conn.transaction():
             shape = conn.execute("SELECT pgflow.tree_shape(%s::jsonb, %s)", (store.dumps(node.data), name)
                                  ).fetchone()[0]
-    except psycopg.errors.InvalidParameterValue as exc:
+    except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:  # 22xxx, 54xxx
         raise FlowDefinitionError(_sql_message(exc)) from None
     version = hashlib.sha256(orjson.dumps(shape, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
     conn.execute(query("register_flow"), {"name": name, "version": version, "ref": None, "shape": store.dumps(shape)})

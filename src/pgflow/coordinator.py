@@ -196,9 +196,13 @@ class Coordinator(store.ConnectedLoop):
             run = TreeRun(conn, inst.id, inst.shape.name, inst.shape.version, inst.input, inst.variables,
                           inst.shape.steps, now, writes.enqueue)
             try:
-                result = run.evaluate(inst.shape.tree)
-            except ValueError as exc:  # e.g. a cron expression croniter rejects
-                result = tree.Result("failed", error=str(exc))
+                with conn.transaction():  # a savepoint: a failure undoes this instance's writes only
+                    result = run.evaluate(inst.shape.tree)
+            except psycopg.OperationalError:
+                raise  # connection trouble: the whole batch is retried
+            except Exception as exc:  # a workflow the engine cannot run fails alone, never the coordinator
+                log.exception("instance %s: cannot evaluate its workflow", inst.id)
+                result = tree.Result("failed", error=f"cannot run this workflow: {type(exc).__name__}: {exc}")
             if result.status == "failed":
                 failures[inst.id] = result.error
             elif result.done:

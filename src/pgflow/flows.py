@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import os
 import re
 import sys
@@ -146,9 +147,19 @@ def _step_name(ref: StepRef) -> str:
     raise FlowDefinitionError(f"a dependency must be a step or a step name, not {ref!r}")
 
 
-def _check_positive(name: str, value: float | None, what: str) -> None:
-    if value is not None and (not isinstance(value, int | float) or value <= 0):
-        raise FlowDefinitionError(f"{what}: {name} must be a positive number, not {value!r}")
+MAX_SECONDS = 86400.0  # backoffs and timeouts: the same bounds as the database's validator
+MAX_ATTEMPTS = 1000
+
+
+def _check_seconds(name: str, value: Any, what: str, required: bool = False) -> Any:
+    """A positive, finite number of seconds up to a day (None allowed unless required)."""
+    if value is None and not required:
+        return None
+    if (not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= MAX_SECONDS
+            or not math.isfinite(value)):  # (bounds first: math.isfinite overflows on a huge int)
+        raise FlowDefinitionError(f"{what}: {name} must be a positive number of seconds up to {MAX_SECONDS:g}, "
+                                  f"not {value!r}")
+    return value
 
 
 class Flow:
@@ -174,12 +185,9 @@ class Flow:
         self.name = name
         self.queue = _check_queue(queue, f"flow {name!r}")
         self.max_attempts = _check_attempts(max_attempts, f"flow {name!r}")
-        _check_positive("backoff_base", backoff_base, f"flow {name!r}")
-        _check_positive("backoff_cap", backoff_cap, f"flow {name!r}")
-        _check_positive("timeout", timeout, f"flow {name!r}")
-        self.backoff_base = float(backoff_base)
-        self.backoff_cap = float(backoff_cap)
-        self.timeout = timeout
+        self.backoff_base = float(_check_seconds("backoff_base", backoff_base, f"flow {name!r}", required=True))
+        self.backoff_cap = float(_check_seconds("backoff_cap", backoff_cap, f"flow {name!r}", required=True))
+        self.timeout = _check_seconds("timeout", timeout, f"flow {name!r}")
         self.steps: dict[str, Step] = {}
         self.module = sys._getframe(1).f_globals.get("__name__", "__main__")
         REGISTRY[name] = self
@@ -203,6 +211,9 @@ class Flow:
         """Decorator adding a fan-out step: the function runs once per element of ``over``'s output (a
         list; ``over=INPUT`` maps over the flow input). Its first parameter after ``ctx`` receives the
         element. With ``flatten=True`` the output must be a list of lists, mapped element by element."""
+        if over is None:
+            raise FlowDefinitionError(f"flow {self.name!r}: map needs over= (a step, a step name or INPUT)")
+
         def decorate(func: Callable) -> Step:
             return self._add_python(func, name, after, over, flatten, options)
 
@@ -253,13 +264,18 @@ class Flow:
             raise FlowDefinitionError(f"{where}: unknown option(s) {sorted(unknown_options)}")
         if isinstance(after, str | Step):
             after = [after]
-        deps = [_step_name(a) for a in after]
+        try:
+            deps = [_step_name(a) for a in after]
+        except TypeError:
+            raise FlowDefinitionError(f"{where}: after= must be a list of steps or step names, not {after!r}"
+                                      ) from None
         over_name = None
         if over is not None:
             over_name = _step_name(over)
             if over_name != INPUT and over_name not in deps:
                 deps.insert(0, over_name)
-            if flatten and over_name in self.steps and self.steps[over_name].kind == "sql":
+            over_step = self.steps.get(over_name)
+            if flatten and over_step is not None and over_step.kind == "sql" and not over_step.is_map:
                 raise FlowDefinitionError(f"{where}: flatten needs a list of lists, a SQL step returns rows")
             _check_over_returns_list(where, self.steps.get(over_name))
         elif flatten:
@@ -273,7 +289,7 @@ class Flow:
         if "max_attempts" in options:
             _check_attempts(options["max_attempts"], where)
         for key in ("backoff_base", "backoff_cap", "timeout"):
-            _check_positive(key, options.get(key), where)
+            _check_seconds(key, options.get(key), where)
         return Step(flow=self, name=name, kind=kind, deps=tuple(deps), over=over_name, flatten=flatten,
                     **options)
 
@@ -329,8 +345,9 @@ def _check_queue(queue: Any, where: str) -> str:
 
 
 def _check_attempts(value: Any, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise FlowDefinitionError(f"{where}: max_attempts must be an integer >= 1, not {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_ATTEMPTS:
+        raise FlowDefinitionError(f"{where}: max_attempts must be an integer >= 1 (at most {MAX_ATTEMPTS}), "
+                                  f"not {value!r}")
     return value
 
 

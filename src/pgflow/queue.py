@@ -44,13 +44,23 @@ def task_message(flow: str, version: str, instance_id: int, step: str, task_inde
     return body
 
 
+_BIGINT = 2**63 - 1
+_INT = 2**31 - 1
+
+
 def decode(msg_id: int, body: Any) -> Task | None:
-    """A Task, or None when the message is not a pgflow task (it will be archived, not run)."""
-    try:
-        return Task(msg_id, str(body["f"]), str(body["v"]), int(body["i"]), str(body["s"]), int(body["t"]),
-                    body.get("x"), body.get("c"), body.get("ct"), body)
-    except (TypeError, KeyError, ValueError):
+    """A Task, or None when the message is not a well-formed pgflow task (it is dead-lettered, not run):
+    ids must be integers within their column types, names strings."""
+    if not isinstance(body, dict):
         return None
+    flow, version, instance, step, task = (body.get(k) for k in ("f", "v", "i", "s", "t"))
+    if not (isinstance(flow, str) and isinstance(version, str) and isinstance(step, str)
+            and type(instance) is int and 0 < instance <= _BIGINT and type(task) is int and -1 <= task <= _INT):
+        return None
+    scope, columns = body.get("c"), body.get("ct")
+    if not isinstance(scope, dict | None) or not isinstance(columns, dict | None):
+        return None
+    return Task(msg_id, flow, version, instance, step, task, body.get("x"), scope, columns, body)
 
 
 def read(conn: psycopg.Connection, queue: str, visibility_timeout: int, qty: int) -> list[tuple[int, Any]]:

@@ -41,7 +41,7 @@ from . import queue as q
 from .client import load_flow
 from .coordinator import ShapeCache
 from .dsl import SqlTemplate, compile_sql
-from .errors import NonRetryableError, NotSerializable, PayloadTooLarge, StepTimeout
+from .errors import FlowDefinitionError, NonRetryableError, NotSerializable, PayloadTooLarge, StepTimeout
 from .flows import INPUT, ITEM, REGISTRY, SECRETS, VARS, Step, StepContext, StepShape, resolve_secrets
 from .metrics import Health, metrics
 from .queries import query
@@ -260,13 +260,9 @@ class Worker(store.ConnectedLoop):
                 tasks.append(task)
         if not tasks:
             return
-        with conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute(query("claim_tasks"), {
-                "msg_ids": [t.msg_id for t in tasks], "instance_ids": [t.instance_id for t in tasks],
-                "steps": [t.step for t in tasks], "tasks": [t.task_index for t in tasks],
-            }).fetchall()
+        rows, rejected = self._claim(queue, tasks)
         claimed = {r["msg_id"] for r in rows}
-        unclaimed = [t for t in tasks if t.msg_id not in claimed]
+        unclaimed = [t for t in tasks if t.msg_id not in claimed and t.msg_id not in rejected]
         if unclaimed:
             self._put_aside(queue, unclaimed)
         by_msg = {t.msg_id: t for t in tasks}
@@ -286,6 +282,35 @@ class Worker(store.ConnectedLoop):
         finally:
             with self._lock:
                 self.in_flight[queue] = set()
+
+    def _claim(self, queue: str, tasks: list[q.Task]) -> tuple[list[dict], set[int]]:
+        """Claim a batch. If the database rejects it, claim one by one and dead-letter the messages it
+        rejects: one bad message can neither stop the worker nor take healthy ones down with it. Returns
+        the claimed rows and the ids of the dead-lettered messages."""
+        try:
+            return self._claim_batch(tasks), set()
+        except psycopg.Error:
+            if self._conn.broken or self._conn.closed:
+                raise
+        rows: list[dict] = []
+        rejected: set[int] = set()
+        for task in tasks:
+            try:
+                rows += self._claim_batch([task])
+            except psycopg.Error as exc:
+                if self._conn.broken or self._conn.closed:
+                    raise
+                q.dead_letter(self._conn, queue, task.msg_id, task.body, f"cannot be claimed: {exc}".strip())
+                rejected.add(task.msg_id)
+        return rows, rejected
+
+    def _claim_batch(self, tasks: list[q.Task]) -> list[dict]:
+        with self._conn.cursor(row_factory=dict_row) as cur:
+            return cur.execute(query("claim_tasks"), {
+                "msg_ids": [t.msg_id for t in tasks], "instance_ids": [t.instance_id for t in tasks],
+                "steps": [t.step for t in tasks], "tasks": [t.task_index for t in tasks],
+                "flows": [t.flow for t in tasks], "versions": [t.version for t in tasks],
+            }).fetchall()
 
     def _put_aside(self, queue: str, tasks: list[q.Task]) -> None:
         """Archive messages that cannot run. Those of a cancelled or finished instance are expected; those
@@ -405,7 +430,10 @@ class Worker(store.ConnectedLoop):
         """Run a SQL step and its acknowledgement in one transaction: its effect happens exactly once."""
         template = self.templates.get(step.sql)
         if template is None:
-            template = self.templates[step.sql] = compile_sql(step.sql)
+            try:
+                template = self.templates[step.sql] = compile_sql(step.sql)
+            except FlowDefinitionError as exc:  # SQL from the SQL front door, validated only approximately
+                raise NonRetryableError(str(exc)) from exc
         run_as = row["owner"] if row["owner"] != self.session_role else None
         try:
             if run_as:

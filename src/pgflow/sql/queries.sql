@@ -105,7 +105,7 @@ SELECT pg_notify('pgflow_instance_done', id::text) FROM unnest(%(ids)s::bigint[]
 SELECT msg_id, read_ct, message FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s);
 
 -- name: claim_tasks
-SELECT * FROM pgflow.claim_tasks(%(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s);
+SELECT * FROM pgflow.claim_tasks(%(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s, %(flows)s, %(versions)s);
 
 -- name: complete_tasks
 SELECT pgflow.complete_tasks(%(queue)s, %(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s,

@@ -303,7 +303,7 @@ BEGIN
     END IF;
     FOR i IN 1..5 LOOP
         FOREACH part IN ARRAY string_to_array(lower(fields[i]), ',') LOOP
-            m := regexp_match(part, '^(\*|[0-9]+|[a-z]{3})(?:-([0-9]+|[a-z]{3}))?(?:/([0-9]+))?$');
+            m := regexp_match(part, '^(\*|[0-9]{1,2}|[a-z]{3})(?:-([0-9]{1,2}|[a-z]{3}))?(?:/([0-9]{1,2}))?$');
             IF m IS NULL THEN
                 RETURN false;
             END IF;
@@ -328,37 +328,79 @@ BEGIN
     RETURN true;
 END $$;
 
+-- SQL text without literals, quoted identifiers, comments and dollar-quoted bodies (an approximation of
+-- the worker's lexer, for validation: comments first, so a quote inside a comment does not open a literal).
+CREATE FUNCTION pgflow._strip_sql(p_sql text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(p_sql,
+        '\$([A-Za-z_][A-Za-z0-9_]*)?\$.*?\$\1\$', ' ', 'g'),
+        '--[^\n]*', ' ', 'g'),
+        '/\*.*?\*/', ' ', 'g'),
+        '[Ee]''(?:[^''\\]|''''|\\.)*''', ' ', 'g'),
+        '''(?:[^'']|'''')*''', ' ', 'g'),
+        '"(?:[^"]|"")*"', ' ', 'g')
+$$;
+
 -- `$name` references in SQL text, outside literals, quoted identifiers, comments and dollar-quoted bodies.
 CREATE FUNCTION pgflow.sql_references(p_sql text) RETURNS SETOF text LANGUAGE sql IMMUTABLE AS $$
-    SELECT DISTINCT m[1]
-    FROM regexp_matches(
-        regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(p_sql,
-            '\$([A-Za-z_][A-Za-z0-9_]*)?\$.*?\$\1\$', ' ', 'g'),
-            '''(?:[^'']|'''')*''', ' ', 'g'),
-            '"(?:[^"]|"")*"', ' ', 'g'),
-            '--[^\n]*', ' ', 'g'),
-            '/\*.*?\*/', ' ', 'g'),
-        '\$([A-Za-z_][A-Za-z0-9_]*)', 'g') AS m
+    SELECT DISTINCT m[1] FROM regexp_matches(pgflow._strip_sql(p_sql), '\$([A-Za-z_][A-Za-z0-9_]*)', 'g') AS m
 $$;
 
 -- Validate a node tree; returns the result names it binds. Raises with a clear message (SQLSTATE 22023).
-CREATE FUNCTION pgflow._validate(p_node jsonb, p_in_loop boolean, p_names text[]) RETURNS text[]
-LANGUAGE plpgsql IMMUTABLE AS $$
+-- A number field of a node: absent/null allowed unless required; otherwise a JSON number in [lo, hi].
+CREATE FUNCTION pgflow._check_number(p_node jsonb, p_key text, p_lo float8, p_hi float8, p_required boolean,
+                                     p_integer boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v jsonb := p_node->p_key;
+BEGIN
+    IF v IS NULL OR jsonb_typeof(v) = 'null' THEN
+        IF p_required THEN
+            RAISE EXCEPTION 'pgflow: % node needs %', p_node->>'t', p_key USING ERRCODE = '22023';
+        END IF;
+        RETURN;
+    END IF;
+    IF jsonb_typeof(v) <> 'number' OR (p_integer AND (v #>> '{}') !~ '^[0-9]+$')
+       OR (v #>> '{}')::numeric NOT BETWEEN p_lo::numeric AND p_hi::numeric THEN
+        RAISE EXCEPTION 'pgflow: % of a % node must be % between % and %, not %', p_key, p_node->>'t',
+            CASE WHEN p_integer THEN 'an integer' ELSE 'a number' END, p_lo, p_hi, left(v::text, 40)
+            USING ERRCODE = '22023';
+    END IF;
+END $$;
+
+CREATE FUNCTION pgflow._validate(p_node jsonb, p_in_loop boolean, p_names text[], p_depth integer DEFAULT 0)
+RETURNS text[] LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     t text := p_node->>'t';
     child jsonb;
     names text[] := p_names;
     ref text;
     n int := coalesce(jsonb_array_length(CASE WHEN jsonb_typeof(p_node->'c') = 'array' THEN p_node->'c' END), 0);
+    d int := p_depth + 1;
 BEGIN
     IF jsonb_typeof(p_node) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'pgflow: not a workflow node: %', left(coalesce(p_node::text, 'NULL'), 200)
             USING ERRCODE = '22023';
     END IF;
+    IF p_depth > 100 THEN
+        RAISE EXCEPTION 'pgflow: a workflow may nest at most 100 levels' USING ERRCODE = '22023';
+    END IF;
+    IF p_node ? 'c' AND jsonb_typeof(p_node->'c') <> 'array' THEN
+        RAISE EXCEPTION 'pgflow: the children of a % node must be an array', t USING ERRCODE = '22023';
+    END IF;
+    IF t IN ('sql', 'python', 'http') THEN
+        PERFORM pgflow._check_number(p_node, 'max_attempts', 1, 1000, false, true);
+        PERFORM pgflow._check_number(p_node, 'backoff_base', 0.001, 86400, false);
+        PERFORM pgflow._check_number(p_node, 'backoff_cap', 0.001, 86400, false);
+        PERFORM pgflow._check_number(p_node, 'timeout', 0.001, 86400, false);
+    END IF;
     CASE t
     WHEN 'sql' THEN
-        IF coalesce(btrim(p_node->>'sql'), '') = '' THEN
-            RAISE EXCEPTION 'pgflow: empty SQL step' USING ERRCODE = '22023';
+        IF jsonb_typeof(p_node->'sql') IS DISTINCT FROM 'string' OR btrim(p_node->>'sql') = '' THEN
+            RAISE EXCEPTION 'pgflow: a SQL step needs non-empty SQL text' USING ERRCODE = '22023';
+        END IF;
+        IF pgflow._strip_sql(p_node->>'sql') ~ '\$[0-9]' THEN
+            RAISE EXCEPTION 'pgflow: positional parameters ($1) in SQL step "%": refer to values by name',
+                left(p_node->>'sql', 80) USING ERRCODE = '22023';
         END IF;
         FOR ref IN SELECT pgflow.sql_references(p_node->>'sql') LOOP
             IF NOT ref = ANY (names || ARRAY['input', 'vars']) THEN
@@ -376,8 +418,15 @@ BEGIN
         IF coalesce(p_node->>'url', '') = '' THEN
             RAISE EXCEPTION 'pgflow: http node without url' USING ERRCODE = '22023';
         END IF;
-        IF NOT coalesce(p_node->>'method', 'GET') = ANY (ARRAY['GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'HEAD']) THEN
-            RAISE EXCEPTION 'pgflow: unsupported HTTP method %', p_node->>'method' USING ERRCODE = '22023';
+        IF jsonb_typeof(p_node->'url') <> 'string'
+           OR NOT coalesce(p_node->>'method', '') = ANY (ARRAY['GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'HEAD']) THEN
+            RAISE EXCEPTION 'pgflow: an http node needs a URL and a method (GET, POST, PUT, PATCH, DELETE, HEAD), '
+                            'got %', coalesce(p_node->>'method', 'NULL') USING ERRCODE = '22023';
+        END IF;
+        IF coalesce(jsonb_typeof(p_node->'headers'), 'null') NOT IN ('object', 'null')
+           OR coalesce(jsonb_typeof(p_node->'retry_on'), 'null') NOT IN ('array', 'null') THEN
+            RAISE EXCEPTION 'pgflow: http headers must be an object and retry_on an array of statuses'
+                USING ERRCODE = '22023';
         END IF;
     WHEN 'seq', 'join', 'race' THEN
         IF n < (CASE WHEN t = 'seq' THEN 1 ELSE 2 END) THEN
@@ -385,7 +434,7 @@ BEGIN
                 USING ERRCODE = '22023';
         END IF;
         FOR child IN SELECT jsonb_array_elements(p_node->'c') LOOP
-            names := pgflow._validate(child, p_in_loop, names);
+            names := pgflow._validate(child, p_in_loop, names, d);
         END LOOP;
     WHEN 'name' THEN
         IF coalesce(p_node->>'name', '') !~ '^[A-Za-z_][A-Za-z0-9_]*$'
@@ -396,15 +445,15 @@ BEGIN
         IF n <> 1 THEN
             RAISE EXCEPTION 'pgflow: |=> names exactly one node' USING ERRCODE = '22023';
         END IF;
-        names := pgflow._validate(p_node->'c'->0, p_in_loop, names) || (p_node->>'name');
+        names := pgflow._validate(p_node->'c'->0, p_in_loop, names, d) || (p_node->>'name');
     WHEN 'if' THEN
         IF n NOT IN (2, 3) THEN
             RAISE EXCEPTION 'pgflow: if needs a condition, a then branch and an optional else' USING ERRCODE = '22023';
         END IF;
-        names := pgflow._validate(p_node->'c'->0, p_in_loop, names);
-        names := pgflow._validate(p_node->'c'->1, p_in_loop, names);
+        names := pgflow._validate(p_node->'c'->0, p_in_loop, names, d);
+        names := pgflow._validate(p_node->'c'->1, p_in_loop, names, d);
         IF n = 3 THEN
-            names := pgflow._validate(p_node->'c'->2, p_in_loop, names);
+            names := pgflow._validate(p_node->'c'->2, p_in_loop, names, d);
         END IF;
     WHEN 'has_rows' THEN
         IF NOT coalesce(p_node->>'name', '') = ANY (names) THEN
@@ -412,25 +461,28 @@ BEGIN
                 array_to_string(names, ', ') USING ERRCODE = '22023';
         END IF;
     WHEN 'loop' THEN
-        IF n <> (CASE WHEN (p_node->>'while')::boolean THEN 2 ELSE 1 END) THEN
-            RAISE EXCEPTION 'pgflow: malformed loop node' USING ERRCODE = '22023';
+        IF coalesce(jsonb_typeof(p_node->'while'), 'null') NOT IN ('boolean', 'null')
+           OR n <> (CASE WHEN p_node->'while' = 'true'::jsonb THEN 2 ELSE 1 END) THEN
+            RAISE EXCEPTION 'pgflow: malformed loop node (while must be true or absent, with 2 or 1 children)'
+                USING ERRCODE = '22023';
         END IF;
         FOR child IN SELECT jsonb_array_elements(p_node->'c') LOOP
-            names := pgflow._validate(child, true, names);
+            names := pgflow._validate(child, true, names, d);
         END LOOP;
     WHEN 'break' THEN
         IF NOT p_in_loop THEN
             RAISE EXCEPTION 'pgflow: break outside a loop' USING ERRCODE = '22023';
         END IF;
+        IF n > 1 THEN
+            RAISE EXCEPTION 'pgflow: break takes at most one node (its value)' USING ERRCODE = '22023';
+        END IF;
         IF n = 1 THEN
-            names := pgflow._validate(p_node->'c'->0, p_in_loop, names);
+            names := pgflow._validate(p_node->'c'->0, p_in_loop, names, d);
         END IF;
     WHEN 'sleep' THEN
-        IF jsonb_typeof(p_node->'seconds') IS DISTINCT FROM 'number' OR (p_node->>'seconds')::float8 < 0 THEN
-            RAISE EXCEPTION 'pgflow: sleep needs seconds >= 0' USING ERRCODE = '22023';
-        END IF;
+        PERFORM pgflow._check_number(p_node, 'seconds', 0, 1e9, true);
     WHEN 'schedule' THEN
-        IF NOT pgflow.valid_cron(p_node->>'cron') THEN
+        IF jsonb_typeof(p_node->'cron') IS DISTINCT FROM 'string' OR NOT pgflow.valid_cron(p_node->>'cron') THEN
             RAISE EXCEPTION 'pgflow: invalid cron expression % (5 fields: minute hour day month weekday)',
                 coalesce(quote_literal(p_node->>'cron'), 'NULL') USING ERRCODE = '22023';
         END IF;
@@ -438,17 +490,11 @@ BEGIN
         IF coalesce(p_node->>'name', '') = '' THEN
             RAISE EXCEPTION 'pgflow: wait_for_signal needs a name' USING ERRCODE = '22023';
         END IF;
-        IF jsonb_typeof(p_node->'timeout') = 'number' AND (p_node->>'timeout')::float8 < 0 THEN
-            RAISE EXCEPTION 'pgflow: wait_for_signal timeout must be >= 0' USING ERRCODE = '22023';
-        END IF;
+        PERFORM pgflow._check_number(p_node, 'timeout', 0, 1e9, false);
     ELSE
         RAISE EXCEPTION 'pgflow: unknown node type % in %', coalesce(quote_literal(t), 'NULL'),
             left(p_node::text, 200) USING ERRCODE = '22023';
     END CASE;
-    IF p_node ? 'max_attempts' AND (jsonb_typeof(p_node->'max_attempts') <> 'number'
-                                    OR (p_node->>'max_attempts')::numeric < 1) THEN
-        RAISE EXCEPTION 'pgflow: max_attempts must be >= 1' USING ERRCODE = '22023';
-    END IF;
     IF p_node ? 'queue' AND p_node->>'queue' !~ '^[a-z_][a-z0-9_]{0,39}$' THEN
         RAISE EXCEPTION 'pgflow: queue % must be lowercase letters, digits, _', p_node->>'queue'
             USING ERRCODE = '22023';
@@ -484,7 +530,7 @@ LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     node jsonb := pgflow.node(p_node);
 BEGIN
-    PERFORM pgflow._validate(node, false, ARRAY[]::text[]);
+    PERFORM pgflow._validate(node, false, ARRAY[]::text[], 0);
     RETURN jsonb_build_object('name', p_name, 'tree', node,
                               'steps', pgflow._leaves(node));
 END $$;

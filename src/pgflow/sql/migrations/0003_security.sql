@@ -145,16 +145,18 @@ END $$;
 
 -- Workers learn each task's owner (SQL steps run as it) and secret references (resolved for HTTP steps).
 DROP FUNCTION pgflow.claim_tasks(bigint[], bigint[], text[], integer[]);
+-- (a message must also name the instance's own flow and version: a forged one claims nothing)
 CREATE FUNCTION pgflow.claim_tasks(
-    p_msg_ids bigint[], p_instance_ids bigint[], p_steps text[], p_tasks integer[]
+    p_msg_ids bigint[], p_instance_ids bigint[], p_steps text[], p_tasks integer[], p_flows text[],
+    p_versions text[]
 ) RETURNS TABLE (
     msg_id bigint, instance_id bigint, step_name text, task_index integer, attempt integer,
     flow_name text, flow_version text, input jsonb, variables jsonb, deps jsonb, dep_columns jsonb,
     owner name, secret_refs jsonb
 ) LANGUAGE sql AS $$
     WITH u AS (
-        SELECT * FROM unnest(p_msg_ids, p_instance_ids, p_steps, p_tasks)
-            AS u(msg_id, instance_id, step_name, task_index)
+        SELECT * FROM unnest(p_msg_ids, p_instance_ids, p_steps, p_tasks, p_flows, p_versions)
+            AS u(msg_id, instance_id, step_name, task_index, flow_name, flow_version)
     ), claimed AS (
         UPDATE pgflow.steps s
         SET status = 'running', attempt = s.attempt + 1, started_at = clock_timestamp(),
@@ -162,6 +164,7 @@ CREATE FUNCTION pgflow.claim_tasks(
         FROM u, pgflow.instances i
         WHERE s.instance_id = u.instance_id AND s.step_name = u.step_name AND s.task_index = u.task_index
           AND i.id = s.instance_id AND i.status = 'running'
+          AND i.flow_name = u.flow_name AND i.flow_version = u.flow_version
           AND s.status IN ('queued', 'running', 'retrying')
         RETURNING u.msg_id, s.instance_id, s.step_name, s.task_index, s.attempt,
                   i.flow_name, i.flow_version, i.input, i.variables, i.owner, i.secret_refs
