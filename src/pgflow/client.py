@@ -44,7 +44,7 @@ def load_flow(ref: str) -> Flow | Node:
 def register(conn: psycopg.Connection, flow: Flow) -> None:
     """Store the flow's current version (idempotent) so coordinators and workers can run it."""
     conn.execute(query("register_flow"), {"name": flow.name, "version": flow.version, "ref": flow.ref,
-                                          "shape": store.dumps(flow.shape)})
+                                          "shape": flow.shape_json})
 
 
 def _check_input(flow: Flow, input: Any) -> str:
@@ -73,10 +73,10 @@ def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = Non
 
     def run(c: psycopg.Connection) -> int:
         if isinstance(flow, Flow):
-            register(c, flow)
-            flow_name, version = flow.name, flow.version
-        else:
-            flow_name, version = register_tree(c, as_node(flow), name)
+            return c.execute(query("register_and_start"), {
+                "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
+                "input": payload, "label": label}).fetchone()[0]
+        flow_name, version = register_tree(c, as_node(flow), name)
         return c.execute(query("start_instance"),
                          {"flow": flow_name, "version": version, "input": payload, "label": label}).fetchone()[0]
 

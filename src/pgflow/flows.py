@@ -295,8 +295,8 @@ class Flow:
 
     def _register(self, step: Step) -> Step:
         self.steps[step.name] = step
-        self.__dict__.pop("shape", None)  # the shape changed: recompute shape and version lazily
-        self.__dict__.pop("version", None)
+        for cached in ("shape", "version", "shape_json"):  # the shape changed: recompute them lazily
+            self.__dict__.pop(cached, None)
         return step
 
     # ------------------------------------------------------------------------------------------ shape
@@ -319,6 +319,11 @@ class Flow:
         """The flow's shape as stored in the database (validated)."""
         self.validate()
         return {"name": self.name, "steps": [s.spec() for s in self.steps.values()]}
+
+    @cached_property
+    def shape_json(self) -> str:
+        """The shape serialized once, for registration at every start."""
+        return orjson.dumps(self.shape).decode()
 
     @cached_property
     def version(self) -> str:

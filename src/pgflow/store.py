@@ -258,6 +258,9 @@ class ConnectedLoop:
         self._conn = connect(self.dsn, autocommit=True)
         require_schema(self._conn)
         self._conn.execute("SELECT set_config('synchronous_commit', %s, false)", (internal_synchronous_commit(),))
+        # plan each execution for its actual parameters: a generic plan cached while the tables were small
+        # can be disastrous once the backlog is large (psycopg prepares statements it runs often)
+        self._conn.execute("SELECT set_config('plan_cache_mode', 'force_custom_plan', false)")
         self._listen = connect(self.dsn, autocommit=True)
         self.on_connect()
 

@@ -7,6 +7,11 @@ SELECT coalesce(max(version), 0) FROM pgflow.migrations;
 -- name: register_flow
 SELECT pgflow.register_flow(%(name)s, %(version)s, %(ref)s, %(shape)s::jsonb);
 
+-- name: register_and_start
+-- one round trip: register the flow version (a no-op when known), then start the instance
+WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb))
+SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s) FROM registered;
+
 -- name: start_instance
 SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s);
 
@@ -14,10 +19,13 @@ SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s)
 SELECT ref, shape FROM pgflow.flows WHERE flow_name = %(name)s AND version = %(version)s;
 
 -- name: claim_wakeups
-DELETE FROM pgflow.wakeups
-WHERE id IN (SELECT id FROM pgflow.wakeups WHERE due_at <= now()
-             ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED)
-RETURNING instance_id;
+-- (materialized first: a DELETE ... WHERE id IN (SELECT ... SKIP LOCKED) may re-run its subquery)
+WITH picked AS MATERIALIZED (
+    SELECT id FROM pgflow.wakeups WHERE due_at <= now()
+    ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+DELETE FROM pgflow.wakeups w USING picked WHERE w.id = picked.id
+RETURNING w.instance_id;
 
 -- name: next_wakeup_in
 SELECT extract(epoch FROM min(due_at) - now()) FROM pgflow.wakeups;
