@@ -207,3 +207,17 @@ def test_retention_removes_finished_instances_and_archived_messages(dsn, engine_
         assert conn.execute("SELECT count(*) FROM pgmq.a_pgflow").fetchone()[0] == 0
     with pytest.raises(InstanceNotFound):
         pgflow.status(done, dsn=dsn)
+
+
+def test_start_many_starts_all_in_one_statement(dsn, engine):
+    ids = pgflow.start_many(sf.diamond, [1, 2, 3], label="many", dsn=dsn)
+    assert len(ids) == 3 and ids == sorted(ids)
+    assert [pgflow.wait(i, 30, dsn=dsn).output for i in ids] == [[2, 3], [4, 6], [6, 9]]
+    with psycopg.connect(dsn) as conn:
+        rolled = pgflow.start_many(sf.diamond, [4, 5], conn=conn)
+        conn.rollback()
+    with pytest.raises(InstanceNotFound):
+        pgflow.status(rolled[0], dsn=dsn)
+    assert pgflow.start_many(sf.diamond, [], dsn=dsn) == []
+    with pytest.raises(FlowDefinitionError, match="must be a list"):
+        pgflow.start_many(sf.input_map, [[1], "not a list"], dsn=dsn)

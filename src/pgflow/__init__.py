@@ -15,6 +15,7 @@ from .client import (
     set_variable,
     signal,
     start,
+    start_many,
     status,
     wait,
 )
@@ -37,6 +38,6 @@ __all__ = [
     "INPUT", "DatabaseUnavailable", "Flow", "FlowDefinitionError", "InstanceFailed", "InstanceNotFinished",
     "InstanceNotFound", "NonRetryableError", "NotSerializable", "PayloadTooLarge", "PgflowError", "Step",
     "StepContext", "StepTimeout", "cancel", "init_schema", "list_instances", "load_flow", "resolve_dsn",
-    "result", "start", "status", "wait", "explain", "signal", "set_variable", "set_secret", "tree",
+    "result", "start", "status", "wait", "explain", "signal", "set_variable", "set_secret", "start_many", "tree",
 ]
 __version__ = "0.1.0"

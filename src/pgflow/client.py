@@ -89,6 +89,25 @@ def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = Non
         raise PgflowError(_sql_message(exc)) from None
 
 
+def start_many(flow: Flow, inputs: list[Any], *, label: str | None = None,
+               conn: psycopg.Connection | None = None, dsn: str | None = None) -> list[int]:
+    """Start one instance of ``flow`` per input, in one statement (much faster than a loop of
+    :func:`start`); returns their ids in the order of ``inputs``. Same transaction rules as start."""
+    flow.validate()
+    payloads = [_check_input(flow, i) for i in inputs]
+    if not payloads:
+        return []
+    params = {"flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
+              "inputs": payloads, "label": label}
+    try:
+        if conn is not None:
+            return [r[0] for r in conn.execute(query("register_and_start_many"), params).fetchall()]
+        with store.transaction(store.resolve_dsn(dsn)) as own:
+            return [r[0] for r in own.execute(query("register_and_start_many"), params).fetchall()]
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise PgflowError(_sql_message(exc)) from None
+
+
 def register_tree(conn: psycopg.Connection, node: Node, name: str) -> tuple[str, str]:
     """Validate a control-flow workflow in the database (the same rules as the SQL front door) and
     register it; returns (flow name, version)."""

@@ -12,6 +12,10 @@ SELECT pgflow.register_flow(%(name)s, %(version)s, %(ref)s, %(shape)s::jsonb);
 WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb))
 SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s) FROM registered;
 
+-- name: register_and_start_many
+WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb))
+SELECT pgflow.start_instances(%(flow)s, %(version)s, %(inputs)s::jsonb[], %(label)s) FROM registered;
+
 -- name: start_instance
 SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s);
 
