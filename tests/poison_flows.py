@@ -8,23 +8,13 @@ import ctypes
 import os
 import time
 
-import psycopg
+from sample_flows import record_run
 
 from pgflow import Flow
 from pgflow import tree as t
 
-# workers only call workflow functions marked with pgflow.tree.task (when this pgflow has the marker)
-_task = getattr(t, "task", lambda fn: fn)
-
-
-def _effects() -> psycopg.Connection:
-    return psycopg.connect(os.environ["PGFLOW_TEST_EFFECTS_DSN"], autocommit=True)
-
-
-def record_run(ctx) -> None:
-    """Count executions of a Python step in py_runs (own connection: survives the step's fate)."""
-    with _effects() as conn:
-        conn.execute("INSERT INTO py_runs (key, attempt) VALUES (%s, %s)", (ctx.idempotency_key, ctx.attempt))
+# workers only call workflow functions marked with pgflow.tree.task
+_task = t.task
 
 
 # --- steps that take their worker process down --------------------------------------------------------------
