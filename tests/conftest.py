@@ -3,6 +3,7 @@ initialised template, and real coordinator/worker OS processes started through t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -137,6 +138,10 @@ class Engine:
 
     def stop(self) -> list[str]:
         """SIGTERM everything; return stderr of processes that did not exit cleanly."""
+        descendants = []  # worker children, in case one outlives its supervisor (it must not, but then
+        for proc in self.procs:  # it would hold the stderr pipe open and hang the test run)
+            with contextlib.suppress(psutil.Error):
+                descendants += psutil.Process(proc.pid).children(recursive=True)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -147,7 +152,11 @@ class Engine:
                 _, err = proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                _, err = proc.communicate()
+                for child in descendants:
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+                        problems.append(f"process {child.pid} outlived its supervisor")
+                _, err = proc.communicate(timeout=30)
             if proc.returncode not in (0, -9) and not (young and proc.returncode == -15):
                 problems.append(f"{proc.args[3]} exited {proc.returncode}: {err.decode()[-2000:]}")
         return problems

@@ -588,13 +588,20 @@ def _die_with_parent() -> None:
 def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any], inherited: tuple = ()) -> None:
     """A worker child (forked): close what it inherited but must not hold (the supervisor's metrics socket,
     so a child draining after its supervisor died never keeps the port), then work until SIGTERM."""
+    # our own handlers first: until now the supervisor's (inherited) would swallow the SIGTERM that announces
+    # its death; then ask for that signal, and check the supervisor did not die before we asked
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    supervisor = os.getppid()
     _die_with_parent()
+    if os.getppid() != supervisor or supervisor == 1:
+        return
     for resource in inherited:
         with contextlib.suppress(OSError):
             resource.close()
     worker = Worker(dsn, queues, **options)
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
+    worker.stop_event = stop
     worker.run()
 
 
