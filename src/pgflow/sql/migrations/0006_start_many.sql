@@ -9,6 +9,7 @@ DECLARE
     shape jsonb;
     vars jsonb;
     secrets jsonb;
+    ids bigint[];
 BEGIN
     IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
        AND coalesce(current_setting('pgflow.allow_superuser', true), '') NOT IN ('on', 'true', '1') THEN
@@ -32,18 +33,18 @@ BEGIN
            jsonb_object_agg(v.name, v.secret_ref) FILTER (WHERE v.secret_ref IS NOT NULL)
     INTO vars, secrets
     FROM pgflow.variables v WHERE v.owner = current_user;
-    RETURN QUERY
     WITH created AS (
         INSERT INTO pgflow.instances (flow_name, flow_version, input, label, variables, secret_refs)
         SELECT p_flow, p_version, x.input, p_label, vars, secrets
         FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
         ORDER BY x.ord
         RETURNING id
-    ), woken AS (
-        INSERT INTO pgflow.wakeups (instance_id) SELECT id FROM created
     )
-    SELECT id FROM created ORDER BY id;  -- identities are given in insertion order: aligned with p_inputs
+    SELECT array_agg(id ORDER BY id) INTO ids FROM created;  -- identities follow insertion order
+    -- a statement of its own: the wake-ups' row-level security check must see the new instances
+    INSERT INTO pgflow.wakeups (instance_id) SELECT unnest(ids);
     PERFORM pg_notify('pgflow_coordinator', '');
+    RETURN QUERY SELECT unnest(ids);
 END $$;
 
 CREATE OR REPLACE FUNCTION pgflow.start_instance(p_flow text, p_version text, p_input jsonb, p_label text)
