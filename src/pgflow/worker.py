@@ -138,6 +138,13 @@ class StepCode:
         return step
 
 
+def task_arrays(rows: list[dict]) -> dict[str, list]:
+    """The parallel arrays that name claimed tasks in complete_tasks and release_tasks."""
+    return {"msg_ids": [r["msg_id"] for r in rows], "instance_ids": [r["instance_id"] for r in rows],
+            "steps": [r["step_name"] for r in rows], "tasks": [r["task_index"] for r in rows],
+            "attempts": [r["attempt"] for r in rows]}
+
+
 class _Acks:
     """Completed Python tasks waiting to be checkpointed together."""
 
@@ -159,14 +166,7 @@ class _Acks:
             return
         rows = [r for r, _, _ in self.rows]
         conn.execute(query("complete_tasks"), {
-            "queue": self.queue,
-            "msg_ids": [r["msg_id"] for r in rows],
-            "instance_ids": [r["instance_id"] for r in rows],
-            "steps": [r["step_name"] for r in rows],
-            "tasks": [r["task_index"] for r in rows],
-            "attempts": [r["attempt"] for r in rows],
-            "outputs": [p for _, p, _ in self.rows],
-            "columns": None,
+            "queue": self.queue, **task_arrays(rows), "outputs": [p for _, p, _ in self.rows], "columns": None,
         })
         completed = metrics().completed
         for _, _, labels in self.rows:
@@ -337,11 +337,7 @@ class Worker(store.ConnectedLoop):
         q.archive(self._conn, queue, expected)
 
     def _release(self, queue: str, rows: list[dict]) -> None:
-        self._conn.execute(query("release_tasks"), {
-            "queue": queue, "msg_ids": [r["msg_id"] for r in rows],
-            "instance_ids": [r["instance_id"] for r in rows], "steps": [r["step_name"] for r in rows],
-            "tasks": [r["task_index"] for r in rows], "attempts": [r["attempt"] for r in rows],
-        })
+        self._conn.execute(query("release_tasks"), {"queue": queue, **task_arrays(rows)})
 
     def _run_task(self, queue: str, row: dict, task: q.Task, acks: _Acks) -> None:
         shape = self.shapes.get(self._conn, row["flow_name"], row["flow_version"])
@@ -451,9 +447,8 @@ class Worker(store.ConnectedLoop):
                     output, types = self._execute(text, params, step.timeout)
                 payload = store.dumps(output, f"output of step {step.name}", default=_sql_value)
                 conn.execute(query("complete_tasks"), {
-                    "queue": queue, "msg_ids": [row["msg_id"]], "instance_ids": [row["instance_id"]],
-                    "steps": [row["step_name"]], "tasks": [row["task_index"]], "attempts": [row["attempt"]],
-                    "outputs": [payload], "columns": [store.dumps(types) if types else None],
+                    "queue": queue, **task_arrays([row]), "outputs": [payload],
+                    "columns": [store.dumps(types) if types else None],
                 })
         except psycopg.Error as exc:
             if conn.broken or conn.closed:
