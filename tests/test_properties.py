@@ -24,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from hypothesis import HealthCheck, Phase, assume, event, given, note, settings
+from hypothesis import HealthCheck, Phase, assume, event, example, given, note, settings
 from hypothesis import strategies as st
 
 import pgflow
@@ -823,3 +823,62 @@ def test_random_sql_dags_run_to_the_modelled_result(dsn, e2e, steps):
     assert got == expected
     terminal = [s["name"] for s in steps if not any(s["name"] in (o["deps"] + [o.get("over")]) for o in steps)]
     assert status.output == (expected[terminal[0]] if len(terminal) == 1 else {n: expected[n] for n in terminal})
+
+
+# ---------------------------------------------------------------------------------------------- (e) messages
+# A worker reads and claims a batch in one statement (pgflow.read_tasks): the database claims exactly the
+# messages pgflow.is_task_message accepts, and the worker runs exactly those pgflow.queue.decode accepts.
+# If the two disagreed, a claimed task could be dead-lettered (its instance stuck) or a poison message run.
+
+_JSON_SCALARS = st.one_of(st.none(), st.booleans(), TEXT, st.floats(allow_nan=False, allow_infinity=False),
+                          st.integers(min_value=-(2**70), max_value=2**70),
+                          st.sampled_from([0, -1, -2, 1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, 1.0, -1.0]))
+_JSON = st.recursive(_JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                            st.dictionaries(TEXT, inner, max_size=3)), max_leaves=6)
+_FIELD = st.one_of(_JSON_SCALARS, st.just({}), st.just({"a": 1}))
+_BOUNDS = st.sampled_from([0, -1, -2, 1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, 1.0, -1.0, True, "1"])
+_valid = st.fixed_dictionaries(
+    {"f": TEXT, "v": TEXT, "s": TEXT, "i": st.integers(1, 2**63 - 1), "t": st.integers(-1, 2**31 - 1)},
+    optional={"x": _JSON, "c": st.one_of(st.none(), st.just({"a": 1})), "ct": st.one_of(st.none(), st.just({}))})
+
+
+@st.composite
+def _one_field_off(draw):
+    """A well-formed message with one field replaced by something else, or removed."""
+    message = draw(_valid)
+    key = draw(st.sampled_from(["f", "v", "s", "i", "t", "c", "ct"]))
+    if draw(st.booleans()) and key in message:
+        del message[key]
+    else:
+        message[key] = draw(st.one_of(_BOUNDS, _FIELD))
+    return message
+
+
+messages = st.one_of(_JSON, _valid, _one_field_off())
+
+
+_EDGE = {"f": "flow", "v": "1", "s": "step", "i": 1, "t": -1}
+
+
+@settings(max_examples=500, **BASE)
+@given(message=messages)
+@example(message={**_EDGE, "t": 2**31 - 1})
+@example(message={**_EDGE, "t": 2**31})
+@example(message={**_EDGE, "t": -2})
+@example(message={**_EDGE, "i": 2**63 - 1})
+@example(message={**_EDGE, "i": 2**63})
+@example(message={**_EDGE, "i": 0})
+@example(message={**_EDGE, "i": 1.0})
+@example(message={**_EDGE, "t": True})
+@example(message={**_EDGE, "i": "1"})
+@example(message={**_EDGE, "c": []})
+@example(message={**_EDGE, "ct": "x"})
+@example(message={**_EDGE, "c": None, "ct": {}})
+def test_the_database_and_the_worker_agree_on_what_a_task_message_is(validator, message):
+    from pgflow.queue import decode
+
+    text = json.dumps(message)  # not orjson: a message written in SQL may hold numbers beyond 64 bits
+    stored = validator.execute("SELECT %s::jsonb", (text,)).fetchone()[0]  # as a worker reads it
+    in_sql = validator.execute("SELECT pgflow.is_task_message(%s::jsonb)", (text,)).fetchone()[0]
+    event(f"task message: {in_sql}")
+    assert in_sql == (decode(1, stored) is not None), stored

@@ -7,8 +7,9 @@ import hashlib
 import importlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -19,6 +20,8 @@ from .errors import FlowDefinitionError, InstanceFailed, InstanceNotFinished, In
 from .flows import INPUT, Flow
 from .queries import query
 from .tree import Node, as_node
+
+T = TypeVar("T")
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -80,13 +83,7 @@ def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = Non
         return c.execute(query("start_instance"),
                          {"flow": flow_name, "version": version, "input": payload, "label": label}).fetchone()[0]
 
-    try:
-        if conn is not None:
-            return run(conn)
-        with store.transaction(store.resolve_dsn(dsn)) as own:
-            return run(own)
-    except psycopg.errors.InsufficientPrivilege as exc:
-        raise PgflowError(_sql_message(exc)) from None
+    return _starting(run, conn, dsn)
 
 
 def start_many(flow: Flow, inputs: list[Any], *, label: str | None = None,
@@ -97,13 +94,26 @@ def start_many(flow: Flow, inputs: list[Any], *, label: str | None = None,
     payloads = [_check_input(flow, i) for i in inputs]
     if not payloads:
         return []
-    params = {"flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-              "inputs": payloads, "label": label}
+
+    def run(c: psycopg.Connection) -> list[int]:
+        ids: list[int] = []
+        for _, inputs_json in store.json_arrays(payloads):
+            ids += [r[0] for r in c.execute(query("register_and_start_many"), {
+                "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
+                "inputs": inputs_json, "label": label}).fetchall()]
+        return ids
+
+    return _starting(run, conn, dsn)
+
+
+def _starting(run: Callable[[psycopg.Connection], T], conn: psycopg.Connection | None, dsn: str | None) -> T:
+    """Run a start in the caller's transaction (``conn``) or in one of its own on ``dsn``; a role that may
+    not start it gets a PgflowError with the database's reason."""
     try:
         if conn is not None:
-            return [r[0] for r in conn.execute(query("register_and_start_many"), params).fetchall()]
+            return run(conn)
         with store.transaction(store.resolve_dsn(dsn)) as own:
-            return [r[0] for r in own.execute(query("register_and_start_many"), params).fetchall()]
+            return run(own)
     except psycopg.errors.InsufficientPrivilege as exc:
         raise PgflowError(_sql_message(exc)) from None
 

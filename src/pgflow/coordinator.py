@@ -79,13 +79,14 @@ class _Writes:
         for queue, tasks in self.tasks.items():
             if not tasks:
                 continue
-            conn.execute(query("enqueue_tasks"), {
-                "queue": queue,
-                "instance_ids": [t[0] for t in tasks],
-                "steps": [t[1] for t in tasks],
-                "tasks": [t[2] for t in tasks],
-                "messages": [store.dumps(t[3]) for t in tasks],
-            })
+            for part, messages in store.json_arrays([store.dumps(t[3]) for t in tasks]):
+                conn.execute(query("enqueue_tasks"), {
+                    "queue": queue,
+                    "instance_ids": [t[0] for t in tasks[part]],
+                    "steps": [t[1] for t in tasks[part]],
+                    "tasks": [t[2] for t in tasks[part]],
+                    "messages": messages,
+                })
         self.tasks.clear()
         self.map_parents.clear()
 

@@ -114,6 +114,24 @@ def dumps(value: Any, what: str = "value", default: Any = None) -> str:
     return blob.decode()
 
 
+JSON_ARRAY_CHARS = 48 * 1024 * 1024  # at most 192 MB of UTF-8: under jsonb's 256 MB cap
+
+
+def json_arrays(payloads: list[str], limit: int = JSON_ARRAY_CHARS) -> Iterator[tuple[slice, str]]:
+    """Values serialized by :func:`dumps`, joined into JSON array texts for ``pgflow.jsonb_list`` (one
+    document per statement is much cheaper to send than a jsonb[] literal), each with the slice of
+    ``payloads`` it holds. An array is cut before it passes ``limit`` characters: jsonb refuses documents
+    over 256 MB, and payloads may be up to PGFLOW_MAX_PAYLOAD_BYTES each."""
+    start, size = 0, 0
+    for index, payload in enumerate(payloads):
+        if index > start and size + len(payload) > limit:
+            yield slice(start, index), "[" + ",".join(payloads[start:index]) + "]"
+            start, size = index, 0
+        size += len(payload) + 1
+    if start < len(payloads):
+        yield slice(start, len(payloads)), "[" + ",".join(payloads[start:]) + "]"
+
+
 # ---------------------------------------------------------------------------------------------- migrations
 
 def migrations() -> list[tuple[int, str, str]]:

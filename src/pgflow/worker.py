@@ -164,10 +164,11 @@ class _Acks:
     def flush(self, conn: psycopg.Connection) -> None:
         if not self.rows:
             return
-        rows = [r for r, _, _ in self.rows]
-        conn.execute(query("complete_tasks"), {
-            "queue": self.queue, **task_arrays(rows), "outputs": [p for _, p, _ in self.rows], "columns": None,
-        })
+        for part, outputs in store.json_arrays([p for _, p, _ in self.rows]):
+            conn.execute(query("complete_tasks"), {
+                "queue": self.queue, **task_arrays([r for r, _, _ in self.rows[part]]), "outputs": outputs,
+                "columns": None,
+            })
         completed = metrics().completed
         for _, _, labels in self.rows:
             completed.labels(*labels).inc()
@@ -218,10 +219,10 @@ class Worker(store.ConnectedLoop):
             for name in self._current_queues():
                 if self.stop_event.is_set():
                     break
-                messages = q.read(self._conn, name, self.visibility_timeout, self.batch_size)
+                messages, claimed = self._read(name)
                 if messages:
                     got += len(messages)
-                    self.process(name, messages)
+                    self.process(name, messages, claimed)
             if got == 0 and not self.stop_event.is_set():
                 for _ in self._listen.notifies(timeout=self.poll_interval, stop_after=1):
                     pass
@@ -248,8 +249,23 @@ class Worker(store.ConnectedLoop):
 
     # ------------------------------------------------------------------------------------------ batch
 
-    def process(self, queue: str, messages: list[tuple[int, Any]]) -> None:
-        """Claim, run and acknowledge one batch read from ``queue``."""
+    def _read(self, queue: str) -> tuple[list[tuple[int, Any]], list[dict] | None]:
+        """Read a batch and claim its tasks in one round trip. Returns the messages read and the claimed
+        rows; if the claim fails as a whole (nothing was read then), reads alone and returns None for
+        the claimed rows: :meth:`process` claims them one by one and dead-letters what fails."""
+        try:
+            with self._conn.cursor(row_factory=dict_row) as cur:
+                rows = cur.execute(query("read_tasks"), {
+                    "queue": queue, "vt": self.visibility_timeout, "qty": self.batch_size}).fetchall()
+        except psycopg.Error:
+            if self._conn.broken or self._conn.closed:
+                raise
+            return q.read(self._conn, queue, self.visibility_timeout, self.batch_size), None
+        return [(r["msg_id"], r["message"]) for r in rows], [r for r in rows if r["attempt"] is not None]
+
+    def process(self, queue: str, messages: list[tuple[int, Any]], claimed: list[dict] | None = None) -> None:
+        """Claim (unless ``claimed`` holds the rows already claimed), run and acknowledge one batch read
+        from ``queue``."""
         conn = self._conn
         tasks = []
         for msg_id, body in messages:
@@ -260,7 +276,10 @@ class Worker(store.ConnectedLoop):
                 tasks.append(task)
         if not tasks:
             return
-        rows, rejected = self._claim(queue, tasks)
+        if claimed is None:
+            rows, rejected = self._claim(queue, tasks)
+        else:  # pgflow.is_task_message claims exactly the messages decode accepts
+            rows, rejected = claimed, set()
         claimed = {r["msg_id"] for r in rows}
         unclaimed = [t for t in tasks if t.msg_id not in claimed and t.msg_id not in rejected]
         if unclaimed:
@@ -447,7 +466,7 @@ class Worker(store.ConnectedLoop):
                     output, types = self._execute(text, params, step.timeout)
                 payload = store.dumps(output, f"output of step {step.name}", default=_sql_value)
                 conn.execute(query("complete_tasks"), {
-                    "queue": queue, **task_arrays([row]), "outputs": [payload],
+                    "queue": queue, **task_arrays([row]), "outputs": f"[{payload}]",
                     "columns": [store.dumps(types) if types else None],
                 })
         except psycopg.Error as exc:

@@ -14,7 +14,8 @@ SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s)
 
 -- name: register_and_start_many
 WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb))
-SELECT pgflow.start_instances(%(flow)s, %(version)s, %(inputs)s::jsonb[], %(label)s) FROM registered;
+SELECT pgflow.start_instances(%(flow)s, %(version)s, pgflow.jsonb_list(%(inputs)s::jsonb), %(label)s)
+FROM registered;
 
 -- name: start_instance
 SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s);
@@ -116,12 +117,16 @@ SELECT pg_notify('pgflow_instance_done', id::text) FROM unnest(%(ids)s::bigint[]
 -- name: read_messages
 SELECT msg_id, read_ct, message FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s);
 
+-- name: read_tasks
+-- one round trip: read a batch and claim the tasks of its well-formed messages
+SELECT * FROM pgflow.read_tasks(%(queue)s, %(vt)s, %(qty)s);
+
 -- name: claim_tasks
 SELECT * FROM pgflow.claim_tasks(%(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s, %(flows)s, %(versions)s);
 
 -- name: complete_tasks
 SELECT pgflow.complete_tasks(%(queue)s, %(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s,
-                             %(attempts)s, %(outputs)s::jsonb[], %(columns)s::jsonb[]);
+                             %(attempts)s, pgflow.jsonb_list(%(outputs)s::jsonb), %(columns)s::jsonb[]);
 
 -- name: fail_task
 SELECT pgflow.fail_task(%(queue)s, %(msg_id)s, %(instance_id)s, %(step)s, %(task)s, %(attempt)s,
@@ -137,7 +142,8 @@ SELECT pgmq.archive(%(queue)s, %(msg_ids)s::bigint[]);
 SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(vt)s);
 
 -- name: enqueue_tasks
-SELECT pgflow.enqueue_tasks(%(queue)s, %(instance_ids)s, %(steps)s, %(tasks)s, %(messages)s::jsonb[]);
+SELECT pgflow.enqueue_tasks(%(queue)s, %(instance_ids)s, %(steps)s, %(tasks)s,
+                             pgflow.jsonb_list(%(messages)s::jsonb));
 
 -- name: list_queues
 SELECT queue_name FROM pgflow.queues ORDER BY queue_name;
