@@ -171,6 +171,31 @@ def test_a_message_with_out_of_range_ids_is_dead_lettered_not_a_crash_loop(dsn, 
     assert children(worker) == pids, "the worker process died reading the message (and will again: a crash loop)"
 
 
+def test_a_task_the_database_refuses_to_claim_is_dead_lettered_and_its_batch_still_runs(dsn, engine_factory):
+    """A worker reads and claims a batch in one statement; when the claim fails for one task, the whole
+    statement fails: the worker then claims the batch's tasks one by one, dead-letters the refused one and
+    runs the rest."""
+    [victim] = start_healthy(dsn, 1, "victim")  # no engine yet: its first task waits in the queue
+    run_sql(dsn, f"""
+        CREATE FUNCTION refuse_claim() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'claim refused for instance %%', NEW.instance_id; END $$;
+        CREATE TRIGGER refuse_claim BEFORE UPDATE ON pgflow.steps FOR EACH ROW
+            WHEN (NEW.instance_id = {int(victim)} AND NEW.status = 'running') EXECUTE FUNCTION refuse_claim();""")
+    engine = engine_factory(**QUIET)
+    engine.coordinator()
+    wait_until(lambda: run_sql(dsn, "SELECT count(*) FROM pgmq.q_pgflow")[0][0] == 1, 20, "the victim's task")
+    [(msg_id, body)] = run_sql(dsn, "SELECT msg_id, message::text FROM pgmq.q_pgflow")
+    healthy = start_healthy(dsn, 6, "alongside")
+    wait_until(lambda: run_sql(dsn, "SELECT count(*) FROM pgmq.q_pgflow")[0][0] == 7, 20, "all first tasks queued")
+    worker = engine.worker(concurrency=1)
+    assert_completed(dsn, healthy)
+    wait_until(lambda: live(dsn, msg_id) == 0, 20, "the refused message to leave the queue")
+    [(message, reason)] = dead_letters(dsn, msg_id)  # DEAD-LETTER
+    assert message == canonical(dsn, body)  # DEAD-LETTER
+    assert "cannot be claimed" in reason and f"claim refused for instance {victim}" in reason  # DEAD-LETTER
+    assert worker.poll() is None
+
+
 def test_a_message_with_an_unknown_version_does_not_run_a_live_instance_s_step(effects_db, engine_factory):
     """A message that names a live instance and a step it has, but another flow version, must not run that
     step (here: ahead of its 20-40 s retry backoff)."""

@@ -1,5 +1,9 @@
 """Workers: processes that pop tasks from pgmq, run them and acknowledge them with a checkpoint write.
 
+A batch is read and claimed in one statement (``pgflow.read_tasks``: the messages are hidden for the
+visibility timeout and their steps marked running with a new attempt), so a batch costs two round trips:
+read-and-claim, then one acknowledgement for its Python tasks.
+
 The acknowledgement of a task (its output, status and attempt, the message's deletion and a wake-up for
 the coordinator) is one transaction. A SQL step runs inside that same transaction, so its effect lands
 exactly once; a Python step runs before it, so it runs at least once and gets a stable
@@ -280,13 +284,13 @@ class Worker(store.ConnectedLoop):
             rows, rejected = self._claim(queue, tasks)
         else:  # pgflow.is_task_message claims exactly the messages decode accepts
             rows, rejected = claimed, set()
-        claimed = {r["msg_id"] for r in rows}
-        unclaimed = [t for t in tasks if t.msg_id not in claimed and t.msg_id not in rejected]
+        claimed_ids = {r["msg_id"] for r in rows}
+        unclaimed = [t for t in tasks if t.msg_id not in claimed_ids and t.msg_id not in rejected]
         if unclaimed:
             self._put_aside(queue, unclaimed)
         by_msg = {t.msg_id: t for t in tasks}
         with self._lock:
-            self.in_flight[queue] = set(claimed)
+            self.in_flight[queue] = claimed_ids
         acks = _Acks(queue)
         try:
             for index, row in enumerate(rows):
