@@ -221,3 +221,23 @@ def test_start_many_starts_all_in_one_statement(dsn, engine):
     assert pgflow.start_many(sf.diamond, [], dsn=dsn) == []
     with pytest.raises(FlowDefinitionError, match="must be a list"):
         pgflow.start_many(sf.input_map, [[1], "not a list"], dsn=dsn)
+
+
+def test_the_coordinator_vacuums_queue_tables_and_wakeups_once_dead_rows_gather(dsn, engine_factory):
+    """Their rows live for milliseconds; waiting for autovacuum lets dead index entries slow every read."""
+    engine = engine_factory()
+    engine.coordinator("--vacuum-every", "0.3")
+    engine.worker(concurrency=2)
+    ids = pgflow.start_many(sf.chain, [{"n": i, "label": "churn"} for i in range(2500)], dsn=dsn)
+    assert {pgflow.wait(i, 120, dsn=dsn).status for i in ids} == {"completed"}
+
+    def manual_vacuums():  # VACUUM by the coordinator counts here; autovacuum counts in autovacuum_count
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return dict(conn.execute("SELECT schemaname || '.' || relname, vacuum_count FROM pg_stat_user_tables"
+                                     " WHERE relname IN ('wakeups', 'q_pgflow')").fetchall())
+
+    deadline = time.monotonic() + 30
+    while min(manual_vacuums().values()) == 0 and time.monotonic() < deadline:
+        time.sleep(0.3)
+    counts = manual_vacuums()
+    assert counts.keys() == {"pgflow.wakeups", "pgmq.q_pgflow"} and min(counts.values()) > 0, counts

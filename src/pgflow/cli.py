@@ -94,9 +94,12 @@ def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progres
               help="Seconds to keep finished instances and archived messages (0 keeps them forever).")
 @click.option("--maintenance-every", default=10.0, show_default=True,
               help="Seconds between maintenance runs (retention, stalled-instance check, queue metrics).")
+@click.option("--vacuum-every", default=2.0, show_default=True,
+              help="Seconds between checks for queue tables and wake-ups to VACUUM (0: leave it to autovacuum).")
 @click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
 @_friendly_errors
-def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every: float, metrics_port: int) -> None:
+def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every: float, vacuum_every: float,
+                metrics_port: int) -> None:
     """Run a coordinator: schedules ready steps, fans maps out and in, finishes instances. Several may
     run at once (high availability)."""
     from .coordinator import Coordinator
@@ -107,7 +110,7 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
     health = Health()
     serve(metrics_port, health, readiness(dsn))
     instance = Coordinator(dsn, batch=batch, retention_seconds=retention or None, health=health,
-                           maintenance_every=maintenance_every)
+                           maintenance_every=maintenance_every, vacuum_every=vacuum_every)
     signal.signal(signal.SIGTERM, instance.stop)
     signal.signal(signal.SIGINT, instance.stop)
     instance.run()

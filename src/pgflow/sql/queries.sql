@@ -192,5 +192,12 @@ DELETE FROM pgflow.instances
 WHERE id IN (SELECT id FROM pgflow.instances
              WHERE finished_at < now() - make_interval(secs => %(seconds)s) LIMIT 10000);
 
+-- name: churned_tables
+-- tables whose rows live for milliseconds, once enough dead rows have gathered (statistics lag ~1 s)
+SELECT schemaname, relname FROM pg_stat_user_tables
+WHERE n_dead_tup >= %(min_dead)s
+  AND ((schemaname = 'pgflow' AND relname = 'wakeups')
+       OR (schemaname = 'pgmq' AND relname IN (SELECT 'q_' || queue_name FROM pgflow.queues)));
+
 -- name: try_maintenance_lock
 SELECT pg_try_advisory_xact_lock(hashtext('pgflow.maintenance'));
