@@ -242,10 +242,11 @@ def watch(dsn: str | None, instance_id: int, interval: float) -> None:
 
     dsn = store.resolve_dsn(dsn)
     while True:
+        finished = client.status(instance_id, dsn=dsn).finished  # read first: the last drawing shows the end
         text = client.explain(instance_id, dsn=dsn)
         click.clear()
         click.echo(text)
-        if client.status(instance_id, dsn=dsn).finished:
+        if finished:
             return
         time.sleep(interval)
 

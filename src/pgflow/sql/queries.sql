@@ -85,23 +85,30 @@ WHERE p.instance_id = u.instance_id AND p.step_name = u.step_name AND p.task_ind
 
 -- name: complete_instances
 -- %(done)s: [{"id": .., "terminal": [step names], "single": bool}]; one terminal step gives its output,
--- several give an object keyed by step name.
-UPDATE pgflow.instances i
-SET status = 'completed', finished_at = now(),
-    output = CASE WHEN u.single
-                  THEN (SELECT s.output FROM pgflow.steps s
-                        WHERE s.instance_id = i.id AND s.step_name = u.terminal[1] AND s.task_index = -1)
-                  ELSE (SELECT jsonb_object_agg(s.step_name, s.output) FROM pgflow.steps s
-                        WHERE s.instance_id = i.id AND s.step_name = ANY(u.terminal) AND s.task_index = -1)
-             END
-FROM jsonb_to_recordset(%(done)s::jsonb) AS u(id bigint, terminal text[], single boolean)
-WHERE i.id = u.id
-RETURNING i.id, i.flow_name, extract(epoch FROM i.finished_at - i.created_at)::float8 AS seconds;
+-- several give an object keyed by step name. Waiters are notified in the same statement.
+WITH done AS (
+    UPDATE pgflow.instances i
+    SET status = 'completed', finished_at = now(),
+        output = CASE WHEN u.single
+                      THEN (SELECT s.output FROM pgflow.steps s
+                            WHERE s.instance_id = i.id AND s.step_name = u.terminal[1] AND s.task_index = -1)
+                      ELSE (SELECT jsonb_object_agg(s.step_name, s.output) FROM pgflow.steps s
+                            WHERE s.instance_id = i.id AND s.step_name = ANY(u.terminal) AND s.task_index = -1)
+                 END
+    FROM jsonb_to_recordset(%(done)s::jsonb) AS u(id bigint, terminal text[], single boolean)
+    WHERE i.id = u.id
+    RETURNING i.id, i.flow_name, extract(epoch FROM i.finished_at - i.created_at)::float8 AS seconds
+)
+SELECT id, flow_name, seconds, pg_notify('pgflow_instance_done', id::text) FROM done;
 
 -- name: complete_tree_instance
-UPDATE pgflow.instances SET status = 'completed', output = %(output)s::jsonb, finished_at = now()
-WHERE id = %(id)s
-RETURNING extract(epoch FROM finished_at - created_at)::float8;
+-- waiters are notified in the same statement
+WITH done AS (
+    UPDATE pgflow.instances SET status = 'completed', output = %(output)s::jsonb, finished_at = now()
+    WHERE id = %(id)s
+    RETURNING id, extract(epoch FROM finished_at - created_at)::float8 AS seconds
+)
+SELECT seconds, pg_notify('pgflow_instance_done', id::text) FROM done;
 
 -- name: fail_instance
 UPDATE pgflow.instances SET status = 'failed', error = %(error)s, finished_at = now()
