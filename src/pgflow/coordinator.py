@@ -347,7 +347,10 @@ class Coordinator(store.ConnectedLoop):
         conn = self._vacuum_conn
         tables = conn.execute(query("churned_tables"), {"min_dead": self.vacuum_min_dead}).fetchall()
         for schema, table in tables:
-            conn.execute(sql.SQL("VACUUM (SKIP_LOCKED) {}").format(sql.Identifier(schema, table)))
+            # no truncation: it takes an exclusive lock (the engine's statements waited on it) to give back
+            # pages the next second refills; index cleanup always, since the dead index entries are the point
+            conn.execute(sql.SQL("VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP on) {}")
+                         .format(sql.Identifier(schema, table)))
         return [f"{schema}.{table}" for schema, table in tables]
 
     def _vacuum_loop(self) -> None:
