@@ -10,7 +10,7 @@ import pytest
 import sample_flows as sf
 
 import pgflow
-from pgflow import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PayloadTooLarge
+from pgflow import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PayloadTooLarge, store
 
 
 def run(flow, input, dsn, timeout=60.0, **kwargs):
@@ -241,3 +241,18 @@ def test_the_coordinator_vacuums_queue_tables_and_wakeups_once_dead_rows_gather(
         time.sleep(0.3)
     counts = manual_vacuums()
     assert counts.keys() == {"pgflow.wakeups", "pgmq.q_pgflow"} and min(counts.values()) > 0, counts
+
+
+def test_json_lists_are_cut_below_the_limit_and_rebuilt_in_order_by_the_database(dsn):
+    """Lists of payloads travel as JSON array documents (pgflow.jsonb_list), cut before jsonb's size cap."""
+    values = [1, None, {"a": [2, "x"]}, "it's", 3.5, [], "é" * 5]
+    payloads = [store.dumps(v) for v in values]
+    parts = list(store.json_arrays(payloads, limit=12))
+    assert len(parts) > 2 and all(len(text) - 2 <= 12 or p.stop - p.start == 1 for p, text in parts)
+    assert [i for p, _ in parts for i in range(p.start, p.stop)] == list(range(len(values)))
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        store.configure(conn)
+        rebuilt = [v for _, text in parts
+                   for v in conn.execute("SELECT pgflow.jsonb_list(%s::jsonb)", (text,)).fetchone()[0]]
+    assert rebuilt == values
+    assert list(store.json_arrays([])) == []
