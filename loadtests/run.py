@@ -725,11 +725,10 @@ def _feeder(dsn: str, flow: pgflow.Flow, backlog: int, stop: threading.Event, co
             unfinished = conn.execute("SELECT count(*) FROM pgflow.instances WHERE status IN ('pending', 'running')"
                                       ).fetchone()[0]
             conn.commit()
-            if unfinished < backlog:
+            if unfinished < backlog:  # start_many: the feeder must not be what limits the engine
                 with conn.transaction():
-                    for _ in range(500):
-                        pgflow.start(flow, counter[0], conn=conn)
-                        counter[0] += 1
+                    pgflow.start_many(flow, list(range(counter[0], counter[0] + 500)), conn=conn)
+                counter[0] += 500
             else:
                 stop.wait(0.05)
 
