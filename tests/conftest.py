@@ -9,8 +9,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -199,3 +202,16 @@ def restart_postgres(server) -> None:
     version = subprocess.run(["psql", admin_dsn, "-Atc", "SHOW server_version_num"], capture_output=True,
                              text=True, check=True).stdout.strip()[:2]
     subprocess.run([cluster, "--skip-systemctl-redirect", version, "main", "restart", "-m", "fast"], check=True)
+
+
+@contextlib.contextmanager
+def serve_http(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on 127.0.0.1 at a free port from a thread, without request logging; yields the
+    base URL (a real HTTP peer for HTTP steps)."""
+    quiet = type(handler.__name__, (handler,), {"log_message": lambda self, *args: None})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import psycopg
 import pytest
 from conftest import run_sql as sql
+from conftest import serve_http
 
 import pgflow
 from pgflow import FlowDefinitionError, InstanceNotFound, PgflowError
@@ -90,13 +91,8 @@ def web(dsn):
             [found] = pgflow.list_instances(label=f"order-{order}", dsn=dsn)
             pgflow.signal(found["id"], "callback", {"order": order, "paid": True}, dsn=dsn)
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", calls
-    server.shutdown()
+    with serve_http(Handler) as url:
+        yield url, calls
 
 
 # ---------------------------------------------------------------------------------------------- scenarios

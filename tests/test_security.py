@@ -3,13 +3,13 @@ rights and egress policy, secrets by reference — through both front doors, wit
 
 from __future__ import annotations
 
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import psycopg
 import pytest
 from conftest import run_sql as as_role
+from conftest import serve_http
 from psycopg.conninfo import make_conninfo
 
 import pgflow
@@ -173,13 +173,8 @@ def web():
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args):
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}", seen
-    srv.shutdown()
+    with serve_http(Handler) as url:
+        yield url, seen
 
 
 def test_http_egress_policy_and_secrets(dsn, roles, engine_factory, web):
