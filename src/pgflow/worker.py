@@ -603,17 +603,21 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any], inherited: tuple = ()) -> None:
+def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any], inherited: tuple = (),
+                supervisor: int | None = None) -> None:
     """A worker child (forked): close what it inherited but must not hold (the supervisor's metrics socket,
-    so a child draining after its supervisor died never keeps the port), then work until SIGTERM."""
+    so a child draining after its supervisor died never keeps the port), then work until SIGTERM.
+
+    ``supervisor`` is the pid of the process that forked it, passed by the parent: if the child's parent
+    is no longer that process, the supervisor died before the child asked to be told, and the child
+    quits. (Comparing with pid 1 would be wrong: in a container the supervisor *is* pid 1.)"""
     # our own handlers first: until now the supervisor's (inherited) would swallow the SIGTERM that announces
     # its death; then ask for that signal, and check the supervisor did not die before we asked
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    supervisor = os.getppid()
     _die_with_parent()
-    if os.getppid() != supervisor or supervisor == 1:
+    if os.getppid() != (supervisor or os.getppid()):
         return
     for resource in inherited:
         with contextlib.suppress(OSError):
@@ -667,7 +671,7 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
         threading.Thread(target=discover_queues, name="pgflow-queue-list", daemon=True).start()
 
     def spawn(index: int):
-        process = context.Process(target=_child_main, args=(dsn, queues, options, inherited),
+        process = context.Process(target=_child_main, args=(dsn, queues, options, inherited, os.getpid()),
                                   name=f"pgflow-worker-{index}")
         process.start()
         return process
