@@ -3,7 +3,7 @@
     python loadtests/autoscale.py [--dsn DSN] [--instances 3] [--tasks 200] [--max-replicas 4] [--target 20]
 
 A small scaler polls the depth of one pgmq queue with exactly the query KEDA's postgresql trigger runs
-(``pgflow.metrics.KEDA_DEPTH_QUERY_TEMPLATE``: ready messages, ``vt <= now()``), computes
+(``pgflow.metrics.KEDA_DEPTH_QUERY_TEMPLATE``: ready and in-flight messages), computes
 ``replicas = ceil(depth / target)`` clamped to [min, max] like KEDA's HPA, and adds or removes
 ``pgflow worker --queue Q --concurrency 1`` processes, one per "replica". Scale-out is immediate; scale-in
 waits for a stabilization window (the HPA's ``scaleDown.stabilizationWindowSeconds``) and sends SIGTERM,
@@ -46,7 +46,7 @@ QUEUE = "scale"  # the queue of sample_flows.fanout
 
 
 def queue_depth(conn: psycopg.Connection, queue: str) -> int:
-    """Ready messages in ``queue``: the very statement KEDA's postgresql scaler runs."""
+    """Ready and in-flight messages in ``queue``: the very statement KEDA's postgresql scaler runs."""
     if not queue.replace("_", "").isalnum() or queue != queue.lower():
         raise ValueError(f"not a pgmq queue name: {queue!r}")
     return conn.execute(KEDA_DEPTH_QUERY_TEMPLATE.format(queue=queue)).fetchone()[0]

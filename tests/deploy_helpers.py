@@ -77,7 +77,7 @@ GAUGES = {
 }
 KNOWN_SERIES = COUNTERS | GAUGES | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 
-DEPTH_QUERY_RE = re.compile(r"^SELECT count\(\*\) FROM pgmq\.q_([a-z_][a-z0-9_]*) WHERE vt <= now\(\)$")
+DEPTH_QUERY_RE = re.compile(r"^SELECT pgflow\.queue_backlog\('([a-z][a-z0-9_]*)'\)$")
 
 
 class ManifestInvalid(AssertionError):

@@ -37,8 +37,11 @@ def test_depth_is_read_with_the_keda_query(dsn, autoscale):
         keda = conn.execute(KEDA_DEPTH_QUERY_TEMPLATE.format(queue="scale")).fetchone()[0]
         assert autoscale.queue_depth(conn, "scale") == keda == 0  # nothing enqueued before a coordinator runs
         conn.execute("SELECT pgmq.send('scale', '{}'::jsonb)")
-        conn.execute("SELECT pgmq.send('scale', '{}'::jsonb, 60)")  # delayed: not ready, so not counted
-        assert autoscale.queue_depth(conn, "scale") == 1
+        conn.execute("SELECT pgmq.send('scale', '{}'::jsonb, 60)")  # delayed (a retry's backoff): counted
+        assert autoscale.queue_depth(conn, "scale") == 2
+        conn.execute("SELECT pgmq.read('scale', 60, 1)")  # in flight: counted (scale-to-zero must wait for it)
+        assert autoscale.queue_depth(conn, "scale") == 2
+        assert conn.execute(KEDA_DEPTH_QUERY_TEMPLATE.format(queue="missing")).fetchone()[0] == 0
         with pytest.raises(ValueError):
             autoscale.queue_depth(conn, "scale; DROP TABLE x")
 

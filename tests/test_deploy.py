@@ -498,7 +498,7 @@ def _query(scaled_object):
 
 def test_keda_depth_query_single_source(k8s_objects, chart_values, default_render, multi_render):
     template = chart_values["keda"]["depthQuery"]
-    assert template == "SELECT count(*) FROM pgmq.q_{queue} WHERE vt <= now()"
+    assert template == "SELECT pgflow.queue_backlog('{queue}')"
 
     plain = _query(h.by_name(k8s_objects, "ScaledObject", "pgflow-worker-pgflow"))
     assert plain == template.format(queue="pgflow")

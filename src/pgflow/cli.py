@@ -57,13 +57,16 @@ def main(log_level: str) -> None:
 
 @main.command()
 @dsn_option
+@click.option("--queue", "-q", "queues", multiple=True, metavar="NAME",
+              help="Also create this queue (repeatable): the queues your deployment's workers serve.")
 @_friendly_errors
-def init(dsn: str | None) -> None:
-    """Install pgmq and apply pgflow's schema migrations (idempotent)."""
+def init(dsn: str | None, queues: tuple[str, ...]) -> None:
+    """Install pgmq, apply pgflow's schema migrations and create the given queues (idempotent)."""
     dsn = store.resolve_dsn(dsn)
-    applied = store.init_schema(dsn)
+    applied = store.init_schema(dsn, queues)
     click.echo(f"pgflow schema at version {store.LATEST_VERSION}"
-               + (f" (applied {', '.join(map(str, applied))})" if applied else " (already up to date)"))
+               + (f" (applied {', '.join(map(str, applied))})" if applied else " (already up to date)")
+               + (f"; queues: {', '.join(queues)}" if queues else ""))
 
 
 @main.command()

@@ -28,8 +28,10 @@ log = logging.getLogger("pgflow.metrics")
 STEP_LABELS = ("flow", "step", "queue")
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
-#: What KEDA's postgresql trigger runs to read a queue's depth (visible messages); {queue} is substituted.
-KEDA_DEPTH_QUERY_TEMPLATE = "SELECT count(*) FROM pgmq.q_{queue} WHERE vt <= now()"
+#: What KEDA's postgresql trigger runs to read a queue's backlog; {queue} is substituted. The backlog counts
+#: messages ready to run and those in flight (so scaling to zero never removes a worker holding a step), and
+#: is 0 for a queue that does not exist yet (the query never fails).
+KEDA_DEPTH_QUERY_TEMPLATE = "SELECT pgflow.queue_backlog('{queue}')"
 
 _MULTIPROC_VARS = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 _owned_dir: tuple[int, str] | None = None  # (pid, path) of the directory enable_multiprocess made

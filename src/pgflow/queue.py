@@ -90,6 +90,11 @@ def extend(conn: psycopg.Connection, queue: str, msg_ids: list[int], visibility_
         conn.execute(query("extend_visibility"), {"queue": queue, "msg_ids": msg_ids, "vt": visibility_timeout})
 
 
+def ensure_queue(conn: psycopg.Connection, queue: str) -> None:
+    """Create a pgflow queue unless it exists (idempotent; safe when replicas start at once)."""
+    conn.execute(query("ensure_queue"), {"queue": queue})
+
+
 def pgflow_queues(conn: psycopg.Connection) -> list[str]:
     """Every queue pgflow created."""
     return [r[0] for r in conn.execute(query("list_queues")).fetchall()]

@@ -168,8 +168,10 @@ def install_pgmq(conn: psycopg.Connection) -> bool:
     return True
 
 
-def init_schema(dsn: str) -> list[int]:
-    """Install pgmq and apply pending pgflow migrations; idempotent. Returns the versions applied now."""
+def init_schema(dsn: str, queues: tuple[str, ...] | list[str] = ()) -> list[int]:
+    """Install pgmq, apply pending pgflow migrations and create ``queues`` (those the deployment declares,
+    so autoscalers and workers find them before any flow names them); idempotent. Returns the versions
+    applied now."""
     applied: list[int] = []
     with connect(dsn) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
@@ -186,6 +188,12 @@ def init_schema(dsn: str) -> list[int]:
             conn.execute(sql)
             conn.execute("INSERT INTO pgflow.migrations (version, name) VALUES (%s, %s)", (version, name))
             applied.append(version)
+        for name in queues:
+            try:
+                with conn.transaction():
+                    conn.execute(query("ensure_queue"), {"queue": name})
+            except psycopg.errors.InvalidParameterValue as exc:
+                raise PgflowError(str(exc.diag.message_primary or exc)) from None
     return applied
 
 

@@ -236,6 +236,8 @@ class Worker(store.ConnectedLoop):
 
     def on_connect(self) -> None:
         self.session_role = self._conn.execute("SELECT current_user").fetchone()[0]
+        for name in self.fixed_queues or ():  # a worker may start before any flow has named its queue
+            q.ensure_queue(self._conn, name)
         self._listening = set()
         self._queues_checked = 0.0
 

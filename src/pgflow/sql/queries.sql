@@ -152,6 +152,9 @@ SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(vt)s);
 SELECT pgflow.enqueue_tasks(%(queue)s, %(instance_ids)s, %(steps)s, %(tasks)s,
                              pgflow.jsonb_list(%(messages)s::jsonb));
 
+-- name: ensure_queue
+SELECT pgflow.ensure_queue(%(queue)s);
+
 -- name: list_queues
 SELECT queue_name FROM pgflow.queues ORDER BY queue_name;
 

@@ -71,7 +71,7 @@ Usage: include "pgflow.workerName" (dict "root" $ "queue" $q) */}}
 {{- printf "%s-worker-%s" (include "pgflow.fullname" .root) (include "pgflow.queueSlug" .queue.name) }}
 {{- end }}
 
-{{/* Ready-message count query of a queue, from keda.depthQuery.
+{{/* Backlog (ready + in-flight messages) query of a queue, from keda.depthQuery.
 Usage: include "pgflow.depthQuery" (dict "root" $ "queue" $q) */}}
 {{- define "pgflow.depthQuery" -}}
 {{- .root.Values.keda.depthQuery | replace "{queue}" .queue.name }}
