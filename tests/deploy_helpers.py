@@ -66,14 +66,22 @@ COUNTERS = {
     "pgflow_steps_failed_total",
     "pgflow_steps_retried_total",
     "pgflow_queue_messages_total",
+    "pgflow_instances_finished_total",
+    "pgflow_dead_letters_total",
+    "pgflow_worker_restarts_total",
 }
-HISTOGRAMS = {"pgflow_step_duration_seconds", "pgflow_instance_duration_seconds"}
+HISTOGRAMS = {"pgflow_step_duration_seconds", "pgflow_instance_duration_seconds", "pgflow_task_queue_wait_seconds",
+              "pgflow_coordinator_round_seconds"}
 GAUGES = {
     "pgflow_steps_in_flight",
     "pgflow_worker_processes_alive",
     "pgflow_instances",
     "pgflow_queue_depth",
     "pgflow_queue_oldest_message_age_seconds",
+    "pgflow_dead_letters_stored",
+    "pgflow_wakeups_due",
+    "pgflow_wakeup_lag_seconds",
+    "pgflow_build_info",
 }
 KNOWN_SERIES = COUNTERS | GAUGES | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 

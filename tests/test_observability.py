@@ -31,6 +31,7 @@ import psycopg
 import pytest
 import sample_flows as sf
 import yaml
+from conftest import run_sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgflow
@@ -200,9 +201,16 @@ def test_health_endpoints_in_process():
         assert http_get(base + "/nope")[0] == 404
         assert http_get(base + "/metrics?debug=1")[0] == 200
         time.sleep(0.7)  # no beat: the main loop is "stuck"
-        assert http_get(base + "/healthz") == (503, "main loop stuck\n")
+        code, body = http_get(base + "/healthz")
+        assert code == 503 and body.startswith("main loop stuck for "), body
         health.beat()
         assert http_get(base + "/healthz")[0] == 200
+        for _ in range(health.max_restarts - 1):
+            health.restarted()
+        assert http_get(base + "/healthz")[0] == 200  # a few restarts are what a supervisor is for
+        health.restarted()
+        code, body = http_get(base + "/healthz")
+        assert code == 503 and "crash-looping: 5 restarts in 60 s" in body, body
         assert pm.serve(0, health, lambda: (True, "")) is None  # port 0: off
     finally:
         server.shutdown()
@@ -214,6 +222,13 @@ def test_readiness_needs_a_reachable_initialised_database(server, dsn):
     assert pm.readiness(dsn)() == (True, "ready")
     ok, why = pm.readiness(make_conninfo(dsn, port=free_port(), host=HOST))()  # nothing listens there
     assert not ok and "cannot connect" in why
+    port = free_port()
+    for unreachable in (make_conninfo(dsn, port=port, host=HOST, password="pw-in-keyword-form"),
+                        f"postgresql://u:pw%40in-url@{HOST}:{port}/db?sslmode=disable",
+                        f"postgresql://u@{HOST}:{port}/db?password=pw-in-query"):
+        ok, why = pm.readiness(unreachable)()
+        assert not ok and "cannot connect" in why
+        assert "pw-in" not in why and "pw%40in" not in why and "pw@in" not in why, why
     empty = f"pgflow_empty_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{empty}"')
@@ -236,9 +251,15 @@ def test_readyz_of_a_running_coordinator_follows_the_database(server, dsn, engin
     wait_for(lambda: endpoint_up(port), 30, "the coordinator's /healthz")
     base = f"http://{HOST}:{port}"
     assert http_get(base + "/readyz") == (200, "ready\n")
+    for _ in range(5):  # probes reuse one connection rather than opening one each
+        assert http_get(base + "/readyz") == (200, "ready\n")
+    probe_sessions = run_sql(admin_dsn, "SELECT pid FROM pg_stat_activity"
+                             " WHERE datname = %s AND application_name = 'pgflow readiness'", (name,))
+    assert len(probe_sessions) == 1, probe_sessions
     try:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
         code, body = http_get(base + "/readyz", timeout=15)
         assert code == 503 and "cannot connect" in body, body
         assert http_get(base + "/healthz")[0] == 200
@@ -256,6 +277,33 @@ def test_readyz_of_a_running_coordinator_follows_the_database(server, dsn, engin
         finally:
             conn.execute("INSERT INTO pgflow.migrations SELECT * FROM saved_migrations ON CONFLICT DO NOTHING")
     assert http_get(base + "/readyz") == (200, "ready\n")
+
+
+def test_healthz_of_a_crash_looping_worker_fails_and_counts_restarts(server, dsn, engine_factory):
+    """Worker processes that keep dying (here: their schema check fails on every reconnect) are restarted
+    and counted, and the worker's /healthz turns 503 so that Kubernetes restarts the pod and alerts fire."""
+    admin_dsn, _ = server
+    name = conninfo_to_dict(dsn)["dbname"]
+    port = free_port()
+    engine = engine_factory()
+    engine.worker("--metrics-port", str(port), concurrency=2)
+    wait_for(lambda: endpoint_up(port), 30, "the worker's /healthz")
+    base = f"http://{HOST}:{port}"
+    wait_for(lambda: run_sql(admin_dsn, "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                             " AND application_name <> 'pgflow readiness'", (name,))[0][0] >= 4,
+             30, "both worker processes connected")
+    run_sql(dsn, "UPDATE pgflow.migrations SET compatible_from = version + 1"
+                 " WHERE version = (SELECT max(version) FROM pgflow.migrations)")  # a schema this code can't run
+    run_sql(admin_dsn, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+    def crash_looping() -> str:
+        code, body = http_get(base + "/healthz")
+        assert code == 503, (code, body)
+        return body
+
+    assert "crash-looping" in wait_for(crash_looping, 60, "/healthz to report the crash loop")
+    restarts = value(samples(http_get(base + "/metrics")[1]), "pgflow_worker_restarts_total", queue="*")
+    assert restarts is not None and restarts >= 5, restarts
 
 
 # --------------------------------------------------------------------------- real processes, exact counts
@@ -298,7 +346,7 @@ def test_process_metrics_count_exactly_the_work_done(dsn, engine_factory, tmp_pa
     def worker_matches():
         found = samples(http_get(f"http://{HOST}:{worker_port}/metrics")[1])
         got = {k: value(found, k[0], flow=k[1], step=k[2], queue="pgflow") for k in expected_worker}
-        got["alive"] = value(found, "pgflow_worker_processes_alive", queue="pgflow")
+        got["alive"] = value(found, "pgflow_worker_processes_alive", queue="*")  # serves every queue: once
         got["in_flight"] = value(found, "pgflow_steps_in_flight", queue="pgflow")
         want = {**expected_worker, "alive": 2, "in_flight": 0}
         assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
@@ -452,6 +500,8 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert(dsn, engine_factor
             if i % 2 == 0:
                 started.append((pgflow.start(sf.broken, i, dsn=dsn), "failed"))
                 started.append((pgflow.start(sf.flaky, {"succeed_on": 2}, dsn=dsn), "completed"))
+            if i % 8 == 0:  # a message that can never run: a dead letter
+                run_sql(dsn, "SELECT pgmq.send('pgflow', '\"not a task\"'::jsonb)")
             time.sleep(0.5)
         for iid, status in started:
             assert pgflow.wait(iid, 60, dsn=dsn).status == status
@@ -494,12 +544,14 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert(dsn, engine_factor
         assert [r["value"][1] for r in by_name["PgflowCoordinatorNotRedundant"]] == ["1"]  # one coordinator
         failing = {(r["metric"]["flow"], r["metric"]["step"]) for r in by_name["PgflowStepFailureRatioHigh"]}
         assert failing == {("broken", "explode")}, failing
-        # the worker's alive gauge joins the queue gauges on `queue` (the no-workers alert relies on it)
+        # a worker serving every queue reports its processes once, as queue "*", which the no-workers alert
+        # counts for every queue
         alive = prometheus.query("sum by (queue) (pgflow_worker_processes_alive)")
-        assert {r["metric"]["queue"]: r["value"][1] for r in alive} == {"pgflow": "2"}
-        joined = prometheus.query("max by (queue) (pgflow_queue_depth) and on (queue) "
-                                  "(sum by (queue) (pgflow_worker_processes_alive) > 0)")
-        assert [r["metric"]["queue"] for r in joined] == ["pgflow"]
+        assert {r["metric"]["queue"]: r["value"][1] for r in alive} == {"*": "2"}
+        assert by_name["PgflowQueueHasNoWorkers"] == []
+        dead = prometheus.query("sum by (queue) (pgflow_dead_letters_total)")
+        assert {r["metric"]["queue"]: r["value"][1] for r in dead} == {"pgflow": "2"}
+        assert [r["metric"]["queue"] for r in by_name["PgflowDeadLettersGrowing"]] == ["pgflow"]
 
         # Prometheus itself evaluates the loaded rule file without errors
         def rules_evaluated():

@@ -121,9 +121,13 @@ class Coordinator(store.ConnectedLoop):
         super().run()
 
     def loop(self) -> None:
+        round_duration = metrics().round_duration
         while not self.stop_event.is_set():
             self.health.beat()
+            started = time.perf_counter()
             handled = self.process_batch()
+            if handled:
+                round_duration.observe(time.perf_counter() - started)
             self._maybe_maintain()
             if handled == 0:
                 self._wait()
@@ -220,7 +224,7 @@ class Coordinator(store.ConnectedLoop):
             elif result.done:
                 seconds = conn.execute(query("complete_tree_instance"),
                                        {"id": inst.id, "output": store.dumps(result.output)}).fetchone()[0]
-                metrics().instance_duration.labels(inst.shape.name).observe(seconds)
+                _count_completed(inst.shape.name, seconds)
         writes.drop_instances(failures)
         writes.flush(conn)
         self._fail(conn, failures)
@@ -301,18 +305,20 @@ class Coordinator(store.ConnectedLoop):
         if not done:
             return
         finished = conn.execute(query("complete_instances"), {"done": store.dumps(done)}).fetchall()
-        histogram = metrics().instance_duration
         for _iid, flow, seconds, _notified in finished:
-            histogram.labels(flow).observe(seconds)
+            _count_completed(flow, seconds)
 
     def _fail(self, conn: psycopg.Connection, failures: dict[int, str]) -> None:
         """Fail instances for good: stored error, unfinished steps cancelled, waiters notified."""
         if not failures:
             return
-        with conn.cursor() as cur:
-            cur.executemany(query("fail_instance"), [{"id": i, "error": e} for i, e in failures.items()])
-            cur.executemany(query("cancel_open_steps"), [{"id": i} for i in failures])
-        conn.execute(query("notify_done"), {"ids": list(failures)})
+        ids = list(failures)
+        failed = conn.execute(query("fail_instances"), {"ids": ids, "errors": [failures[i] for i in ids]}).fetchall()
+        conn.execute(query("cancel_open_steps"), {"ids": ids})
+        conn.execute(query("notify_done"), {"ids": ids})
+        outcomes = metrics().instances_finished
+        for _iid, flow, _error in failed:
+            outcomes.labels(flow, "failed").inc()
 
     # ------------------------------------------------------------------------------------------ upkeep
 
@@ -370,22 +376,32 @@ class Coordinator(store.ConnectedLoop):
 
     def _sample_metrics(self, conn: psycopg.Connection) -> None:
         m = metrics()
-        counts = {(f, st): n for f, st, n in conn.execute(
-            "SELECT flow_name, status, count(*) FROM pgflow.instances GROUP BY 1, 2").fetchall()}
+        counts = {(f, st): n for f, st, n in conn.execute(query("instance_counts")).fetchall()}
         self._sampled_flows.update(f for f, _ in counts)
         for flow in self._sampled_flows:  # statuses without rows read 0, not their last count
             for status in INSTANCE_STATUSES:
                 m.instances.labels(flow, status).set(counts.get((flow, status), 0))
-        for name, total in conn.execute(
-                "SELECT m.queue_name, m.total_messages"
-                " FROM pgmq.metrics_all() m JOIN pgflow.queues q ON q.queue_name = m.queue_name").fetchall():
-            # depth and age of *ready* messages, as KEDA counts them (not in-flight or delayed ones)
-            ready, oldest = conn.execute(sql.SQL(
-                "SELECT count(*), coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8"
-                " FROM pgmq.{} WHERE vt <= now()").format(sql.Identifier("q_" + name))).fetchone()
+        queues = conn.execute(query("queue_totals")).fetchall()
+        for name, total in queues:
+            ready, oldest = conn.execute(sql.SQL(query("ready_messages")).format(
+                table=sql.Identifier("q_" + name))).fetchone()
             m.queue_depth.labels(name).set(ready)
             m.queue_oldest.labels(name).set(oldest)
             m.queue_total.labels(name).set(total)
+        due, lag = conn.execute(query("wakeup_backlog")).fetchone()
+        m.wakeups_due.set(due)
+        m.wakeup_lag.set(lag)
+        dead = dict(conn.execute(query("dead_letter_counts")).fetchall())
+        for name, _total in queues:  # queues without dead letters read 0
+            m.dead_letters.labels(name).set(dead.pop(name, 0))
+        for name, count in dead.items():  # dead letters of queues since dropped
+            m.dead_letters.labels(name).set(count)
+
+
+def _count_completed(flow: str, seconds: float) -> None:
+    m = metrics()
+    m.instance_duration.labels(flow).observe(seconds)
+    m.instances_finished.labels(flow, "completed").inc()
 
 
 def _map_elements(step: StepShape, value: Any) -> tuple[list[Any], str | None]:

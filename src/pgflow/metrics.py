@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -23,10 +24,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
+import psycopg
+
 log = logging.getLogger("pgflow.metrics")
 
 STEP_LABELS = ("flow", "step", "queue")
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+MINUTE, HOUR, DAY = 60, 3600, 86400
+#: Instances sleep, wait for signals and cron fires: their durations reach days and weeks.
+INSTANCE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, MINUTE, 5 * MINUTE, 15 * MINUTE, HOUR, 6 * HOUR, DAY,
+                    3 * DAY, 7 * DAY, 30 * DAY)
+#: Enqueue to start of a task: milliseconds when workers keep up, minutes when a queue backs up.
+WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, MINUTE,
+                5 * MINUTE, 15 * MINUTE, HOUR)
+#: The queue label of a worker that serves every queue (not a valid queue name, so never ambiguous).
+ALL_QUEUES = "*"
 
 #: What KEDA's postgresql trigger runs to read a queue's backlog; {queue} is substituted. The backlog counts
 #: messages ready to run and those in flight (so scaling to zero never removes a worker holding a step), and
@@ -100,7 +112,13 @@ def metrics() -> SimpleNamespace:
     """
     from prometheus_client import Counter, Gauge, Histogram
 
+    from . import __version__
+
+    build_info = Gauge("pgflow_build_info", "Always 1; the labels say which pgflow and schema this process runs",
+                       ("version", "schema_version", "python"), multiprocess_mode="livemax")
+    build_info.labels(__version__, str(_schema_version()), platform.python_version()).set(1)
     return SimpleNamespace(
+        build_info=build_info,
         started=Counter("pgflow_steps_started_total", "Step tasks started", STEP_LABELS),
         completed=Counter("pgflow_steps_completed_total", "Step tasks completed", STEP_LABELS),
         failed=Counter("pgflow_steps_failed_total", "Step tasks failed for good", STEP_LABELS),
@@ -109,7 +127,24 @@ def metrics() -> SimpleNamespace:
         step_duration=Histogram("pgflow_step_duration_seconds", "Step task run time", STEP_LABELS,
                                 buckets=DURATION_BUCKETS),
         instance_duration=Histogram("pgflow_instance_duration_seconds", "Instance start to completion",
-                                    ("flow",), buckets=DURATION_BUCKETS),
+                                    ("flow",), buckets=INSTANCE_BUCKETS),
+        instances_finished=Counter("pgflow_instances_finished_total",
+                                   "Instances a coordinator completed or failed, by final status", ("flow", "status")),
+        queue_wait=Histogram("pgflow_task_queue_wait_seconds",
+                             "From a task becoming ready (enqueued, or its retry due) to a worker claiming it",
+                             ("queue",), buckets=WAIT_BUCKETS),
+        dead_lettered=Counter("pgflow_dead_letters_total", "Messages put in pgflow.dead_letters", ("queue",)),
+        dead_letters=Gauge("pgflow_dead_letters_stored", "Messages in pgflow.dead_letters now", ("queue",),
+                           multiprocess_mode="livemostrecent"),
+        restarts=Counter("pgflow_worker_restarts_total", "Worker processes that died and were restarted",
+                         ("queue",)),
+        round_duration=Histogram("pgflow_coordinator_round_seconds",
+                                 "Duration of one coordinator round (claim wake-ups, evaluate, write)",
+                                 buckets=DURATION_BUCKETS),
+        wakeups_due=Gauge("pgflow_wakeups_due", "Wake-ups due and not yet taken by a coordinator (backlog)",
+                          multiprocess_mode="livemostrecent"),
+        wakeup_lag=Gauge("pgflow_wakeup_lag_seconds", "Age of the oldest due wake-up (how far coordinators lag)",
+                         multiprocess_mode="livemostrecent"),
         in_flight=Gauge("pgflow_steps_in_flight", "Step tasks being executed", ("queue",),
                         multiprocess_mode="livesum"),
         workers_alive=Gauge("pgflow_worker_processes_alive", "Worker processes alive", ("queue",),
@@ -169,18 +204,44 @@ class _Sample:
             self.owner._values[self.key] = float(value)
 
 
-class Health:
-    """Liveness: the main loop calls :meth:`beat`; it is stuck when it has not for ``stuck_after`` s."""
+def _schema_version() -> int:
+    from .store import LATEST_VERSION
 
-    def __init__(self, stuck_after: float = 120.0) -> None:
+    return LATEST_VERSION
+
+
+class Health:
+    """Liveness. The main loop calls :meth:`beat`: it is stuck when it has not for ``stuck_after`` s. A
+    supervisor calls :meth:`restarted` for each child it restarts: it is crash-looping when
+    ``max_restarts`` happened within ``restart_window`` s (a restart of the pod may cure what restarting the
+    child did not, and an operator's alert should see it either way)."""
+
+    def __init__(self, stuck_after: float = 120.0, max_restarts: int = 5, restart_window: float = 60.0) -> None:
         self.stuck_after = stuck_after
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
         self.last_beat = time.monotonic()
+        self._restarts: list[float] = []
 
     def beat(self) -> None:
         self.last_beat = time.monotonic()
 
+    def restarted(self) -> None:
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < self.restart_window] + [now]
+
+    def problem(self) -> str | None:
+        """Why the process is not alive, or None."""
+        now = time.monotonic()
+        if now - self.last_beat >= self.stuck_after:
+            return f"main loop stuck for {now - self.last_beat:.0f} s"
+        recent = [t for t in self._restarts if now - t < self.restart_window]
+        if len(recent) >= self.max_restarts:
+            return f"worker processes crash-looping: {len(recent)} restarts in {self.restart_window:.0f} s"
+        return None
+
     def alive(self) -> bool:
-        return time.monotonic() - self.last_beat < self.stuck_after
+        return self.problem() is None
 
 
 def registry():
@@ -223,8 +284,8 @@ def serve(port: int, health: Health, ready: Callable[[], tuple[bool, str]]) -> T
                     return
                 self._reply(200, body, content_type)
             elif path == "/healthz":
-                ok = health.alive()
-                self._reply(200 if ok else 503, b"ok\n" if ok else b"main loop stuck\n")
+                problem = health.problem()
+                self._reply(503 if problem else 200, f"{problem or 'ok'}\n".encode())
             elif path == "/readyz":
                 ok, why = ready()
                 self._reply(200 if ok else 503, (why + "\n").encode())
@@ -249,16 +310,43 @@ def serve(port: int, health: Health, ready: Callable[[], tuple[bool, str]]) -> T
     return server
 
 
-def readiness(dsn: str) -> Callable[[], tuple[bool, str]]:
-    """A /readyz check: the database answers and its pgflow schema is the version this code needs."""
-    from . import store
+class Readiness:
+    """The /readyz check: the database answers and its pgflow schema is one this code works with.
 
-    def check() -> tuple[bool, str]:
-        try:
-            with store.connect(dsn, autocommit=True) as conn:
-                store.require_schema(conn)
-        except Exception as exc:  # any failure means "not ready", with the reason
-            return False, f"not ready: {exc}"
+    Probes come every few seconds from every pod: the check keeps one connection and reconnects only when
+    it broke, instead of opening one per probe. The reason it gives never includes the DSN (which may hold
+    a password)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> tuple[bool, str]:
+        from . import store
+
+        with self._lock:
+            try:
+                try:
+                    store.require_schema(self._connection())
+                except psycopg.OperationalError:  # the kept connection was cut (server restart): once more
+                    store.close_quietly(self._conn)
+                    self._conn = None
+                    store.require_schema(self._connection())
+            except Exception as exc:  # any failure means "not ready", with the reason
+                return False, f"not ready: {store.without_dsn(str(exc), self.dsn)}"
         return True, "ready"
 
-    return check
+    def _connection(self):
+        from . import store
+
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            store.close_quietly(self._conn)
+            self._conn = store.connect(self.dsn, autocommit=True, application_name="pgflow readiness",
+                                       options="-c statement_timeout=5000")
+        return self._conn
+
+
+def readiness(dsn: str) -> Readiness:
+    """The /readyz check for a process using ``dsn``."""
+    return Readiness(dsn)

@@ -77,11 +77,14 @@ def archive(conn: psycopg.Connection, queue: str, msg_ids: list[int]) -> None:
 
 def dead_letter(conn: psycopg.Connection, queue: str, msg_id: int, body: Any, reason: str) -> None:
     """Archive a message that can never run and record why in pgflow.dead_letters."""
+    from .metrics import metrics
+
     log.error("dead letter %s on %s: %s: %.200r", msg_id, queue, reason, body)
     with conn.transaction():
-        conn.execute("INSERT INTO pgflow.dead_letters (queue, msg_id, message, reason) VALUES (%s, %s, %s, %s)",
-                     (queue, msg_id, Jsonb(body), reason))
+        conn.execute(query("insert_dead_letter"), {"queue": queue, "msg_id": msg_id, "message": Jsonb(body),
+                                                   "reason": reason})
         archive(conn, queue, [msg_id])
+    metrics().dead_lettered.labels(queue).inc()
 
 
 def extend(conn: psycopg.Connection, queue: str, msg_ids: list[int], visibility_timeout: int) -> None:

@@ -15,11 +15,14 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import set_json_loads
 
 from .errors import DatabaseUnavailable, NotSerializable, PayloadTooLarge, PgflowError
@@ -30,6 +33,7 @@ log = logging.getLogger("pgflow.store")
 DEFAULT_HOME = "~/.local/share/pgflow"
 MIGRATION_LOCK = 7_406_111  # advisory lock key: one `pgflow init` at a time
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
+_COMPATIBLE_FROM = re.compile(r"^-- compatible-from: (\d+)\s*$", re.MULTILINE)
 
 
 def pgflow_home() -> Path:
@@ -72,7 +76,8 @@ def connect(dsn: str, autocommit: bool = False, **kwargs: Any) -> psycopg.Connec
     try:
         conn = psycopg.connect(dsn, autocommit=autocommit, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot connect to PostgreSQL ({_redact(dsn)}): {exc}".strip()) from exc
+        raise DatabaseUnavailable(
+            f"cannot connect to PostgreSQL ({describe_dsn(dsn)}): {without_dsn(str(exc), dsn)}".strip()) from None
     return configure(conn)
 
 
@@ -91,8 +96,26 @@ def close_quietly(*conns: psycopg.Connection | None) -> None:
                 conn.close()
 
 
-def _redact(dsn: str) -> str:
-    return re.sub(r"(password=|:)[^@\s]*@", r"\1***@", dsn)
+def describe_dsn(dsn: str) -> str:
+    """Where a DSN points (host, port, database, user), never its password, in any DSN syntax."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "an unparseable DSN"
+    shown = {k: params[k] for k in ("host", "port", "dbname", "user") if params.get(k)}
+    return " ".join(f"{k}={v}" for k, v in shown.items()) or "default connection parameters"
+
+
+def without_dsn(text: str, dsn: str) -> str:
+    """``text`` with the DSN and its password cut out (error messages may quote them)."""
+    secrets = [dsn]
+    with contextlib.suppress(psycopg.ProgrammingError):
+        password = conninfo_to_dict(dsn).get("password")
+        if password:
+            secrets += [str(password), quote(str(password), safe="")]
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def max_payload_bytes() -> int:
@@ -134,27 +157,74 @@ def json_arrays(payloads: list[str], limit: int = JSON_ARRAY_CHARS) -> Iterator[
 
 # ---------------------------------------------------------------------------------------------- migrations
 
-def migrations() -> list[tuple[int, str, str]]:
-    """All packaged migrations as (version, name, sql), in order."""
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema. ``compatible_from`` is the oldest code (named by the schema version it was
+    written for) that still works once this step is applied: a migration that only adds things declares
+    the version before it in a ``-- compatible-from: N`` line, so pods of the previous release keep working
+    during a rolling upgrade; one that does not declare it is taken as breaking."""
+
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def compatible_from(self) -> int:
+        match = _COMPATIBLE_FROM.search(self.sql)
+        return int(match[1]) if match else self.version
+
+
+def migrations() -> list[Migration]:
+    """All packaged migrations, in order."""
     from importlib.resources import files
 
     found = []
     for entry in files("pgflow").joinpath("sql", "migrations").iterdir():
         match = _MIGRATION_FILE.match(entry.name)
         if match:
-            found.append((int(match[1]), match[2], read_sql(f"migrations/{entry.name}")))
-    return sorted(found)
+            found.append(Migration(int(match[1]), match[2], read_sql(f"migrations/{entry.name}")))
+    return sorted(found, key=lambda m: m.version)
 
 
-LATEST_VERSION = max(v for v, _, _ in migrations())
+LATEST_VERSION = migrations()[-1].version
+
+
+@dataclass(frozen=True)
+class SchemaState:
+    """What a database's pgflow schema is: its version, and the oldest code version that works with it."""
+
+    version: int
+    compatible_from: int
+
+    def problem(self, code_version: int = LATEST_VERSION) -> str | None:
+        """Why code written for ``code_version`` cannot run against this schema, or None when it can."""
+        if self.version < code_version:
+            return (f"the pgflow schema is at version {self.version}, this pgflow needs {code_version}: "
+                    "run `pgflow init`")
+        if self.compatible_from > code_version:
+            return (f"the pgflow schema is at version {self.version}, which needs pgflow code of schema "
+                    f"version {self.compatible_from} or newer; this pgflow is {code_version}: upgrade it")
+        return None
+
+
+def schema_state(conn: psycopg.Connection) -> SchemaState:
+    """The applied schema (version 0 when pgflow was never initialised here)."""
+    exists = conn.execute(query("migrations_table_exists")).fetchone()[0]
+    if not exists:
+        return SchemaState(0, 0)
+    return SchemaState(*conn.execute(query("schema_state")).fetchone())
 
 
 def schema_version(conn: psycopg.Connection) -> int:
     """The applied pgflow schema version (0 when pgflow was never initialised here)."""
-    exists = conn.execute("SELECT to_regclass('pgflow.migrations') IS NOT NULL").fetchone()[0]
-    if not exists:
-        return 0
-    return conn.execute(query("schema_version")).fetchone()[0]
+    return schema_state(conn).version
+
+
+def apply_migration(conn: psycopg.Connection, migration: Migration) -> None:
+    """Run one migration and record it (inside the caller's transaction)."""
+    conn.execute(migration.sql)
+    conn.execute(query("record_migration"), {"version": migration.version, "name": migration.name,
+                                             "compatible_from": migration.compatible_from})
 
 
 def install_pgmq(conn: psycopg.Connection) -> bool:
@@ -176,18 +246,12 @@ def init_schema(dsn: str, queues: tuple[str, ...] | list[str] = ()) -> list[int]
     with connect(dsn) as conn, conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         install_pgmq(conn)
-        conn.execute("CREATE SCHEMA IF NOT EXISTS pgflow")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS pgflow.migrations (version integer PRIMARY KEY, name text NOT NULL,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
-        )
+        conn.execute(query("create_migrations_table"))
         current = schema_version(conn)
-        for version, name, sql in migrations():
-            if version <= current:
-                continue
-            conn.execute(sql)
-            conn.execute("INSERT INTO pgflow.migrations (version, name) VALUES (%s, %s)", (version, name))
-            applied.append(version)
+        for migration in migrations():
+            if migration.version > current:
+                apply_migration(conn, migration)
+                applied.append(migration.version)
         for name in queues:
             try:
                 with conn.transaction():
@@ -198,12 +262,12 @@ def init_schema(dsn: str, queues: tuple[str, ...] | list[str] = ()) -> list[int]
 
 
 def require_schema(conn: psycopg.Connection) -> None:
-    """Fail early, with the fix, when the database has not been initialised or is at another version."""
-    version = schema_version(conn)
-    if version != LATEST_VERSION:
-        raise PgflowError(
-            f"the pgflow schema is at version {version}, this pgflow needs {LATEST_VERSION}: run `pgflow init`"
-        )
+    """Fail early, with the fix, when the database has not been initialised, is older than this code, or
+    is newer than this code can work with (a newer schema that declares itself compatible is fine: that
+    is how old and new pods run side by side during a rolling upgrade)."""
+    problem = schema_state(conn).problem()
+    if problem:
+        raise PgflowError(problem)
 
 
 def wait_for_database(dsn: str, timeout: float = 30.0) -> None:

@@ -46,8 +46,8 @@ from .client import load_flow
 from .coordinator import ShapeCache
 from .dsl import SqlTemplate, compile_sql
 from .errors import FlowDefinitionError, NonRetryableError, NotSerializable, PayloadTooLarge, StepTimeout
-from .flows import INPUT, ITEM, REGISTRY, SECRETS, VARS, Step, StepContext, StepShape, resolve_secrets
-from .metrics import Health, metrics
+from .flows import INPUT, ITEM, REGISTRY, SECRETS, VARS, FlowShape, Step, StepContext, StepShape, resolve_secrets
+from .metrics import ALL_QUEUES, Health, metrics
 from .queries import query
 
 log = logging.getLogger("pgflow.worker")
@@ -140,6 +140,20 @@ class StepCode:
             raise NonRetryableError(f"flow {flow_name!r} as loaded by this worker has no Python step "
                                     f"{step_name!r} (the code changed since the instance started?)")
         return step
+
+
+def step_label(shape: FlowShape, step: StepShape | None, name: str) -> str:
+    """The ``step`` label of a task's metrics. A DAG step is named in its flow's code, so its name is
+    bounded. A control-flow leaf is named by its position in the tree, and positions multiply with the width
+    of a join and with loop iterations, so it is labelled by what it runs instead: ``sql``, ``http`` or
+    ``python:<module:function>`` (a flow's series are bounded by its distinct functions, plus two)."""
+    if shape.tree is None:
+        return name
+    if step is None:
+        return "unknown"
+    if step.kind == "python" and step.spec:
+        return f"python:{step.spec.get('fn')}"
+    return step.kind
 
 
 def task_arrays(rows: list[dict]) -> dict[str, list]:
@@ -267,7 +281,12 @@ class Worker(store.ConnectedLoop):
             if self._conn.broken or self._conn.closed:
                 raise
             return q.read(self._conn, queue, self.visibility_timeout, self.batch_size), None
-        return [(r["msg_id"], r["message"]) for r in rows], [r for r in rows if r["attempt"] is not None]
+        claimed = [r for r in rows if r["attempt"] is not None]
+        waits = metrics().queue_wait.labels(queue)
+        for row in claimed:
+            if row["queue_wait"] is not None:
+                waits.observe(row["queue_wait"])
+        return [(r["msg_id"], r["message"]) for r in rows], claimed
 
     def process(self, queue: str, messages: list[tuple[int, Any]], claimed: list[dict] | None = None) -> None:
         """Claim (unless ``claimed`` holds the rows already claimed), run and acknowledge one batch read
@@ -367,7 +386,7 @@ class Worker(store.ConnectedLoop):
     def _run_task(self, queue: str, row: dict, task: q.Task, acks: _Acks) -> None:
         shape = self.shapes.get(self._conn, row["flow_name"], row["flow_version"])
         step = shape.steps.get(row["step_name"])
-        labels = (shape.name, row["step_name"], queue)
+        labels = (shape.name, step_label(shape, step, row["step_name"]), queue)
         m = metrics()
         m.started.labels(*labels).inc()  # also for tasks that fail before running, so failed <= started
         if step is None:
@@ -654,23 +673,10 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
     health = Health()
     server = serve(metrics_port, health, readiness(dsn))
     inherited = (server.socket,) if server else ()
-    alive_gauge = metrics().workers_alive
-    served = list(queues or [])  # the queue label of pgflow_worker_processes_alive
-
-    def discover_queues() -> None:
-        """Serving every queue: label the gauge with each pgflow queue (re-read, as queues appear), so that
-        it joins pgflow_queue_depth on `queue` like a worker started with --queue does."""
-        while True:
-            try:
-                with store.connect(dsn, autocommit=True) as conn:
-                    served[:] = q.pgflow_queues(conn)
-            except Exception as exc:  # the database may be away; keep the last list and try again
-                log.debug("reading the queue list failed: %s", exc)
-            if stop.wait(5.0):
-                return
-
-    if metrics_port and not queues:
-        threading.Thread(target=discover_queues, name="pgflow-queue-list", daemon=True).start()
+    # a series per queue served, or one labelled "*" when it serves every queue (counted once, not per queue)
+    queue_labels = list(queues) if queues else [ALL_QUEUES]
+    alive_gauges = [metrics().workers_alive.labels(name) for name in queue_labels]
+    restart_counters = [metrics().restarts.labels(name) for name in queue_labels]
 
     def spawn(index: int):
         process = context.Process(target=_child_main, args=(dsn, queues, options, inherited, os.getpid()),
@@ -686,12 +692,15 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
             if not child.is_alive():
                 log.warning("worker process %s exited with %s; restarting", child.pid, child.exitcode)
                 _mark_dead(child.pid)
+                for counter in restart_counters:
+                    counter.inc()
+                health.restarted()
                 if time.monotonic() - started[i] < 1.0:
                     time.sleep(1.0)  # do not spin on a child that dies at start-up
                 children[i], started[i] = spawn(i), time.monotonic()
         alive = sum(c.is_alive() for c in children)
-        for name in list(served):
-            alive_gauge.labels(name).set(alive)
+        for gauge in alive_gauges:
+            gauge.set(alive)
         stop.wait(0.5)
     for child in children:
         if child.is_alive():

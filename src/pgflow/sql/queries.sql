@@ -1,8 +1,26 @@
 -- Named queries used by pgflow's Python code. Each block starts with "-- name: <name>" and runs with
 -- psycopg placeholders (%s / %(name)s); every value is a bound parameter.
 
--- name: schema_version
-SELECT coalesce(max(version), 0) FROM pgflow.migrations;
+-- name: migrations_table_exists
+SELECT to_regclass('pgflow.migrations') IS NOT NULL;
+
+-- name: create_migrations_table
+-- compatible_from: the oldest code (by schema version) that works once this migration is applied
+CREATE SCHEMA IF NOT EXISTS pgflow;
+CREATE TABLE IF NOT EXISTS pgflow.migrations (
+    version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE pgflow.migrations ADD COLUMN IF NOT EXISTS compatible_from integer;
+
+-- name: record_migration
+INSERT INTO pgflow.migrations (version, name, compatible_from)
+VALUES (%(version)s, %(name)s, %(compatible_from)s);
+
+-- name: schema_state
+-- (through to_jsonb: a database initialised before compatible_from existed has no such column)
+SELECT coalesce(max(version), 0),
+       coalesce(max(coalesce((to_jsonb(m)->>'compatible_from')::integer, version)), 0)
+FROM pgflow.migrations m;
 
 -- name: register_flow
 SELECT pgflow.register_flow(%(name)s, %(version)s, %(ref)s, %(shape)s::jsonb);
@@ -110,13 +128,15 @@ WITH done AS (
 )
 SELECT seconds, pg_notify('pgflow_instance_done', id::text) FROM done;
 
--- name: fail_instance
-UPDATE pgflow.instances SET status = 'failed', error = %(error)s, finished_at = now()
-WHERE id = %(id)s;
+-- name: fail_instances
+UPDATE pgflow.instances i SET status = 'failed', error = u.error, finished_at = now()
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS u(id, error)
+WHERE i.id = u.id
+RETURNING i.id, i.flow_name, u.error;
 
 -- name: cancel_open_steps
 UPDATE pgflow.steps SET status = 'cancelled', finished_at = now()
-WHERE instance_id = %(id)s AND status IN ('queued', 'running', 'retrying', 'mapping');
+WHERE instance_id = ANY(%(ids)s) AND status IN ('queued', 'running', 'retrying', 'mapping');
 
 -- name: notify_done
 SELECT pg_notify('pgflow_instance_done', id::text) FROM unnest(%(ids)s::bigint[]) AS id;
@@ -154,6 +174,10 @@ SELECT pgflow.enqueue_tasks(%(queue)s, %(instance_ids)s, %(steps)s, %(tasks)s,
 
 -- name: ensure_queue
 SELECT pgflow.ensure_queue(%(queue)s);
+
+-- name: insert_dead_letter
+INSERT INTO pgflow.dead_letters (queue, msg_id, message, reason)
+VALUES (%(queue)s, %(msg_id)s, %(message)s, %(reason)s);
 
 -- name: list_queues
 SELECT queue_name FROM pgflow.queues ORDER BY queue_name;
@@ -211,3 +235,22 @@ WHERE n_dead_tup >= %(min_dead)s
 
 -- name: try_maintenance_lock
 SELECT pg_try_advisory_xact_lock(hashtext('pgflow.maintenance'));
+
+-- name: instance_counts
+SELECT flow_name, status, count(*) FROM pgflow.instances GROUP BY 1, 2;
+
+-- name: queue_totals
+SELECT m.queue_name, m.total_messages
+FROM pgmq.metrics_all() m JOIN pgflow.queues q ON q.queue_name = m.queue_name;
+
+-- name: ready_messages
+-- depth and age of *ready* messages (not in-flight or delayed ones); the table name is formatted in
+SELECT count(*), coalesce(extract(epoch FROM now() - min(enqueued_at)), 0)::float8
+FROM pgmq.{table} WHERE vt <= now();
+
+-- name: wakeup_backlog
+SELECT count(*), coalesce(extract(epoch FROM now() - min(due_at)), 0)::float8
+FROM pgflow.wakeups WHERE due_at <= now();
+
+-- name: dead_letter_counts
+SELECT queue, count(*) FROM pgflow.dead_letters GROUP BY queue;

@@ -1,4 +1,5 @@
 -- pgflow schema, version 8: queues a worker or `pgflow init --queue` can create before any flow names them,
+-- compatible-from: 7
 -- and a depth an autoscaler can read for a queue that does not exist yet.
 --
 -- A worker started with `--queue ops` on a fresh database used to crash-loop on `relation "pgmq.q_ops" does
