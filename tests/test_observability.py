@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -30,6 +31,7 @@ import psutil
 import psycopg
 import pytest
 import sample_flows as sf
+import sample_trees
 import yaml
 from conftest import run_sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -306,6 +308,40 @@ def test_healthz_of_a_crash_looping_worker_fails_and_counts_restarts(server, dsn
     assert restarts is not None and restarts >= 5, restarts
 
 
+def test_step_labels_of_a_tree_workflow_do_not_grow_with_its_width_or_iterations(dsn, engine_factory):
+    """A 150-wide join and a loop of 20 iterations of SQL and Python leaves: the step label is the leaf's
+    kind, so the flow has a handful of series, not one per branch or iteration."""
+    from pgflow import tree as t
+
+    port = free_port()
+    engine = engine_factory()
+    engine.coordinator()
+    engine.worker("--metrics-port", str(port), concurrency=2)
+    wide = t.join(*[f"SELECT {i} AS n" for i in range(150)]).named("counts") >> t.python(sample_trees.total)
+    counted = t.loop("INSERT INTO loop_count DEFAULT VALUES"
+                     >> t.if_("SELECT count(*) >= 20 FROM loop_count", t.brk("SELECT 'done' AS v")))
+    run_sql(dsn, "CREATE TABLE loop_count (id serial)")
+    ids = [pgflow.start(wide, name="wide", dsn=dsn), pgflow.start(counted, name="loop", dsn=dsn)]
+    finished = [pgflow.wait(i, 120, dsn=dsn) for i in ids]
+    assert [f.status for f in finished] == ["completed", "completed"], finished
+    flows = {i: pgflow.status(i, dsn=dsn).flow for i in ids}
+
+    def step_labels() -> dict[str, set[str]]:
+        found = samples(http_get(f"http://{HOST}:{port}/metrics")[1])
+        labels: dict[str, set[str]] = {}
+        for name, pairs in found:
+            pairs = dict(pairs)
+            if name == "pgflow_steps_completed_total" and pairs.get("flow") in flows.values():
+                labels.setdefault(pairs["flow"], set()).add(pairs["step"])
+        assert set(labels) == set(flows.values()), labels
+        return labels
+
+    labels = wait_for(step_labels, 30, "the flows' step series")
+    assert labels[flows[ids[0]]] == {"sql", "python:sample_trees:total"}
+    assert labels[flows[ids[1]]] == {"sql"}
+    assert run_sql(dsn, "SELECT count(*) FROM loop_count")[0][0] == 20
+
+
 # --------------------------------------------------------------------------- real processes, exact counts
 
 
@@ -348,7 +384,10 @@ def test_process_metrics_count_exactly_the_work_done(dsn, engine_factory, tmp_pa
         got = {k: value(found, k[0], flow=k[1], step=k[2], queue="pgflow") for k in expected_worker}
         got["alive"] = value(found, "pgflow_worker_processes_alive", queue="*")  # serves every queue: once
         got["in_flight"] = value(found, "pgflow_steps_in_flight", queue="pgflow")
-        want = {**expected_worker, "alive": 2, "in_flight": 0}
+        # every message sent was read for the first time exactly once: one enqueue-to-start observation each
+        got["waits"] = value(found, "pgflow_task_queue_wait_seconds_count", queue="pgflow")
+        got["restarts"] = value(found, "pgflow_worker_restarts_total", queue="*")
+        want = {**expected_worker, "alive": 2, "in_flight": 0, "waits": total_messages, "restarts": 0}
         assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
         return found
 
@@ -363,9 +402,17 @@ def test_process_metrics_count_exactly_the_work_done(dsn, engine_factory, tmp_pa
             "depth": value(found, "pgflow_queue_depth", queue="pgflow"),
             "oldest": value(found, "pgflow_queue_oldest_message_age_seconds", queue="pgflow"),
             "total": value(found, "pgflow_queue_messages_total", queue="pgflow"),
+            "wide outcomes": value(found, "pgflow_instances_finished_total", flow="wide", status="completed"),
+            "flaky outcomes": value(found, "pgflow_instances_finished_total", flow="flaky", status="completed"),
+            "broken outcomes": value(found, "pgflow_instances_finished_total", flow="broken", status="failed"),
+            "wake-ups due": value(found, "pgflow_wakeups_due"),
+            "dead letters": value(found, "pgflow_dead_letters_stored", queue="pgflow"),
+            "build": value(found, "pgflow_build_info", version=pgflow.__version__,
+                           schema_version=str(store.LATEST_VERSION), python=platform.python_version()),
         }
         want = {"wide durations": 2, "flaky durations": 1, "broken durations": None, "wide completed": 2,
-                "broken failed": 1, "depth": 0, "oldest": 0, "total": total_messages}
+                "broken failed": 1, "depth": 0, "oldest": 0, "total": total_messages, "wide outcomes": 2,
+                "flaky outcomes": 1, "broken outcomes": 1, "wake-ups due": 0, "dead letters": 0, "build": 1}
         assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
         return found
 
