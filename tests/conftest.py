@@ -117,6 +117,10 @@ class Engine:
         return self._spawn(pgflow_command("worker", "--dsn", self.dsn, "--import", "sample_flows",
                                           "--concurrency", str(concurrency), "--visibility-timeout", "3", *args))
 
+    def spawn(self, cmd: list[str]) -> subprocess.Popen:
+        """Start any command as one of the engine's processes (stopped with the others)."""
+        return self._spawn(cmd)
+
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         proc.started_at = time.monotonic()
@@ -160,8 +164,9 @@ class Engine:
                         child.kill()
                         problems.append(f"process {child.pid} outlived its supervisor")
                 _, err = proc.communicate(timeout=30)
+            proc.stderr_text = err.decode(errors="replace")
             if proc.returncode not in (0, -9) and not (young and proc.returncode == -15):
-                problems.append(f"{proc.args[3]} exited {proc.returncode}: {err.decode()[-2000:]}")
+                problems.append(f"{' '.join(proc.args[:6])} exited {proc.returncode}: {err.decode()[-2000:]}")
         return problems
 
 

@@ -241,3 +241,13 @@ def crunch(ctx, i, input):
 @fanout.step(after=[crunch])
 def gather(ctx, crunch):
     return {"count": len(crunch), "sum": sum(crunch)}
+
+
+# --- a queue no flow named before its workers started (tests/test_queues.py) --------------------------------
+
+on_ops = Flow("on_ops", queue="ops")
+
+
+@on_ops.step()
+def operate(ctx, input):
+    return {"operated": input}
