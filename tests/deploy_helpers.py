@@ -3,14 +3,16 @@
 Nothing here needs a network, a Kubernetes cluster, Docker or the database:
 
 * built-in Kubernetes kinds are checked against the OpenAPI-derived JSON
-  schemas bundled with ``kubernetes-validate`` (strict: unknown fields fail);
+  schemas bundled with ``kubernetes-validate`` (strict: unknown fields fail),
+  for Kubernetes 1.30 and for the newest version the package has schemas of;
 * CRD kinds (KEDA, Prometheus Operator) are checked with the pydantic models
   of ``cloudcoil-models-keda`` / ``cloudcoil-models-prometheus-operator``.
   Those models silently *ignore* unknown keys, so a strict validation is
   followed by a round-trip: every key and value of the input must survive
   ``model_dump``; a dropped key means the model does not know the field;
-* the Helm chart is rendered with ``helm-python-sdk``, which embeds Helm's Go
-  SDK as a shared library (no ``helm`` binary, no download);
+* the Helm chart is rendered and linted (``helm lint --strict``, which
+  enforces values.schema.json) with ``helm-python-sdk``, which embeds Helm's
+  Go SDK as a shared library (no ``helm`` binary, no download);
 * the Grafana dashboard is decoded with ``grafana-foundation-sdk``'s
   ``Dashboard.from_json`` and re-encoded; keys it does not know are dropped
   by the decoder, which the round-trip comparison reveals.
@@ -46,10 +48,19 @@ RULES_TEST_FILE = DEPLOY / "prometheus" / "rules_test.yml"
 DASHBOARD_FILE = DEPLOY / "grafana" / "pgflow.json"
 DOCKERFILE = REPO / "Dockerfile"
 MULTI_QUEUE_VALUES = REPO / "tests" / "data" / "values-multi-queue.yaml"
+ALL_FEATURES_VALUES = REPO / "tests" / "data" / "values-all-features.yaml"
+QUEUE_MIGRATION = REPO / "src" / "pgflow" / "sql" / "migrations" / "0008_queues.sql"
 
-# Oldest Kubernetes minor the manifests must be valid for (chart kubeVersion
-# is >= 1.25; autoscaling/v2 and policy/v1 are GA there).
-K8S_VERSION = "1.29.0"
+# Kubernetes versions every manifest must be valid for: 1.30, and the newest
+# one whose schemas the installed kubernetes-validate ships (read from the
+# package, so a newer release of it moves the check forward by itself).
+OLDEST_K8S_VERSION = "1.30.0"
+NEWEST_K8S_VERSION = kubernetes_validate.latest_version()
+K8S_VERSIONS = tuple(dict.fromkeys((OLDEST_K8S_VERSION, NEWEST_K8S_VERSION)))
+
+HOOK = "helm.sh/hook"
+HOOK_WEIGHT = "helm.sh/hook-weight"
+HOOK_DELETE_POLICY = "helm.sh/hook-delete-policy"
 
 CRD_MODELS: dict[tuple[str, str], Any] = {
     ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
@@ -189,13 +200,20 @@ def validate_crd(obj: dict[str, Any]) -> None:
         raise ManifestInvalid(f"{obj_id(obj)}: " + "; ".join(problems))
 
 
-def validate_builtin(obj: dict[str, Any]) -> None:
-    """Validate a built-in kind against kubernetes-validate's strict schema."""
+def validate_builtin_at(obj: dict[str, Any], version: str) -> str:
+    """Validate a built-in kind against kubernetes-validate's strict schema of
+    Kubernetes ``version``; return the version whose schema was used."""
     try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        return kubernetes_validate.validate(obj, version, strict=True)
     except K8sSchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
-        raise ManifestInvalid(f"{obj_id(obj)}: {where}: {exc.message}") from exc
+        raise ManifestInvalid(f"{obj_id(obj)} (Kubernetes {version}): {where}: {exc.message}") from exc
+
+
+def validate_builtin(obj: dict[str, Any]) -> None:
+    """Validate a built-in kind for every version of K8S_VERSIONS."""
+    for version in K8S_VERSIONS:
+        validate_builtin_at(obj, version)
 
 
 def validate_object(obj: dict[str, Any]) -> None:
@@ -236,6 +254,47 @@ def render_chart(
     return objects
 
 
+def lint_chart(values: dict[str, Any] | None, kube_version: str) -> dict[str, Any]:
+    """``helm lint --strict --kube-version`` of the chart: a report whose
+    ``errors`` include every value values.schema.json rejects."""
+    return helm_python.lint(CHART_DIR, values, strict=True, kube_version=f"v{kube_version}")
+
+
+def hook_events(obj: dict[str, Any]) -> set[str]:
+    """The Helm hook events of ``obj`` (empty for an ordinary release object)."""
+    value = obj["metadata"].get("annotations", {}).get(HOOK, "")
+    return {event.strip() for event in value.split(",") if event.strip()}
+
+
+def hook_weight(obj: dict[str, Any]) -> int:
+    return int(obj["metadata"].get("annotations", {}).get(HOOK_WEIGHT, "0"))
+
+
+def pod_references(obj: dict[str, Any]) -> set[tuple[str, str]]:
+    """(kind, name) of the ServiceAccount, Secrets and ConfigMaps a pod template
+    needs before its containers can start."""
+    spec = pod_spec(obj)
+    refs = {("ServiceAccount", spec.get("serviceAccountName", "default"))}
+    for volume in spec.get("volumes", []):
+        if "secret" in volume:
+            refs.add(("Secret", volume["secret"]["secretName"]))
+        if "configMap" in volume:
+            refs.add(("ConfigMap", volume["configMap"]["name"]))
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        for source in container.get("envFrom", []):
+            if "configMapRef" in source:
+                refs.add(("ConfigMap", source["configMapRef"]["name"]))
+            if "secretRef" in source:
+                refs.add(("Secret", source["secretRef"]["name"]))
+        for env in container.get("env", []):
+            value_from = env.get("valueFrom", {})
+            if "secretKeyRef" in value_from:
+                refs.add(("Secret", value_from["secretKeyRef"]["name"]))
+            if "configMapKeyRef" in value_from:
+                refs.add(("ConfigMap", value_from["configMapKeyRef"]["name"]))
+    return refs
+
+
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in override.items():
@@ -246,11 +305,26 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     return merged
 
 
+def chart_schema() -> dict[str, Any]:
+    return json.loads((CHART_DIR / "values.schema.json").read_text())
+
+
+def schema_node(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """``node`` with a local ``$ref`` (``#/definitions/x``) resolved."""
+    while "$ref" in node:
+        target: Any = schema
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
 # --------------------------------------------------------------------------- pods
 
 
 def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
-    return obj["spec"]["template"]["spec"]
+    """The pod spec of a Pod, or the pod template's of a workload (Deployment, Job)."""
+    return obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
 
 
 def only_container(obj: dict[str, Any]) -> dict[str, Any]:

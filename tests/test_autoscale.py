@@ -10,10 +10,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
+from pgflow import queue as q
 from pgflow.metrics import KEDA_DEPTH_QUERY_TEMPLATE
 
 LOADTEST = Path(__file__).resolve().parents[1] / "loadtests" / "autoscale.py"
+KEDA_MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "keda-scaledobject.yaml"
 DRAIN_TIMEOUT = 10.0
 INSTANCES, TASKS = 3, 200
 
@@ -44,6 +47,30 @@ def test_depth_is_read_with_the_keda_query(dsn, autoscale):
         assert conn.execute(KEDA_DEPTH_QUERY_TEMPLATE.format(queue="missing")).fetchone()[0] == 0
         with pytest.raises(ValueError):
             autoscale.queue_depth(conn, "scale; DROP TABLE x")
+
+
+def test_keda_keeps_the_workers_while_a_message_is_in_flight(dsn):
+    """KEDA's postgresql trigger is active while its query answers more than activationTargetQueryValue, and
+    KEDA scales only an inactive ScaledObject to zero (after cooldownPeriod). With the manifest's query and
+    threshold, run here on a real database: a message in flight keeps the queue active; an emptied queue
+    does not."""
+    scaled = next(d for d in yaml.safe_load_all(KEDA_MANIFEST.read_text()) if d and d["kind"] == "ScaledObject")
+    trigger = scaled["spec"]["triggers"][0]["metadata"]
+    threshold = float(trigger["activationTargetQueryValue"])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+
+        def active() -> bool:
+            return conn.execute(trigger["query"]).fetchone()[0] > threshold
+
+        assert not active()  # the queue does not exist yet: 0, no error
+        q.ensure_queue(conn, "pgflow")
+        assert not active()
+        (msg_id,) = conn.execute("SELECT * FROM pgmq.send('pgflow', '{}'::jsonb)").fetchone()
+        assert active()  # ready
+        assert conn.execute("SELECT msg_id FROM pgmq.read('pgflow', 60, 1)").fetchone() == (msg_id,)
+        assert active()  # in flight: a worker holds it
+        conn.execute("SELECT pgmq.archive('pgflow', %s)", (msg_id,))
+        assert not active()  # done: KEDA may scale to zero after its cooldown
 
 
 def test_scaler_goes_1_to_4_and_back_while_a_fan_out_runs(dsn, engine_factory, autoscale):

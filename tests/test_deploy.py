@@ -53,6 +53,16 @@ def chart_values():
     return yaml.safe_load((h.CHART_DIR / "values.yaml").read_text())
 
 
+@pytest.fixture(scope="module")
+def all_values():
+    return h.load_values_file(h.ALL_FEATURES_VALUES)
+
+
+@pytest.fixture(scope="module")
+def all_render(all_values):
+    return h.render_chart(all_values, release="acme", namespace="jobs")
+
+
 def _assert_all_valid(objects):
     problems = []
     for obj in objects:
@@ -193,7 +203,12 @@ def test_k8s_worker(k8s_objects):
 
 def test_k8s_migrations_job(k8s_objects):
     job = h.by_name(k8s_objects, "Job", "pgflow-init")
-    assert h.only_container(job)["args"] == ["init"]
+    assert h.only_container(job)["args"] == ["init", "--queue", "pgflow"]
+    # the queue it creates is the one the worker serves and KEDA reads
+    worker = h.by_name(k8s_objects, "Deployment", "pgflow-worker-pgflow")
+    assert h.arg_value(h.only_container(worker)["args"], "--queue") == "pgflow"
+    scaled = h.by_name(k8s_objects, "ScaledObject", "pgflow-worker-pgflow")
+    assert h.DEPTH_QUERY_RE.match(_query(scaled)).group(1) == "pgflow"
     assert h.pod_spec(job)["restartPolicy"] in {"OnFailure", "Never"}
     _assert_security(job)
 
@@ -274,6 +289,7 @@ def _assert_security(obj):
 def _assert_pod_conventions(deployment, metrics_port=9100):
     _assert_security(deployment)
     container = h.only_container(deployment)
+    assert h.probe_port(container, "startupProbe") == ("/healthz", metrics_port)
     assert h.probe_port(container, "livenessProbe") == ("/healthz", metrics_port)
     assert h.probe_port(container, "readinessProbe") == ("/readyz", metrics_port)
     assert {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"} in container["ports"]
@@ -284,13 +300,93 @@ def _assert_pod_conventions(deployment, metrics_port=9100):
 # --------------------------------------------------------------------------- Helm chart
 
 
-@pytest.mark.parametrize("values_file", [None, h.MULTI_QUEUE_VALUES], ids=["default", "multi-queue"])
-def test_helm_lint(values_file):
+VALUES_FILES = [None, h.MULTI_QUEUE_VALUES, h.ALL_FEATURES_VALUES]
+VALUES_IDS = ["default", "multi-queue", "all-features"]
+
+
+@pytest.mark.parametrize("version", h.K8S_VERSIONS)
+@pytest.mark.parametrize("values_file", VALUES_FILES, ids=VALUES_IDS)
+def test_helm_lint(values_file, version):
     values = h.load_values_file(values_file) if values_file else None
-    report = h.helm_python.lint(h.CHART_DIR, values, strict=True)
+    report = h.lint_chart(values, version)
     assert report["errors"] == []
     warnings = [m for m in report["messages"] if m["severity"] >= 2]
     assert warnings == []
+
+
+@pytest.mark.parametrize(
+    ("values", "bad"),
+    [
+        ({"coordinator": {"replicaz": 3}}, "replicaz"),
+        ({"replicaz": 3}, "replicaz"),
+        ({"probes": {"startup": {"enabeld": False}}}, "enabeld"),
+        ({"networkPolicy": {"enabled": True, "postgress": {"port": 5432}}}, "postgress"),
+        ({"worker": {"extraEnv": [{"name": "A", "vaule": "b"}]}}, "vaule"),
+        ({"queues": [{"name": "q", "minReplicas": 1, "maxReplicas": 2, "targetDepthPerReplica": 5, "concurency": 2}]},
+         "concurency"),
+        ({"coordinator": {"replicas": "2"}}, "/coordinator/replicas"),
+        ({"queues": [{"name": "q", "minReplicas": 1, "maxReplicas": 2}]}, "targetDepthPerReplica"),
+        ({"keda": {"depthQuery": "SELECT 1"}}, "/keda/depthQuery"),
+        ({"keda": {"activationDepth": 3}}, "/keda/activationDepth"),
+    ],
+    ids=["coordinator.replicaz", "top-level", "probes.startup", "networkPolicy", "extraEnv item", "queue item",
+         "wrong type", "missing required", "depthQuery without {queue}", "activationDepth above 0"],
+)
+def test_helm_lint_strict_rejects_values_outside_the_schema(values, bad):
+    report = h.lint_chart(values, h.OLDEST_K8S_VERSION)
+    assert report["errors"], "lint passed"
+    assert any(bad in error for error in report["errors"]), report["errors"]
+    # rendering (helm install/upgrade/template) enforces the schema as well
+    with pytest.raises(h.helm_python.HelmValuesError, match=re.escape(bad)):
+        h.render_chart(values)
+
+
+def _schema_gaps(schema, node, value, path):
+    """Keys of ``value`` (a values.yaml subtree) that the schema ``node`` does not describe."""
+    node = h.schema_node(schema, node)
+    gaps = []
+    if isinstance(value, dict) and "properties" in node:
+        for key, child in value.items():
+            if key not in node["properties"]:
+                if node.get("additionalProperties") is False:
+                    gaps.append(f"{path}.{key}")
+            else:
+                gaps.extend(_schema_gaps(schema, node["properties"][key], child, f"{path}.{key}"))
+    elif isinstance(value, list) and isinstance(node.get("items"), dict):
+        for index, item in enumerate(value):
+            gaps.extend(_schema_gaps(schema, node["items"], item, f"{path}[{index}]"))
+    return gaps
+
+
+def test_schema_describes_every_value(chart_values, multi_values, all_values):
+    schema = h.chart_schema()
+    assert schema["additionalProperties"] is False
+    for values in (chart_values, multi_values, all_values):
+        assert _schema_gaps(schema, schema, values, "$") == []
+    # every object of the chart's own (not Kubernetes pass-through) is closed
+    open_objects = []
+
+    def walk(node, path):
+        node = h.schema_node(schema, node)
+        if "properties" in node and node.get("additionalProperties") is not False:
+            open_objects.append(path)
+        for key, child in node.get("properties", {}).items():
+            walk(child, f"{path}.{key}")
+        if isinstance(node.get("items"), dict):
+            walk(node["items"], f"{path}[]")
+
+    walk(schema, "$")
+    # a Volume has one of ~30 source kinds: only its name is the chart's concern
+    assert open_objects == [f"$.{c}extraVolumes[]" for c in ("", "migrations.", "coordinator.", "worker.")]
+
+
+def test_queue_name_rule_is_pgflows():
+    sql_rule = re.search(r"p_queue !~ '([^']+)'", h.QUEUE_MIGRATION.read_text()).group(1)
+    schema = h.chart_schema()
+    queue = h.schema_node(schema, schema["properties"]["queues"]["items"])
+    assert queue["properties"]["name"]["pattern"] == sql_rule
+    template = (h.CHART_DIR / "templates" / "worker-deployment.yaml").read_text()
+    assert f'regexMatch "{sql_rule}"' in template
 
 
 def test_chart_files_are_copies_of_the_deploy_sources():
@@ -306,6 +402,35 @@ def test_chart_multi_queue_render_validates(multi_render):
     _assert_all_valid(multi_render)
 
 
+def test_chart_all_features_render_validates(all_render):
+    _assert_all_valid(all_render)
+
+
+def test_validation_covers_k8s_1_30_and_the_newest_known_version():
+    from kubernetes_validate.utils import Version, all_versions
+
+    assert h.K8S_VERSIONS[0] == "1.30.0"
+    assert h.K8S_VERSIONS[-1] == max(all_versions(), key=Version)
+    assert Version(h.K8S_VERSIONS[-1]) >= Version("1.30.0")
+    deployment = _deployment()
+    for version in h.K8S_VERSIONS:
+        # the schema of exactly that minor is used, not an older fallback
+        assert h.validate_builtin_at(deployment, version) == h.kubernetes_validate.utils.major_minor(version)
+
+
+def test_each_version_has_its_own_schema():
+    """A field Kubernetes added after 1.30 (pod-level resources, 1.32) is unknown to the 1.30 schema only."""
+    deployment = _deployment()
+    h.pod_spec(deployment)["resources"] = {"limits": {"cpu": "1"}}
+    with pytest.raises(h.ManifestInvalid, match=r"1\.30\.0.*resources"):
+        h.validate_builtin_at(deployment, "1.30.0")
+    if h.NEWEST_K8S_VERSION.startswith(("1.30.", "1.31.")):
+        pytest.skip(f"kubernetes-validate knows no version after 1.31 ({h.NEWEST_K8S_VERSION})")
+    h.validate_builtin_at(deployment, h.NEWEST_K8S_VERSION)
+    with pytest.raises(h.ManifestInvalid, match="1.30.0"):
+        h.validate_object(deployment)  # the default check covers 1.30 too
+
+
 def test_chart_default_objects(default_render):
     kinds = sorted(o["kind"] for o in default_render)
     assert kinds == sorted(
@@ -313,14 +438,17 @@ def test_chart_default_objects(default_render):
             "ConfigMap",
             "Deployment",  # coordinator
             "Deployment",  # worker pgflow
-            "Job",
+            "Job",  # migrations hook
+            "Pod",  # test hook
             "PodDisruptionBudget",
             "PodDisruptionBudget",
             "ScaledObject",
             "Secret",
+            "Secret",  # the migrations hook's DSN
             "Service",
             "Service",
             "ServiceAccount",
+            "ServiceAccount",  # the migrations hook's
             "TriggerAuthentication",
         ]
     )
@@ -353,7 +481,7 @@ def test_chart_default_matches_plain_manifests(default_render, k8s_objects):
         for key in ("securityContext", "terminationGracePeriodSeconds", "automountServiceAccountToken"):
             assert chart_pod.get(key) == plain_pod.get(key), (kind, name, key)
         chart_c, plain_c = h.only_container(chart_obj), h.only_container(plain_obj)
-        for key in ("args", "ports", "livenessProbe", "readinessProbe", "resources", "securityContext"):
+        for key in ("args", "ports", "startupProbe", "livenessProbe", "readinessProbe", "resources", "securityContext"):
             assert chart_c.get(key) == plain_c.get(key), (kind, name, key)
     for kind in ("ScaledObject", "PodDisruptionBudget", "Service"):
         assert len(h.find(default_render, kind)) == len(h.find(k8s_objects, kind)), kind
@@ -413,6 +541,272 @@ def test_chart_multi_queue_objects(multi_render, multi_values):
     assert config["data"]["PGFLOW_METRICS_HOST"] == "0.0.0.0"  # chart default kept
 
 
+# --------------------------------------------------------------------------- migrations hook and ordering
+
+MIGRATION_EVENTS = {"pre-install", "pre-upgrade"}
+
+
+def _render_cases():
+    """(id, values, rendered objects) for the value sets the hook tests run on."""
+    multi = h.load_values_file(h.MULTI_QUEUE_VALUES)
+    own_sa = {"serviceAccount": {"create": False, "name": "shared"}, "dsn": {"existingSecret": "db"}}
+    return [
+        ("default", {}, h.render_chart()),
+        ("multi-queue", multi, h.render_chart(multi, release="acme", namespace="jobs")),
+        ("all-features", h.load_values_file(h.ALL_FEATURES_VALUES), h.render_chart(
+            h.load_values_file(h.ALL_FEATURES_VALUES), release="acme", namespace="jobs")),
+        ("existing-sa-and-secret", own_sa, h.render_chart(own_sa)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def render_cases():
+    return _render_cases()
+
+
+def _migration_job(objects):
+    (job,) = h.find(objects, "Job", {COMPONENT: "migrations"})
+    return job
+
+
+def test_chart_migrations_job_is_a_pre_install_pre_upgrade_hook(render_cases):
+    for case, values, objects in render_cases:
+        job = _migration_job(objects)
+        assert h.hook_events(job) == MIGRATION_EVENTS, case
+        annotations = job["metadata"]["annotations"]
+        # the previous run's Job is replaced (a Job's template is immutable), and kept for its logs till then
+        assert annotations[h.HOOK_DELETE_POLICY] == "before-hook-creation", case
+        queues = [q["name"] for q in values.get("queues", [{"name": "pgflow"}])]
+        expected = ["init"] + [arg for name in queues for arg in ("--queue", name)]
+        assert h.only_container(job)["args"] == expected, case
+        # every worker Deployment serves a queue the Job creates
+        for worker in h.find(objects, "Deployment", {COMPONENT: "worker"}):
+            assert h.arg_value(h.only_container(worker)["args"], "--queue") in queues, case
+
+
+def test_chart_hook_objects_exist_only_for_the_migrations(render_cases):
+    for case, _values, objects in render_cases:
+        hooks = [o for o in objects if h.hook_events(o)]
+        assert {o["kind"] for o in hooks if h.hook_events(o) == {"test"}} == {"Pod"}, case
+        for obj in hooks:
+            if h.hook_events(obj) == {"test"}:
+                continue
+            assert h.hook_events(obj) == MIGRATION_EVENTS, (case, h.obj_id(obj))
+            assert obj["metadata"]["labels"][COMPONENT] == "migrations", (case, h.obj_id(obj))
+            if obj["kind"] != "Job":
+                # the Job's helpers go once the hooks succeeded: the DSN is not left in a second Secret
+                policies = set(obj["metadata"]["annotations"][h.HOOK_DELETE_POLICY].split(","))
+                assert policies == {"before-hook-creation", "hook-succeeded"}, (case, h.obj_id(obj))
+
+
+def _check_references(case, pod_owner, objects, allowed):
+    """Every object ``pod_owner``'s pods need is rendered in ``allowed`` or not by the chart at all."""
+    rendered = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    problems = []
+    for ref in sorted(h.pod_references(pod_owner)):
+        if ref not in rendered:
+            continue  # made by the user (existingSecret, extraVolumes, a shared ServiceAccount)
+        if not allowed(rendered[ref]):
+            problems.append(f"{case}: {h.obj_id(pod_owner)} needs {ref[0]}/{ref[1]}, which it cannot rely on")
+    return problems
+
+
+def test_chart_pods_only_rely_on_objects_that_exist_when_they_start(render_cases):
+    """The ordering the chart promises: the migrations Job, which runs before any release object exists,
+    needs only hooks of its own events with a lower weight; release pods never need a hook object (deleted
+    once the hooks succeeded); the test Pod needs only release objects."""
+    problems = []
+    for case, _values, objects in render_cases:
+        job = _migration_job(objects)
+        problems += _check_references(
+            case, job, objects,
+            lambda o, job=job: h.hook_events(o) == MIGRATION_EVENTS and h.hook_weight(o) < h.hook_weight(job),
+        )
+        for owner in h.find(objects, "Deployment"):
+            problems += _check_references(case, owner, objects, lambda o: not h.hook_events(o))
+        (test_pod,) = h.find(objects, "Pod")
+        problems += _check_references(case, test_pod, objects, lambda o: not h.hook_events(o))
+    assert problems == []
+
+
+def test_chart_pod_reference_check_can_fail(default_render):
+    """The check above is not vacuous: a Job that reads the release's ConfigMap is caught."""
+    job = copy.deepcopy(_migration_job(default_render))
+    h.only_container(job)["envFrom"] = [{"configMapRef": {"name": "pgflow-config"}}]
+    problems = _check_references(
+        "default", job, default_render,
+        lambda o: h.hook_events(o) == MIGRATION_EVENTS and h.hook_weight(o) < h.hook_weight(job),
+    )
+    assert problems == ["default: Job/pgflow-init needs ConfigMap/pgflow-config, which it cannot rely on"]
+
+
+def test_chart_migrations_job_settings(default_render, multi_render, all_render, chart_values):
+    job = _migration_job(default_render)
+    env = {e["name"]: e for e in h.only_container(job)["env"]}
+    # config comes as plain env (the ConfigMap does not exist at pre-install)
+    for key, value in chart_values["config"].items():
+        assert env[key]["value"] == value
+    assert env["PGFLOW_DSN"]["valueFrom"]["secretKeyRef"] == {"name": "pgflow-init", "key": "PGFLOW_DSN"}
+    init_secret = h.by_name(default_render, "Secret", "pgflow-init")
+    assert init_secret["stringData"] == h.by_name(default_render, "Secret", "pgflow-dsn")["stringData"]
+    assert h.pod_spec(job)["serviceAccountName"] == "pgflow-init"
+
+    # an existing Secret is read directly; no hook Secret is made
+    multi_job = _migration_job(multi_render)
+    dsn = next(e for e in h.only_container(multi_job)["env"] if e["name"] == "PGFLOW_DSN")
+    assert dsn["valueFrom"]["secretKeyRef"] == {"name": "acme-pgflow-dsn", "key": "dsn"}
+    assert h.find(multi_render, "Secret") == []
+
+    # the hook ServiceAccount carries the release ServiceAccount's annotations (cloud identity)
+    hook_sa = h.by_name(all_render, "ServiceAccount", "acme-pgflow-init")
+    assert hook_sa["metadata"]["annotations"]["iam.example.com/role"] == "pgflow"
+    assert hook_sa["automountServiceAccountToken"] is False
+
+
+# --------------------------------------------------------------------------- helm test hook
+
+
+def _test_pod(objects):
+    (pod,) = h.find(objects, "Pod")
+    return pod
+
+
+def _test_urls(pod):
+    services = [c for c in pod["spec"]["containers"] if c["name"] == "services"]
+    return services[0]["args"][1:] if services else []
+
+
+def test_chart_test_hook(default_render, all_render):
+    pod = _test_pod(default_render)
+    assert h.hook_events(pod) == {"test"}
+    assert pod["spec"]["restartPolicy"] == "Never"
+    _assert_security(pod)
+    database = next(c for c in pod["spec"]["containers"] if c["name"] == "database")
+    assert database["args"][0] == "list"
+    assert database["image"] == h.only_container(h.by_name(default_render, "Deployment", "pgflow-coordinator"))["image"]
+    dsn = next(e for e in database["env"] if e["name"] == "PGFLOW_DSN")
+    assert dsn["valueFrom"]["secretKeyRef"] == {"name": "pgflow-dsn", "key": "PGFLOW_DSN"}
+
+    for objects in (default_render, all_render):
+        urls = _test_urls(_test_pod(objects))
+        assert urls, "no service is checked"
+        for url in urls:
+            match = re.fullmatch(r"http://([a-z0-9-]+):(\d+)/readyz", url)
+            assert match, url
+            service = h.by_name(objects, "Service", match.group(1))
+            assert service["spec"]["ports"][0]["port"] == int(match.group(2))
+        assert {u.split("//")[1].split(":")[0].rsplit("-", 2)[-2] for u in urls} == {"coordinator", "worker"}
+
+
+def test_chart_test_hook_skips_workers_scaled_to_zero():
+    objects = h.render_chart({"queues": [_queue("q", minReplicas=0)]})
+    assert _test_urls(_test_pod(objects)) == ["http://pgflow-coordinator-metrics:9100/readyz"]
+    objects = h.render_chart({"tests": {"enabled": False}})
+    assert h.find(objects, "Pod") == []
+
+
+# --------------------------------------------------------------------------- NetworkPolicy
+
+
+def _ports(rule):
+    return {(p["port"], p["protocol"]) for p in rule.get("ports", [])}
+
+
+def test_chart_network_policy_off_by_default(default_render):
+    assert h.find(default_render, "NetworkPolicy") == []
+
+
+def test_chart_network_policy(all_render, all_values):
+    (policy,) = h.find(all_render, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    selector = spec["podSelector"]["matchLabels"]
+    # it covers every pod of the release: Deployments, the migrations Job, the test Pod
+    pods = [o["spec"]["template"]["metadata"]["labels"] for o in h.find(all_render, "Deployment")]
+    pods += [_migration_job(all_render)["spec"]["template"]["metadata"]["labels"]]
+    pods += [_test_pod(all_render)["metadata"]["labels"]]
+    for labels in pods:
+        assert selector.items() <= labels.items()
+
+    np_values = all_values["networkPolicy"]
+    metrics, extra_ingress = spec["ingress"][0], spec["ingress"][1:]
+    assert _ports(metrics) == {(9100, "TCP")}
+    assert {"podSelector": {"matchLabels": selector}} in metrics["from"]
+    for peer in np_values["metricsFrom"]:
+        assert peer in metrics["from"]
+    assert extra_ingress == np_values["extraIngress"]
+
+    dns, postgres, own_metrics, *extra_egress = spec["egress"]
+    assert _ports(dns) == {(53, "UDP"), (53, "TCP")}
+    assert dns["to"] == np_values["dns"]["to"]
+    assert _ports(postgres) == {(6432, "TCP")}
+    assert postgres["to"] == np_values["postgres"]["to"]
+    assert _ports(own_metrics) == {(9100, "TCP")}
+    assert own_metrics["to"] == [{"podSelector": {"matchLabels": selector}}]
+    assert extra_egress == np_values["extraEgress"]
+
+
+def test_chart_network_policy_defaults_allow_any_dns_and_postgres_address():
+    (policy,) = h.find(h.render_chart({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+    dns, postgres, _own = policy["spec"]["egress"]
+    assert "to" not in dns and "to" not in postgres  # only the port restricts
+    assert _ports(postgres) == {(5432, "TCP")}
+    assert policy["spec"]["ingress"][0]["from"][1] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    }
+    _assert_all_valid([policy])
+
+
+# --------------------------------------------------------------------------- extra env/volumes, probes
+
+
+def _names(items):
+    return [item["name"] for item in items]
+
+
+def test_chart_extra_env_and_volumes(all_render, all_values):
+    def expected(component, key):
+        return all_values[key] + (all_values[component][key] if component else [])
+
+    owners = [("coordinator", h.by_name(all_render, "Deployment", "acme-pgflow-coordinator")),
+              ("migrations", _migration_job(all_render)),
+              ("tests", _test_pod(all_render))]
+    owners += [("worker", w) for w in h.find(all_render, "Deployment", {COMPONENT: "worker"})]
+    assert len(owners) == 5
+    for component, owner in owners:
+        spec = owner["spec"] if owner["kind"] == "Pod" else h.pod_spec(owner)
+        extra = None if component == "tests" else component
+        assert spec["volumes"][0] == {"name": "tmp", "emptyDir": {}}
+        assert spec["volumes"][1:] == expected(extra, "extraVolumes"), component
+        for container in spec["containers"]:
+            if container["name"] == "services":  # the test Pod's HTTP check needs no database, no extras
+                assert "env" not in container and container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+                continue
+            assert container["volumeMounts"][0] == {"name": "tmp", "mountPath": "/tmp"}
+            assert container["volumeMounts"][1:] == expected(extra, "extraVolumeMounts"), component
+            extra_env = expected(extra, "extraEnv")
+            assert container["env"][-len(extra_env):] == extra_env, component
+            assert "PGFLOW_DSN" in _names(container["env"])
+            assert set(_names(container["volumeMounts"])) <= set(_names(spec["volumes"]))
+
+
+def test_chart_startup_probe(default_render, all_render, all_values):
+    for owner in h.find(all_render, "Deployment"):
+        probe = h.only_container(owner)["startupProbe"]
+        wanted = {k: v for k, v in all_values["probes"]["startup"].items() if k not in ("enabled", "path")}
+        assert {k: probe[k] for k in wanted} == wanted
+    objects = h.render_chart({"probes": {"startup": {"enabled": False}}})
+    for owner in h.find(objects, "Deployment"):
+        container = h.only_container(owner)
+        assert "startupProbe" not in container
+        assert "livenessProbe" in container and "readinessProbe" in container
+    # the migrations Job and the test Pod run to completion: no probes there
+    run_to_completion = [h.only_container(_migration_job(default_render))]
+    run_to_completion += _test_pod(default_render)["spec"]["containers"]
+    for container in run_to_completion:
+        assert not {"startupProbe", "livenessProbe", "readinessProbe"} & set(container)
+
+
 def test_chart_monitoring_objects(multi_render):
     (monitor,) = h.find(multi_render, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -465,21 +859,28 @@ def test_chart_optional_objects_off_by_default(default_render):
     assert all("grafana_dashboard" not in o["metadata"].get("labels", {}) for o in default_render)
 
 
+def _queue(name, **fields):
+    return {"name": name, "minReplicas": 1, "maxReplicas": 2, "targetDepthPerReplica": 5} | fields
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         (
-            {"keda": {"enabled": False}, "queues": [{"name": "q", "minReplicas": 0, "maxReplicas": 2}]},
+            {"keda": {"enabled": False}, "queues": [_queue("q", minReplicas=0)]},
             "scale to zero",
         ),
-        ({"queues": [{"name": "Bad-Name", "minReplicas": 1, "maxReplicas": 2}]}, "Bad-Name"),
-        (
-            {"queues": [{"name": "a_b", "minReplicas": 1, "maxReplicas": 2}] * 2},
-            "same Kubernetes name",
-        ),
-        ({"queues": [{"name": "q", "minReplicas": 3, "maxReplicas": 2}]}, "minReplicas > maxReplicas"),
+        ({"queues": [_queue("Bad-Name")]}, "Bad-Name"),
+        ({"queues": [_queue("_private")]}, "_private"),
+        ({"queues": [_queue("a_b")] * 2}, "same Kubernetes name"),
+        ({"queues": [_queue("q", minReplicas=3)]}, "minReplicas > maxReplicas"),
         ({"dsn": {"existingSecret": "", "value": ""}}, "dsn.existingSecret"),
         ({"worker": {"terminationGracePeriodSeconds": 30}}, "terminationGracePeriodSeconds"),
+        ({"extraVolumes": [{"name": "tmp", "emptyDir": {}}]}, 'volume name "tmp"'),
+        (
+            {"extraVolumes": [{"name": "ca", "emptyDir": {}}], "worker": {"extraVolumes": [{"name": "ca"}]}},
+            'volume name "ca"',
+        ),
     ],
 )
 def test_chart_rejects_bad_values(override, message):
@@ -513,6 +914,21 @@ def test_keda_depth_query_single_source(k8s_objects, chart_values, default_rende
         # the scaled Deployment's worker reads that very queue
         worker = h.by_name(multi_render, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
         assert h.arg_value(h.only_container(worker)["args"], "--queue") == queue
+
+
+def test_keda_scale_to_zero_waits_for_in_flight_messages(k8s_objects, default_render, multi_render, all_render):
+    """KEDA's postgresql trigger is active while the query's value is above activationTargetQueryValue
+    (postgresql_scaler.go: ``num > ActivationTargetQueryValue``); KEDA scales a ScaledObject with
+    minReplicaCount 0 to zero only after cooldownPeriod without activity, and leaves the replicas alone while
+    the query fails (no fallback set). pgflow.queue_backlog counts in-flight messages (tests/test_autoscale.py), so
+    with a threshold below 1 one in-flight message keeps the workers of its queue."""
+    scaled_objects = [o for objs in (k8s_objects, default_render, multi_render, all_render)
+                      for o in h.find(objs, "ScaledObject")]
+    assert any(o["spec"]["minReplicaCount"] == 0 for o in scaled_objects), "no scale-to-zero case covered"
+    for scaled in scaled_objects:
+        (trigger,) = scaled["spec"]["triggers"]
+        assert h.DEPTH_QUERY_RE.match(trigger["metadata"]["query"]), h.obj_id(scaled)
+        assert float(trigger["metadata"]["activationTargetQueryValue"]) < 1, h.obj_id(scaled)
 
 
 def test_keda_depth_query_matches_engine_constant(chart_values):

@@ -77,21 +77,58 @@ Usage: include "pgflow.depthQuery" (dict "root" $ "queue" $q) */}}
 {{- .root.Values.keda.depthQuery | replace "{queue}" .queue.name }}
 {{- end }}
 
-{{/* Environment shared by every pgflow container. */}}
+{{/* A component's extra entries after the chart-wide ones (extraEnv, extraVolumes,
+extraVolumeMounts). Usage: include "pgflow.extras" (dict "root" $ "key" "extraEnv" "extra" .Values.worker.extraEnv)
+renders a YAML list, or nothing when both are empty. */}}
+{{- define "pgflow.extras" -}}
+{{- $all := concat (index .root.Values .key | default list) (.extra | default list) }}
+{{- if $all }}
+{{- toYaml $all }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of a long-running pgflow container (and the test hook): the
+config ConfigMap, the DSN, then extraEnv and the component's extraEnv (of two
+entries with one name the later wins).
+Usage: include "pgflow.env" (dict "root" $ "extraEnv" .Values.coordinator.extraEnv) */}}
 {{- define "pgflow.env" -}}
 envFrom:
   - configMapRef:
-      name: {{ include "pgflow.fullname" . }}-config
+      name: {{ include "pgflow.fullname" .root }}-config
 env:
   - name: PGFLOW_DSN
     valueFrom:
       secretKeyRef:
-        name: {{ include "pgflow.dsnSecretName" . }}
-        key: {{ .Values.dsn.secretKey }}
+        name: {{ include "pgflow.dsnSecretName" .root }}
+        key: {{ .root.Values.dsn.secretKey }}
+{{- with include "pgflow.extras" (dict "root" .root "key" "extraEnv" "extra" .extraEnv) }}
+  {{- . | nindent 2 }}
+{{- end }}
 {{- end }}
 
-{{/* Liveness and readiness probes on the metrics port. */}}
+{{/* /tmp (the image's HOME; the root filesystem is read-only), then
+extraVolumeMounts and the component's.
+Usage: include "pgflow.volumeMounts" (dict "root" $ "extraVolumeMounts" .Values.worker.extraVolumeMounts) */}}
+{{- define "pgflow.volumeMounts" -}}
+volumeMounts:
+  - name: tmp
+    mountPath: /tmp
+{{- with include "pgflow.extras" (dict "root" .root "key" "extraVolumeMounts" "extra" .extraVolumeMounts) }}
+  {{- . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Startup, liveness and readiness probes on the metrics port. */}}
 {{- define "pgflow.probes" -}}
+{{- with .Values.probes.startup }}{{ if .enabled -}}
+startupProbe:
+  httpGet:
+    path: {{ .path }}
+    port: metrics
+  periodSeconds: {{ .periodSeconds }}
+  timeoutSeconds: {{ .timeoutSeconds }}
+  failureThreshold: {{ .failureThreshold }}
+{{ end }}{{ end -}}
 livenessProbe:
   httpGet:
     path: {{ .Values.probes.liveness.path }}
@@ -109,27 +146,41 @@ readinessProbe:
   failureThreshold: {{ .Values.probes.readiness.failureThreshold }}
 {{- end }}
 
-{{/* Pod-level settings shared by every pgflow pod. */}}
+{{/* Pod-level settings shared by every pgflow pod; the volumes are `tmp`, then
+extraVolumes and the component's (names must be unique).
+Usage: include "pgflow.podSpecCommon" (dict "root" $ "extraVolumes" .Values.worker.extraVolumes
+[ "serviceAccountName" "other" ]) */}}
 {{- define "pgflow.podSpecCommon" -}}
-serviceAccountName: {{ include "pgflow.serviceAccountName" . }}
+{{- $root := .root -}}
+serviceAccountName: {{ .serviceAccountName | default (include "pgflow.serviceAccountName" $root) }}
 automountServiceAccountToken: false
-{{- with .Values.imagePullSecrets }}
+{{- with $root.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 securityContext:
-  {{- toYaml .Values.podSecurityContext | nindent 2 }}
-{{- with .Values.nodeSelector }}
+  {{- toYaml $root.Values.podSecurityContext | nindent 2 }}
+{{- with $root.Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.tolerations }}
+{{- with $root.Values.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $seen := dict "tmp" true }}
+{{- range concat $root.Values.extraVolumes (.extraVolumes | default list) }}
+{{- if hasKey $seen .name }}
+{{- fail (printf "volume name %q is used twice (`tmp` is the chart's own): rename it in extraVolumes" .name) }}
+{{- end }}
+{{- $_ := set $seen .name true }}
 {{- end }}
 volumes:
   - name: tmp
     emptyDir: {}
+{{- with include "pgflow.extras" (dict "root" $root "key" "extraVolumes" "extra" .extraVolumes) }}
+  {{- . | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/* Pod annotations: restart pods when the rendered config changes. */}}
