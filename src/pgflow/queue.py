@@ -77,11 +77,20 @@ def archive(conn: psycopg.Connection, queue: str, msg_ids: list[int]) -> None:
 
 def dead_letter(conn: psycopg.Connection, queue: str, msg_id: int, body: Any, reason: str) -> None:
     """Archive a message that can never run and record why in pgflow.dead_letters."""
-    log.error("dead letter %s on %s: %s: %.200r", msg_id, queue, reason, body)
+    log.error("dead letter %s on %s: %s: %.200r", msg_id, queue, reason, body, extra=_log_fields(queue, msg_id, body))
     with conn.transaction():
         conn.execute("INSERT INTO pgflow.dead_letters (queue, msg_id, message, reason) VALUES (%s, %s, %s, %s)",
                      (queue, msg_id, Jsonb(body), reason))
         archive(conn, queue, [msg_id])
+
+
+def _log_fields(queue: str, msg_id: int, body: Any) -> dict[str, Any]:
+    """The engine log fields of a message: its queue, and the task it names if it is well-formed."""
+    task = decode(msg_id, body)
+    if task is None:
+        return {"queue": queue}
+    return {"queue": queue, "instance_id": task.instance_id, "flow": task.flow, "step": task.step,
+            "task_index": task.task_index}
 
 
 def extend(conn: psycopg.Connection, queue: str, msg_ids: list[int], visibility_timeout: int) -> None:
