@@ -45,18 +45,27 @@ class StartSpan:
                 self.span.set_attribute("pgflow.instance_id", ids[0])
 
 
+def _configured(trace: Any) -> bool:
+    """Whether this process set a tracer provider (else OpenTelemetry's API records nothing)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
 @contextmanager
 def start_span(flow: str) -> Iterator[StartSpan]:
     """Around a start: the instance span, a child of the current span (a producer span). Without a
-    configured tracer provider, the current span's context, if any, is passed on unchanged."""
+    configured tracer provider no span is made; the current span's context, if any, is passed on."""
     api = _api()
     if api is None:
         yield StartSpan()
         return
     trace, propagator = api
+    carrier: dict[str, str] = {}
+    if not _configured(trace):
+        propagator.inject(carrier)
+        yield StartSpan(None, carrier.get("traceparent"))
+        return
     with trace.get_tracer(TRACER_NAME).start_as_current_span(
             f"pgflow start {flow}", kind=trace.SpanKind.PRODUCER, attributes={"pgflow.flow": flow}) as span:
-        carrier: dict[str, str] = {}
         propagator.inject(carrier)
         yield StartSpan(span, carrier.get("traceparent"))
 
@@ -96,6 +105,4 @@ def step_tracer() -> StepTracer | None:
     if api is None:
         return None
     trace, propagator = api
-    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider):
-        return None
-    return StepTracer(trace, propagator)
+    return StepTracer(trace, propagator) if _configured(trace) else None

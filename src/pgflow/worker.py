@@ -368,8 +368,8 @@ class Worker(store.ConnectedLoop):
     def _run_task(self, queue: str, row: dict, task: q.Task, acks: _Acks) -> None:
         """Run one claimed task with its engine fields on every log line (a step's own lines too) and, when
         its instance is traced and this process traces, inside the task's span."""
-        with logs.task_fields(instance_id=row["instance_id"], flow=row["flow_name"], step=row["step_name"],
-                              task_index=row["task_index"], attempt=row["attempt"], queue=queue):
+        with logs.TaskFields((row["instance_id"], row["flow_name"], row["step_name"], row["task_index"],
+                              row["attempt"], queue)):
             if self.tracer is not None and row["trace_context"]:
                 with self.tracer.span(row, queue):
                     self._run_claimed(queue, row, task, acks)
