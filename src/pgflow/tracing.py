@@ -3,10 +3,12 @@
 ``pgflow.start`` / ``start_many`` open a span, the instance's span, and store its W3C traceparent with the
 instances they create (``pgflow.instances.trace_context``); a worker claiming a task of such an instance
 runs it inside a span that is a child of it, so every step of the instance joins the trace that was
-current around ``start``. A worker traces only when this process configured a tracer provider (the
-OpenTelemetry SDK, e.g. in a module given to ``pgflow worker --import``).
+current around ``start``. Spans are made only in processes that configured a tracer provider (the
+OpenTelemetry SDK; for workers, e.g. in a module given to ``pgflow worker --import``): that is the opt-in,
+per process. Without one, a start passes on the caller's current context, if any, and a worker does
+nothing per task.
 
-Without OpenTelemetry installed nothing is imported, nothing is stored and a worker does nothing per step.
+Without OpenTelemetry installed nothing is imported and nothing is stored.
 """
 
 from __future__ import annotations
