@@ -103,18 +103,20 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 class Engine:
-    """Coordinator and worker processes for one test database, stopped at teardown."""
+    """Coordinator and worker processes for one test database, stopped at teardown. ``options`` go before
+    the subcommand (``pgflow --log-format json worker ...``)."""
 
-    def __init__(self, dsn: str, env: dict[str, str]) -> None:
+    def __init__(self, dsn: str, env: dict[str, str], options: tuple[str, ...] = ()) -> None:
         self.dsn = dsn
         self.env = env
+        self.options = options
         self.procs: list[subprocess.Popen] = []
 
     def coordinator(self, *args: str) -> subprocess.Popen:
-        return self._spawn(pgflow_command("coordinator", "--dsn", self.dsn, *args))
+        return self._spawn(pgflow_command(*self.options, "coordinator", "--dsn", self.dsn, *args))
 
     def worker(self, *args: str, concurrency: int = 2) -> subprocess.Popen:
-        return self._spawn(pgflow_command("worker", "--dsn", self.dsn, "--import", "sample_flows",
+        return self._spawn(pgflow_command(*self.options, "worker", "--dsn", self.dsn, "--import", "sample_flows",
                                           "--concurrency", str(concurrency), "--visibility-timeout", "3", *args))
 
     def spawn(self, cmd: list[str]) -> subprocess.Popen:
@@ -144,16 +146,18 @@ class Engine:
         raise AssertionError(f"worker {proc.pid} has fewer than {count} children")
 
     def stop(self) -> list[str]:
-        """SIGTERM everything; return stderr of processes that did not exit cleanly."""
+        """SIGTERM everything; return stderr of processes that did not exit cleanly. Each process's stderr
+        is kept as ``proc.stderr_text`` (processes already stopped are left alone)."""
+        running = [proc for proc in self.procs if not hasattr(proc, "stderr_text")]
         descendants = []  # worker children, in case one outlives its supervisor (it must not, but then
-        for proc in self.procs:  # it would hold the stderr pipe open and hang the test run)
+        for proc in running:  # it would hold the stderr pipe open and hang the test run)
             with contextlib.suppress(psutil.Error):
                 descendants += psutil.Process(proc.pid).children(recursive=True)
-        for proc in self.procs:
+        for proc in running:
             if proc.poll() is None:
                 proc.terminate()
         problems = []
-        for proc in self.procs:
+        for proc in running:
             young = time.monotonic() - proc.started_at < 3.0  # SIGTERM before its handlers were installed
             try:
                 _, err = proc.communicate(timeout=60)
@@ -166,7 +170,8 @@ class Engine:
                 _, err = proc.communicate(timeout=30)
             proc.stderr_text = err.decode(errors="replace")
             if proc.returncode not in (0, -9) and not (young and proc.returncode == -15):
-                problems.append(f"{' '.join(proc.args[:6])} exited {proc.returncode}: {err.decode()[-2000:]}")
+                problems.append(f"{' '.join(proc.args[:6 + len(self.options)])} exited {proc.returncode}: "
+                                f"{proc.stderr_text[-2000:]}")
         return problems
 
 
@@ -174,8 +179,8 @@ class Engine:
 def engine_factory(dsn):
     engines: list[Engine] = []
 
-    def make(**env: str) -> Engine:
-        engine = Engine(dsn, subprocess_env(**env))
+    def make(*options: str, **env: str) -> Engine:
+        engine = Engine(dsn, subprocess_env(**env), options)
         engines.append(engine)
         return engine
 

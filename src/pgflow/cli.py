@@ -7,7 +7,6 @@ Every command takes ``--dsn`` (or ``PGFLOW_DSN``); without one it uses the embed
 from __future__ import annotations
 
 import functools
-import logging
 import signal
 import sys
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import click
 import orjson
 
-from . import client, store
+from . import client, logs, store
 from .errors import InstanceFailed, InstanceNotFinished, PgflowError
 
 dsn_option = click.option("--dsn", envvar="PGFLOW_DSN", default=None, metavar="DSN",
@@ -50,9 +49,13 @@ def _echo_json(value: Any) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--log-level", envvar="PGFLOW_LOG_LEVEL", default="WARNING", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(log_level: str) -> None:
+@click.option("--log-format", envvar="PGFLOW_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(logs.FORMATS, case_sensitive=False),
+              help="Log lines on stderr as text, or as JSON objects with instance_id, flow, step, task_index, "
+                   "attempt and queue fields (env PGFLOW_LOG_FORMAT).")
+def main(log_level: str, log_format: str) -> None:
     """pgflow: durable DAG workflows whose only infrastructure is PostgreSQL."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(log_level, log_format.lower())
 
 
 @main.command()

@@ -15,7 +15,7 @@ import orjson
 import psycopg
 from psycopg.rows import dict_row
 
-from . import store
+from . import store, tracing
 from .errors import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PgflowError
 from .flows import INPUT, Flow
 from .queries import query
@@ -74,16 +74,17 @@ def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = Non
     else:
         payload = store.dumps(input, "flow input")
 
-    def run(c: psycopg.Connection) -> int:
+    def run(c: psycopg.Connection, traced: tracing.StartSpan) -> int:
         if isinstance(flow, Flow):
             return c.execute(query("register_and_start"), {
                 "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-                "input": payload, "label": label}).fetchone()[0]
+                "input": payload, "label": label, "trace_context": traced.traceparent}).fetchone()[0]
         flow_name, version = register_tree(c, as_node(flow), name)
-        return c.execute(query("start_instance"),
-                         {"flow": flow_name, "version": version, "input": payload, "label": label}).fetchone()[0]
+        return c.execute(query("start_instance"), {
+            "flow": flow_name, "version": version, "input": payload, "label": label,
+            "trace_context": traced.traceparent}).fetchone()[0]
 
-    return _starting(run, conn, dsn)
+    return _starting(run, conn, dsn, flow.name if isinstance(flow, Flow) else name)
 
 
 def start_many(flow: Flow, inputs: list[Any], *, label: str | None = None,
@@ -95,27 +96,33 @@ def start_many(flow: Flow, inputs: list[Any], *, label: str | None = None,
     if not payloads:
         return []
 
-    def run(c: psycopg.Connection) -> list[int]:
+    def run(c: psycopg.Connection, traced: tracing.StartSpan) -> list[int]:
         ids: list[int] = []
         for _, inputs_json in store.json_arrays(payloads):
             ids += [r[0] for r in c.execute(query("register_and_start_many"), {
                 "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-                "inputs": inputs_json, "label": label}).fetchall()]
+                "inputs": inputs_json, "label": label, "trace_context": traced.traceparent}).fetchall()]
         return ids
 
-    return _starting(run, conn, dsn)
+    return _starting(run, conn, dsn, flow.name)
 
 
-def _starting(run: Callable[[psycopg.Connection], T], conn: psycopg.Connection | None, dsn: str | None) -> T:
-    """Run a start in the caller's transaction (``conn``) or in one of its own on ``dsn``; a role that may
-    not start it gets a PgflowError with the database's reason."""
-    try:
-        if conn is not None:
-            return run(conn)
-        with store.transaction(store.resolve_dsn(dsn)) as own:
-            return run(own)
-    except psycopg.errors.InsufficientPrivilege as exc:
-        raise PgflowError(_sql_message(exc)) from None
+def _starting(run: Callable[[psycopg.Connection, tracing.StartSpan], T], conn: psycopg.Connection | None,
+              dsn: str | None, flow_name: str) -> T:
+    """Run a start in the caller's transaction (``conn``) or in one of its own on ``dsn``, inside the
+    instance span (its traceparent is stored with the instances); a role that may not start it gets a
+    PgflowError with the database's reason."""
+    with tracing.start_span(flow_name) as traced:
+        try:
+            if conn is not None:
+                started = run(conn, traced)
+            else:
+                with store.transaction(store.resolve_dsn(dsn)) as own:
+                    started = run(own, traced)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise PgflowError(_sql_message(exc)) from None
+        traced.started(started if isinstance(started, list) else [started])
+        return started
 
 
 def register_tree(conn: psycopg.Connection, node: Node, name: str) -> tuple[str, str]:

@@ -217,7 +217,8 @@ class Coordinator(store.ConnectedLoop):
             except psycopg.OperationalError:
                 raise  # connection trouble: the whole batch is retried
             except Exception as exc:  # a workflow the engine cannot run fails alone, never the coordinator
-                log.exception("instance %s: cannot evaluate its workflow", inst.id)
+                log.exception("instance %s: cannot evaluate its workflow", inst.id,
+                              extra={"instance_id": inst.id, "flow": inst.shape.name})
                 result = tree.Result("failed", error=f"cannot run this workflow: {type(exc).__name__}: {exc}")
             if result.status == "failed":
                 failures[inst.id] = result.error
@@ -225,6 +226,8 @@ class Coordinator(store.ConnectedLoop):
                 seconds = conn.execute(query("complete_tree_instance"),
                                        {"id": inst.id, "output": store.dumps(result.output)}).fetchone()[0]
                 _count_completed(inst.shape.name, seconds)
+                log.debug("instance %s of flow %s completed in %.3f s", inst.id, inst.shape.name, seconds,
+                          extra={"instance_id": inst.id, "flow": inst.shape.name})
         writes.drop_instances(failures)
         writes.flush(conn)
         self._fail(conn, failures)
@@ -255,6 +258,8 @@ class Coordinator(store.ConnectedLoop):
                         writes.enqueue(step.queue, inst.id, step.name, -1,
                                        task_message(inst.shape.name, inst.shape.version, inst.id, step.name))
                         inst.states[step.name] = "queued"
+                        log.debug("instance %s: step %s queued", inst.id, step.name, extra={
+                            "instance_id": inst.id, "flow": inst.shape.name, "step": step.name, "queue": step.queue})
             again = self._fan_out(conn, maps, writes, instances)
             writes.flush(conn)
             todo = {iid: instances[iid] for iid in again if iid in instances}
@@ -286,6 +291,8 @@ class Coordinator(store.ConnectedLoop):
                 continue
             writes.map_parents.append((inst.id, step.name, "mapping", step.queue))
             inst.states[step.name] = "mapping"
+            log.debug("instance %s: map step %s fans out into %d tasks", inst.id, step.name, len(items), extra={
+                "instance_id": inst.id, "flow": inst.shape.name, "step": step.name, "queue": step.queue})
             for index, item in enumerate(items):
                 writes.enqueue(step.queue, inst.id, step.name, index,
                                task_message(inst.shape.name, inst.shape.version, inst.id, step.name, index, item))
@@ -305,8 +312,10 @@ class Coordinator(store.ConnectedLoop):
         if not done:
             return
         finished = conn.execute(query("complete_instances"), {"done": store.dumps(done)}).fetchall()
-        for _iid, flow, seconds, _notified in finished:
+        for iid, flow, seconds, _notified in finished:
             _count_completed(flow, seconds)
+            log.debug("instance %s of flow %s completed in %.3f s", iid, flow, seconds,
+                      extra={"instance_id": iid, "flow": flow})
 
     def _fail(self, conn: psycopg.Connection, failures: dict[int, str]) -> None:
         """Fail instances for good: stored error, unfinished steps cancelled, waiters notified."""
@@ -317,8 +326,10 @@ class Coordinator(store.ConnectedLoop):
         conn.execute(query("cancel_open_steps"), {"ids": ids})
         conn.execute(query("notify_done"), {"ids": ids})
         outcomes = metrics().instances_finished
-        for _iid, flow, _error in failed:
+        for iid, flow, error in failed:
             outcomes.labels(flow, "failed").inc()
+            log.warning("instance %s of flow %s failed: %s", iid, flow, error,
+                        extra={"instance_id": iid, "flow": flow})
 
     # ------------------------------------------------------------------------------------------ upkeep
 

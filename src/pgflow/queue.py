@@ -79,12 +79,21 @@ def dead_letter(conn: psycopg.Connection, queue: str, msg_id: int, body: Any, re
     """Archive a message that can never run and record why in pgflow.dead_letters."""
     from .metrics import metrics
 
-    log.error("dead letter %s on %s: %s: %.200r", msg_id, queue, reason, body)
+    log.error("dead letter %s on %s: %s: %.200r", msg_id, queue, reason, body, extra=_log_fields(queue, msg_id, body))
     with conn.transaction():
         conn.execute(query("insert_dead_letter"), {"queue": queue, "msg_id": msg_id, "message": Jsonb(body),
                                                    "reason": reason})
         archive(conn, queue, [msg_id])
     metrics().dead_lettered.labels(queue).inc()
+
+
+def _log_fields(queue: str, msg_id: int, body: Any) -> dict[str, Any]:
+    """The engine log fields of a message: its queue, and the task it names if it is well-formed."""
+    task = decode(msg_id, body)
+    if task is None:
+        return {"queue": queue}
+    return {"queue": queue, "instance_id": task.instance_id, "flow": task.flow, "step": task.step,
+            "task_index": task.task_index}
 
 
 def extend(conn: psycopg.Connection, queue: str, msg_ids: list[int], visibility_timeout: int) -> None:

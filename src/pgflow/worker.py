@@ -40,7 +40,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from . import http_step, store
+from . import http_step, logs, store, tracing
 from . import queue as q
 from .client import load_flow
 from .coordinator import ShapeCache
@@ -219,6 +219,7 @@ class Worker(store.ConnectedLoop):
         self._queues: list[str] = []
         self._listening: set[str] = set()
         self._queues_checked = 0.0
+        self.tracer = tracing.step_tracer()  # None unless OpenTelemetry is set up in this process
 
     # ------------------------------------------------------------------------------------------ loop
 
@@ -384,6 +385,17 @@ class Worker(store.ConnectedLoop):
         self._conn.execute(query("release_tasks"), {"queue": queue, **task_arrays(rows)})
 
     def _run_task(self, queue: str, row: dict, task: q.Task, acks: _Acks) -> None:
+        """Run one claimed task with its engine fields on every log line (a step's own lines too) and, when
+        its instance is traced and this process traces, inside the task's span."""
+        with logs.TaskFields((row["instance_id"], row["flow_name"], row["step_name"], row["task_index"],
+                              row["attempt"], queue)):
+            if self.tracer is not None and row["trace_context"]:
+                with self.tracer.span(row, queue):
+                    self._run_claimed(queue, row, task, acks)
+            else:
+                self._run_claimed(queue, row, task, acks)
+
+    def _run_claimed(self, queue: str, row: dict, task: q.Task, acks: _Acks) -> None:
         shape = self.shapes.get(self._conn, row["flow_name"], row["flow_version"])
         step = shape.steps.get(row["step_name"])
         labels = (shape.name, step_label(shape, step, row["step_name"]), queue)
@@ -585,6 +597,8 @@ class Worker(store.ConnectedLoop):
         error = f"{type(exc).__name__}: {exc}"
         log.log(logging.ERROR if permanent else logging.WARNING, "step %s[%s] of instance %s attempt %s: %s",
                 row["step_name"], row["task_index"], row["instance_id"], row["attempt"], error)
+        if self.tracer is not None and row["trace_context"]:
+            self.tracer.failed(exc, error, permanent)
         self._conn.execute(query("fail_task"), {
             "queue": queue, "msg_id": row["msg_id"], "instance_id": row["instance_id"], "step": row["step_name"],
             "task": row["task_index"], "attempt": row["attempt"], "error": error,
@@ -645,7 +659,9 @@ def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any], inh
             resource.close()
     worker = Worker(dsn, queues, **options)
     worker.stop_event = stop
+    log.info("worker process %d working", os.getpid())
     worker.run()
+    log.info("worker process %d exiting", os.getpid())
 
 
 def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int = 2, drain_timeout: float = 45.0,
@@ -667,9 +683,17 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
             log.warning("/metrics will not include the worker processes' samples: %s", exc)
     context = multiprocess.get_context("fork")
     stop = stop_event or threading.Event()
+    received: list[str] = []  # the signal that stopped us, for the drain's log line
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    log.info("worker supervisor %d starting %d worker processes for %s", os.getpid(), concurrency,
+             "queues " + ", ".join(queues) if queues else "every queue")
     health = Health()
     server = serve(metrics_port, health, readiness(dsn))
     inherited = (server.socket,) if server else ()
@@ -682,6 +706,7 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
         process = context.Process(target=_child_main, args=(dsn, queues, options, inherited, os.getpid()),
                                   name=f"pgflow-worker-{index}")
         process.start()
+        log.info("started worker process %d (slot %d)", process.pid, index)
         return process
 
     children = [spawn(i) for i in range(concurrency)]
@@ -702,6 +727,9 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
         for gauge in alive_gauges:
             gauge.set(alive)
         stop.wait(0.5)
+    log.info("%s: draining %d worker processes (up to %s s)", received[0] if received else "stop requested",
+             sum(c.is_alive() for c in children), drain_timeout)
+    drain_started = time.monotonic()
     for child in children:
         if child.is_alive():
             os.kill(child.pid, signal.SIGTERM)
@@ -714,10 +742,13 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
             child.join()
         _mark_dead(child.pid)
         health.beat()
+    log.info("worker processes drained in %.1f s", time.monotonic() - drain_started)
     if server is not None:
         server.shutdown()
         server.server_close()
-    return 0
+    exit_code = 0
+    log.info("worker supervisor %d exiting with code %d", os.getpid(), exit_code)
+    return exit_code
 
 
 def _mark_dead(pid: int | None) -> None:

@@ -26,17 +26,21 @@ FROM pgflow.migrations m;
 SELECT pgflow.register_flow(%(name)s, %(version)s, %(ref)s, %(shape)s::jsonb);
 
 -- name: register_and_start
--- one round trip: register the flow version (a no-op when known), then start the instance
-WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb))
-SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s) FROM registered;
+-- one round trip: register the flow version (a no-op when known), then start the instance. Every start
+-- sets pgflow.trace_context (read by the instances' column default; '' for none) for its transaction.
+WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb)),
+     traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true))
+SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s) FROM registered, traced;
 
 -- name: register_and_start_many
-WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb))
+WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb)),
+     traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true))
 SELECT pgflow.start_instances(%(flow)s, %(version)s, pgflow.jsonb_list(%(inputs)s::jsonb), %(label)s)
-FROM registered;
+FROM registered, traced;
 
 -- name: start_instance
-SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s);
+WITH traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true))
+SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s) FROM traced;
 
 -- name: flow_shape
 SELECT ref, shape FROM pgflow.flows WHERE flow_name = %(name)s AND version = %(version)s;

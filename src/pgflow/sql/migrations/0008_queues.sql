@@ -45,3 +45,6 @@ BEGIN
     EXECUTE format('SELECT count(*) FROM pgmq.%I', 'q_' || p_queue) INTO n;
     RETURN n;
 END $$;
+
+-- like every pgflow function: nothing for PUBLIC (pgflow.grant_usage grants what users may call)
+REVOKE ALL ON FUNCTION pgflow.check_queue_name(text), pgflow.queue_backlog(text) FROM PUBLIC;

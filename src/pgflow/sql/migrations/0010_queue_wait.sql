@@ -5,13 +5,12 @@
 -- alone does not say whether the workers keep up. read_tasks now also returns, for a message read for the
 -- first time, the seconds since it was enqueued; redeliveries (retries after their backoff, messages whose
 -- worker died) return NULL, since their waiting is the backoff or the visibility timeout, not the queue.
--- (Version 10, not 9: 9 is another change in flight.)
 DROP FUNCTION pgflow.read_tasks(text, integer, integer);
 CREATE FUNCTION pgflow.read_tasks(p_queue text, p_vt integer, p_qty integer)
 RETURNS TABLE (
     msg_id bigint, message jsonb, instance_id bigint, step_name text, task_index integer, attempt integer,
     flow_name text, flow_version text, input jsonb, variables jsonb, deps jsonb, dep_columns jsonb,
-    owner name, secret_refs jsonb, queue_wait double precision
+    owner name, secret_refs jsonb, trace_context text, queue_wait double precision
 ) LANGUAGE sql AS $$
     WITH m AS MATERIALIZED (
         SELECT r.msg_id, r.message, pgflow.is_task_message(r.message) AS ok,
@@ -34,7 +33,8 @@ RETURNS TABLE (
             ARRAY(SELECT t.flow_version FROM t ORDER BY t.msg_id))
     )
     SELECT m.msg_id, m.message, c.instance_id, c.step_name, c.task_index, c.attempt, c.flow_name,
-           c.flow_version, c.input, c.variables, c.deps, c.dep_columns, c.owner, c.secret_refs, m.queue_wait
+           c.flow_version, c.input, c.variables, c.deps, c.dep_columns, c.owner, c.secret_refs, c.trace_context,
+           m.queue_wait
     FROM m LEFT JOIN c ON c.msg_id = m.msg_id
     ORDER BY m.msg_id;
 $$;
