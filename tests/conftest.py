@@ -59,18 +59,33 @@ def template_db(server):
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@contextlib.contextmanager
+def _test_database(admin_dsn: str, template: str | None) -> Iterator[str]:
+    """A new database, a clone of ``template`` (else empty), dropped afterwards; yields its DSN."""
+    name = f"pgflow_t_{uuid.uuid4().hex[:12]}"
+    with _admin(admin_dsn) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        # the suite connects as a superuser: let it start instances (tests of the guard turn this off)
+        conn.execute(f'ALTER DATABASE "{name}" SET pgflow.allow_superuser = on')
+    try:
+        yield make_conninfo(admin_dsn, dbname=name)
+    finally:
+        with _admin(admin_dsn) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def dsn(server, template_db):
     """A fresh, initialised database for this test."""
-    admin_dsn, _ = server
-    name = f"pgflow_t_{uuid.uuid4().hex[:12]}"
-    with _admin(admin_dsn) as conn:
-        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
-        # the suite connects as a superuser: let it start instances (tests of the guard turn this off)
-        conn.execute(f'ALTER DATABASE "{name}" SET pgflow.allow_superuser = on')
-    yield make_conninfo(admin_dsn, dbname=name)
-    with _admin(admin_dsn) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with _test_database(server[0], template_db) as conninfo:
+        yield conninfo
+
+
+@pytest.fixture
+def empty_dsn(server):
+    """A fresh database without pgmq or the pgflow schema: for `pgflow init` to install them."""
+    with _test_database(server[0], None) as conninfo:
+        yield conninfo
 
 
 def run_sql(dsn: str, statement: str, params: tuple | list = ()) -> list[tuple] | None:

