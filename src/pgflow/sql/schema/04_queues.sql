@@ -1,0 +1,48 @@
+-- Queues: the pgmq queues that carry task messages, and what an autoscaler reads about them.
+--
+-- A queue is created once by whichever comes first: a flow registered with a step on it, a worker serving
+-- it, or `pgflow init --queue` (so workers and autoscalers find it before any flow names it).
+
+-- Queue names become table names (pgmq.q_<name>): lower case, a letter first, at most 47 characters (pgmq's
+-- limit). pgmq itself lower-cases names, so 'Upper' would create q_upper and then be looked up as q_Upper.
+CREATE FUNCTION pgflow.check_queue_name(p_queue text) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p_queue IS NULL OR p_queue !~ '^[a-z][a-z0-9_]{0,46}$' THEN
+        RAISE EXCEPTION 'pgflow: invalid queue name %: use 1 to 47 lower-case letters, digits or _, '
+                        'starting with a letter', coalesce(quote_literal(left(p_queue, 60)), 'NULL')
+              USING ERRCODE = '22023';
+    END IF;
+    RETURN p_queue;
+END $$;
+REVOKE ALL ON FUNCTION pgflow.check_queue_name(text) FROM PUBLIC;
+
+-- Idempotent and safe between replicas that start at once: the first INSERT of the name wins the unique
+-- index, concurrent ones wait for it to commit and then insert nothing, so pgmq.create runs once. A definer
+-- function: queues are shared, users need no write access to create one.
+CREATE FUNCTION pgflow.ensure_queue(p_queue text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+BEGIN
+    PERFORM pgflow.check_queue_name(p_queue);
+    INSERT INTO pgflow.queues (queue_name) VALUES (p_queue) ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+        PERFORM pgmq.create(p_queue);
+    END IF;
+END $$;
+REVOKE ALL ON FUNCTION pgflow.ensure_queue(text) FROM PUBLIC;
+
+-- What an autoscaler scales a queue's workers on: the messages ready to run plus those being run (read and
+-- still hidden), so that scaling to zero never removes a worker holding an in-flight step. Messages delayed
+-- for a retry's backoff count too: they will need a worker soon. A queue that does not exist has 0.
+CREATE FUNCTION pgflow.queue_backlog(p_queue text) RETURNS bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    n bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgflow.queues WHERE queue_name = p_queue) THEN
+        RETURN 0;
+    END IF;
+    EXECUTE format('SELECT count(*) FROM pgmq.%I', 'q_' || p_queue) INTO n;
+    RETURN n;
+END $$;
+REVOKE ALL ON FUNCTION pgflow.queue_backlog(text) FROM PUBLIC;

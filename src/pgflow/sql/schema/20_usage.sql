@@ -1,0 +1,57 @@
+-- Letting a role use pgflow (and taking it back). Nothing is granted to PUBLIC (00_schemas.sql); a role
+-- granted usage may start, watch, cancel and signal its own instances and keep variables, optionally use
+-- HTTP and Python steps. The internal functions workers and coordinators call (they are the owner) are
+-- never granted.
+
+-- Internal: what workers and coordinators call (they are the owner); never granted.
+CREATE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['claim_tasks', 'read_tasks', 'complete_tasks', 'fail_task', 'release_tasks', 'enqueue_tasks',
+                 '_executor_sql', 'grant_usage', 'revoke_usage', '_internal_functions']
+$$;
+REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
+
+-- Let a role use pgflow: start, watch, cancel and signal its own instances, keep variables; optionally use
+-- HTTP and Python steps. Run it as the pgflow owner (or a superuser).
+CREATE FUNCTION pgflow.grant_usage(p_role name, p_include_http boolean DEFAULT false,
+                                   p_include_python boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    fn record;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = p_role) THEN
+        RAISE EXCEPTION 'pgflow: no role %', p_role USING ERRCODE = '42704';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA pgflow TO %I', p_role);
+    EXECUTE format('GRANT SELECT ON pgflow.instances, pgflow.steps, pgflow.signals, pgflow.variables, '
+                   'pgflow.flows, pgflow.flow_steps, pgflow.queues, pgflow.migrations TO %I', p_role);
+    EXECUTE format('GRANT INSERT (flow_name, flow_version, input, label, variables, secret_refs), '
+                   'UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
+    EXECUTE format('GRANT UPDATE (status, finished_at) ON pgflow.steps TO %I', p_role);
+    EXECUTE format('GRANT INSERT (instance_id, name, data) ON pgflow.signals TO %I', p_role);
+    EXECUTE format('GRANT INSERT (instance_id) ON pgflow.wakeups TO %I', p_role);
+    EXECUTE format('GRANT INSERT (name, value, secret_ref), UPDATE (value, secret_ref, updated_at), DELETE '
+                   'ON pgflow.variables TO %I', p_role);
+    FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
+              WHERE p.pronamespace = 'pgflow'::regnamespace AND NOT p.proname = ANY (pgflow._internal_functions())
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', fn.sig, p_role);
+    END LOOP;
+    -- ALTER FUNCTION ... OWNER needs the new owner to have CREATE on the schema: only for this moment
+    EXECUTE format('GRANT CREATE ON SCHEMA pgflow_exec TO %I', p_role);
+    EXECUTE pgflow._executor_sql(p_role);
+    EXECUTE format('REVOKE CREATE ON SCHEMA pgflow_exec FROM %I', p_role);
+    INSERT INTO pgflow.role_grants (role_name, http, python) VALUES (p_role, p_include_http, p_include_python)
+    ON CONFLICT (role_name) DO UPDATE SET http = excluded.http, python = excluded.python, granted_at = now();
+END $$;
+REVOKE ALL ON FUNCTION pgflow.grant_usage(name, boolean, boolean) FROM PUBLIC;
+
+CREATE FUNCTION pgflow.revoke_usage(p_role name) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA pgflow FROM %I', p_role);
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgflow FROM %I', p_role);
+    EXECUTE format('REVOKE ALL ON SCHEMA pgflow FROM %I', p_role);
+    EXECUTE format('DROP FUNCTION IF EXISTS pgflow_exec.%I(text, jsonb, integer)', p_role);
+    EXECUTE format('DROP FUNCTION IF EXISTS pgflow_exec.%I(text, jsonb, integer, boolean)', p_role);
+    DELETE FROM pgflow.role_grants WHERE role_name = p_role;
+END $$;
+REVOKE ALL ON FUNCTION pgflow.revoke_usage(name) FROM PUBLIC;
