@@ -49,7 +49,7 @@ DASHBOARD_FILE = DEPLOY / "grafana" / "pgflow.json"
 DOCKERFILE = REPO / "Dockerfile"
 MULTI_QUEUE_VALUES = REPO / "tests" / "data" / "values-multi-queue.yaml"
 ALL_FEATURES_VALUES = REPO / "tests" / "data" / "values-all-features.yaml"
-QUEUE_MIGRATION = REPO / "src" / "pgflow" / "sql" / "migrations" / "0008_queues.sql"
+QUEUE_MIGRATION = REPO / "src" / "pgflow" / "sql" / "schema" / "04_queues.sql"
 
 # Kubernetes versions every manifest must be valid for: 1.30, and the newest
 # one whose schemas the installed kubernetes-validate ships (read from the

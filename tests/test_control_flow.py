@@ -392,3 +392,18 @@ def test_python_builders_reject_non_nodes():
         t.seq("SELECT 1", 42)
     with pytest.raises(ValueError, match="module-level function"):
         t.python(lambda ctx: 1)
+
+
+def test_a_tree_instance_failed_by_the_coordinator_leaves_no_step_open(dsn, fast_engine):
+    """When a leaf fails, the coordinator fails the instance and cancels every step still open: timers and
+    signal waits ('waiting') too, not only tasks (they used to stay 'waiting' after the instance failed, as
+    the coordinator kept its own list of open statuses)."""
+    failing = "pgflow.with_options('SELECT 1 / 0', '{\"max_attempts\": 1}')"
+    expr = f"pgflow.join(pgflow.wait_for_signal('never'), pgflow.sleep(3600), {failing})"
+    iid = sql(dsn, f"SELECT pgflow.start({expr})")[0][0]
+    assert pgflow.wait(iid, 60, dsn=dsn).status == "failed"
+    still_open = sql(dsn, "SELECT step_name, status FROM pgflow.steps WHERE instance_id = %s"
+                          " AND status NOT IN ('completed', 'failed', 'cancelled', 'skipped') ORDER BY 1", (iid,))
+    assert still_open == []
+    assert sql(dsn, "SELECT step_name, status FROM pgflow.steps WHERE instance_id = %s AND step_name IN"
+                    " ('r.0', 'r.1') ORDER BY 1", (iid,)) == [("r.0", "cancelled"), ("r.1", "cancelled")]

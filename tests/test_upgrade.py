@@ -68,7 +68,7 @@ def test_old_pods_keep_completing_steps_against_a_compatible_newer_schema(server
 
 def test_new_code_refuses_an_older_schema_with_the_fix(dsn):
     run_sql(dsn, "DELETE FROM pgflow.migrations WHERE version = (SELECT max(version) FROM pgflow.migrations)")
-    older = run_sql(dsn, "SELECT max(version) FROM pgflow.migrations")[0][0]
+    older = run_sql(dsn, "SELECT coalesce(max(version), 0) FROM pgflow.migrations")[0][0]
     refused = subprocess.run(pgflow_command("worker", "--dsn", dsn), env=subprocess_env(), capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode == 1

@@ -67,7 +67,7 @@ WHERE c.relnamespace::regnamespace::text IN ('pgflow', 'pgflow_exec') AND c.relk
   AND a.attnum > 0 AND NOT a.attisdropped;
 
 -- name: constraints
-SELECT coalesce(con.conrelid::regclass::text, con.contypid::regtype::text) || ' ' || con.conname,
+SELECT CASE WHEN con.conrelid <> 0 THEN con.conrelid::regclass::text ELSE con.contypid::regtype::text END || ' ' || con.conname,
        jsonb_build_object('type', con.contype, 'definition', pg_get_constraintdef(con.oid),
                           'deferrable', con.condeferrable, 'deferred', con.condeferred, 'validated', con.convalidated)
 FROM pg_constraint con

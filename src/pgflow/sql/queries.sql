@@ -17,9 +17,11 @@ INSERT INTO pgflow.migrations (version, name, compatible_from)
 VALUES (%(version)s, %(name)s, %(compatible_from)s);
 
 -- name: schema_state
--- (through to_jsonb: a database initialised before compatible_from existed has no such column)
+-- (through to_jsonb: a database initialised before compatible_from existed has no such column); the
+-- baseline's version recorded under another name means the database was initialised before the squash
 SELECT coalesce(max(version), 0),
-       coalesce(max(coalesce((to_jsonb(m)->>'compatible_from')::integer, version)), 0)
+       coalesce(max(coalesce((to_jsonb(m)->>'compatible_from')::integer, version)), 0),
+       coalesce(bool_or(version = %(baseline_version)s AND name <> %(baseline)s), false)
 FROM pgflow.migrations m;
 
 -- name: register_flow
@@ -60,7 +62,7 @@ SELECT extract(epoch FROM min(due_at) - now()) FROM pgflow.wakeups;
 -- name: lock_instances
 SELECT id, flow_name, flow_version, status, input, variables
 FROM pgflow.instances
-WHERE id = ANY(%(ids)s) AND status IN ('pending', 'running')
+WHERE id = ANY(%(ids)s) AND status = ANY (pgflow.open_instance_statuses())
 ORDER BY id
 FOR UPDATE;
 
@@ -139,8 +141,9 @@ WHERE i.id = u.id
 RETURNING i.id, i.flow_name, u.error;
 
 -- name: cancel_open_steps
+-- every open step of the failed instances, timers and signal waits included
 UPDATE pgflow.steps SET status = 'cancelled', finished_at = now()
-WHERE instance_id = ANY(%(ids)s) AND status IN ('queued', 'running', 'retrying', 'mapping');
+WHERE instance_id = ANY(%(ids)s) AND status = ANY (pgflow.open_step_statuses());
 
 -- name: notify_done
 SELECT pg_notify('pgflow_instance_done', id::text) FROM unnest(%(ids)s::bigint[]) AS id;
@@ -216,13 +219,15 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: stalled_instances
--- Safety net: running instances with nothing queued, running or waiting to wake them.
+-- Safety net: open instances with nothing to wake them: no wake-up, no task with a message out (its worker
+-- wakes the instance) and no timer or signal wait (the coordinator does). A 'mapping' parent wakes nobody
+-- itself: its element tasks do.
 INSERT INTO pgflow.wakeups (instance_id)
 SELECT i.id FROM pgflow.instances i
-WHERE i.status IN ('pending', 'running') AND i.created_at < now() - make_interval(secs => %(age)s)
+WHERE i.status = ANY (pgflow.open_instance_statuses()) AND i.created_at < now() - make_interval(secs => %(age)s)
   AND NOT EXISTS (SELECT 1 FROM pgflow.wakeups w WHERE w.instance_id = i.id)
   AND NOT EXISTS (SELECT 1 FROM pgflow.steps s WHERE s.instance_id = i.id
-                  AND s.status IN ('queued', 'running', 'retrying', 'waiting'))
+                  AND (s.status = ANY (pgflow.claimable_step_statuses()) OR s.status = 'waiting'))
 RETURNING instance_id;
 
 -- name: delete_finished_instances

@@ -43,8 +43,7 @@ CREATE TABLE pgflow.instances (
     id            bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     flow_name     text        NOT NULL,
     flow_version  text        NOT NULL,
-    status        text        NOT NULL DEFAULT 'pending'
-                  CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
+    status        pgflow.instance_status NOT NULL DEFAULT 'pending',
     label         text,
     input         jsonb,
     output        jsonb,
@@ -68,8 +67,7 @@ CREATE INDEX instances_finished_at ON pgflow.instances (finished_at) WHERE finis
 -- A step row exists once the coordinator has scheduled the step (no row = not reached yet).
 -- task_index = -1 is the step itself; a map step additionally has one row per element (0..n-1).
 -- In a control-flow workflow (a tree of nodes) the step name is the node's path ("r", "r.0", "r.0.1", ...)
--- and composite nodes have rows too; timers and signal waits are rows in status 'waiting' that the
--- coordinator completes; the losers of a race and the branch an if did not take are 'skipped'.
+-- and composite nodes have rows too. The statuses are described in 01_statuses.sql.
 --
 -- fillfactor 70 leaves room in pages so that status changes (queued -> running -> completed, none of them
 -- on an indexed column) can be HOT updates: no index writes, less WAL, less bloat (measured before: 40% of
@@ -78,9 +76,7 @@ CREATE TABLE pgflow.steps (
     instance_id      bigint      NOT NULL REFERENCES pgflow.instances ON DELETE CASCADE,
     step_name        text        NOT NULL,
     task_index       integer     NOT NULL DEFAULT -1,
-    status           text        NOT NULL
-                     CHECK (status IN ('queued', 'running', 'retrying', 'mapping', 'waiting', 'completed', 'failed',
-                                       'cancelled', 'skipped')),
+    status           pgflow.step_status NOT NULL,
     queue            text,
     msg_id           bigint,
     attempt          integer     NOT NULL DEFAULT 0,

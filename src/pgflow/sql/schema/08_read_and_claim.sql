@@ -56,7 +56,7 @@ CREATE FUNCTION pgflow.claim_tasks(
             msg_id = u.msg_id, next_attempt_at = NULL
         FROM u
         WHERE s.instance_id = u.instance_id AND s.step_name = u.step_name AND s.task_index = u.task_index
-          AND s.status IN ('queued', 'running', 'retrying')
+          AND s.status = ANY (pgflow.claimable_step_statuses())
         RETURNING u.msg_id, s.instance_id, s.step_name, s.task_index, s.attempt,
                   u.flow_name, u.flow_version, u.input, u.variables, u.owner, u.secret_refs, u.trace_context
     )

@@ -11,14 +11,14 @@ BEGIN
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    IF st NOT IN ('pending', 'running') THEN
+    IF NOT st = ANY (pgflow.open_instance_statuses()) THEN
         RETURN st;
     END IF;
     UPDATE pgflow.instances
     SET status = 'cancelled', error = coalesce(p_reason, 'cancelled'), finished_at = clock_timestamp()
     WHERE id = p_id;
     UPDATE pgflow.steps SET status = 'cancelled', finished_at = clock_timestamp()
-    WHERE instance_id = p_id AND status IN ('queued', 'running', 'retrying', 'mapping', 'waiting');
+    WHERE instance_id = p_id AND status = ANY (pgflow.open_step_statuses());
     PERFORM pg_notify('pgflow_instance_done', p_id::text);
     RETURN 'cancelled';
 END $$;

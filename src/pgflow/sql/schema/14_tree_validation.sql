@@ -3,17 +3,27 @@
 -- Every refusal is SQLSTATE 22023 with a message that starts with "pgflow:". These checks are the one
 -- definition of what a workflow may contain: the Python front door calls pgflow.tree_shape too.
 
--- A 5-field cron expression (minute hour day-of-month month day-of-week), with *, lists, ranges, steps
--- and month/day names.
+-- A 5-field cron expression (minute hour day-of-month month day-of-week, UTC), with *, lists, ranges, steps
+-- and month/day names: the one definition of a valid schedule. Checked when a workflow starts; the
+-- coordinator computes fire times with croniter, and tests/data/cron.json checks that croniter accepts and can
+-- schedule every expression valid here (croniter also reads extensions such as L, #, ? or @daily, which are
+-- not valid here). A schedule must be able to fire: a day of the month that none of its months has (30
+-- February, 31 April) is refused, whatever the day of the week says.
 CREATE FUNCTION pgflow.valid_cron(p_cron text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     fields text[] := regexp_split_to_array(btrim(coalesce(p_cron, '')), '\s+');
     lows int[] := ARRAY[0, 0, 1, 1, 0];
     highs int[] := ARRAY[59, 23, 31, 12, 7];
     names text[] := ARRAY['', '', '', 'jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec', 'sun|mon|tue|wed|thu|fri|sat'];
+    month_days int[] := ARRAY[31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];  -- 29 February: leap years come
     part text;
     m text[];
     i int;
+    first int;
+    last int;
+    step int;
+    days int[] := '{}';    -- the days of the month and the months the schedule may fire on
+    months int[] := '{}';
 BEGIN
     IF array_length(fields, 1) IS DISTINCT FROM 5 THEN
         RETURN false;
@@ -21,7 +31,7 @@ BEGIN
     FOR i IN 1..5 LOOP
         FOREACH part IN ARRAY string_to_array(lower(fields[i]), ',') LOOP
             m := regexp_match(part, '^(\*|[0-9]{1,2}|[a-z]{3})(?:-([0-9]{1,2}|[a-z]{3}))?(?:/([0-9]{1,2}))?$');
-            IF m IS NULL THEN
+            IF m IS NULL OR (m[1] = '*' AND m[2] IS NOT NULL) THEN
                 RETURN false;
             END IF;
             IF m[1] ~ '^[a-z]' AND (names[i] = '' OR m[1] !~ ('^(' || names[i] || ')$')) THEN
@@ -30,38 +40,133 @@ BEGIN
             IF m[2] ~ '^[a-z]' AND (names[i] = '' OR m[2] !~ ('^(' || names[i] || ')$')) THEN
                 RETURN false;
             END IF;
-            IF m[1] ~ '^[0-9]+$' AND NOT m[1]::int BETWEEN lows[i] AND highs[i] THEN
+            -- names as numbers: jan = 1, sun = 0
+            first := CASE WHEN m[1] = '*' THEN lows[i]
+                          WHEN m[1] ~ '^[a-z]' THEN (strpos(names[i], m[1]) - 1) / 4 + lows[i]
+                          ELSE m[1]::int END;
+            last := CASE WHEN m[2] IS NULL AND (m[1] = '*' OR m[3] IS NOT NULL) THEN highs[i]  -- *, */n, n/step
+                         WHEN m[2] IS NULL THEN first
+                         WHEN m[2] ~ '^[a-z]' THEN (strpos(names[i], m[2]) - 1) / 4 + lows[i]
+                         ELSE m[2]::int END;
+            step := coalesce(m[3]::int, 1);
+            IF NOT first BETWEEN lows[i] AND highs[i] OR NOT last BETWEEN lows[i] AND highs[i] OR step = 0 THEN
                 RETURN false;
             END IF;
-            IF m[2] ~ '^[0-9]+$' AND (NOT m[2]::int BETWEEN lows[i] AND highs[i]
-                                      OR (m[1] ~ '^[0-9]+$' AND m[2]::int < m[1]::int)) THEN
-                RETURN false;
+            IF last < first THEN
+                IF m[1] ~ '^[0-9]' AND m[2] ~ '^[0-9]' THEN
+                    RETURN false;  -- 5-1: a reversed range of numbers
+                END IF;
+                last := first;  -- fri-mon, dec-jan wrap around; here only their first value counts
             END IF;
-            IF m[3] IS NOT NULL AND m[3]::int = 0 THEN
-                RETURN false;
+            IF i = 3 THEN
+                days := days || ARRAY(SELECT generate_series(first, last, step));
+            ELSIF i = 4 THEN
+                months := months || ARRAY(SELECT generate_series(first, last, step));
             END IF;
         END LOOP;
     END LOOP;
-    RETURN true;
+    RETURN EXISTS (SELECT 1 FROM unnest(days) d, unnest(months) mo WHERE d <= month_days[mo]);
 END $$;
 REVOKE ALL ON FUNCTION pgflow.valid_cron(text) FROM PUBLIC;
 
--- SQL text without literals, quoted identifiers, comments and dollar-quoted bodies (an approximation of
--- the worker's lexer, for validation: comments first, so a quote inside a comment does not open a literal).
-CREATE FUNCTION pgflow._strip_sql(p_sql text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(regexp_replace(p_sql,
-        '\$([A-Za-z_][A-Za-z0-9_]*)?\$.*?\$\1\$', ' ', 'g'),
-        '--[^\n]*', ' ', 'g'),
-        '/\*.*?\*/', ' ', 'g'),
-        '[Ee]''(?:[^''\\]|''''|\\.)*''', ' ', 'g'),
-        '''(?:[^'']|'''')*''', ' ', 'g'),
-        '"(?:[^"]|"")*"', ' ', 'g')
-$$;
-REVOKE ALL ON FUNCTION pgflow._strip_sql(text) FROM PUBLIC;
+-- The `$references` of a SQL step, in the order they are written ('$load', '$input.key?', '$rows.*'...): the
+-- same grammar as the worker's lexer (pgflow.dsl.compile_sql), checked against the same test vectors
+-- (tests/data/references.json). Like PostgreSQL's own lexer it skips string literals ('...', E'...' with
+-- backslash escapes), quoted identifiers, -- and nested /* */ comments and dollar-quoted bodies ($$...$$,
+-- $tag$...$tag$), and reads an identifier whole (PostgreSQL allows $ inside one: foo$bar is no reference).
+-- SQL the worker could not run is refused here, before the workflow starts: unterminated literals, comments
+-- or dollar quotes, positional parameters ($1), a stray $, a row-set reference with a path ($x.col.*).
+CREATE FUNCTION pgflow.parse_sql_references(p_sql text) RETURNS text[]
+LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE
+    rest text := p_sql;        -- what is left to read
+    refs text[] := '{}';
+    e_prefix boolean := false; -- the token just read is the identifier E: a quote now opens an E'' string
+    m text[];
+    token text;
+    depth int;
+    open_at int;
+    close_at int;
+    problem text;
+BEGIN
+    WHILE rest <> '' AND problem IS NULL LOOP
+        token := NULL;
+        CASE
+        WHEN left(rest, 1) = '''' THEN
+            token := (regexp_match(rest, CASE WHEN e_prefix THEN '^''(?:[^''\\]|''''|\\.)*'''
+                                              ELSE '^''(?:[^'']|'''')*''' END))[1];
+            IF token IS NULL THEN
+                problem := 'unterminated '' literal';
+            END IF;
+        WHEN left(rest, 1) = '"' THEN
+            token := (regexp_match(rest, '^("(?:[^"]|"")*")'))[1];
+            IF token IS NULL THEN
+                problem := 'unterminated " literal';
+            END IF;
+        WHEN left(rest, 2) = '--' THEN
+            token := (regexp_match(rest, '^(--[^\n\r]*)'))[1];
+        WHEN left(rest, 2) = '/*' THEN
+            depth := 1;
+            token := '/*';
+            WHILE depth > 0 LOOP
+                open_at := strpos(substr(rest, length(token) + 1), '/*');
+                close_at := strpos(substr(rest, length(token) + 1), '*/');
+                IF close_at = 0 THEN
+                    problem := 'unterminated /* comment';
+                    EXIT;
+                END IF;
+                IF open_at > 0 AND open_at < close_at THEN
+                    depth := depth + 1;
+                    token := left(rest, length(token) + open_at + 1);
+                ELSE
+                    depth := depth - 1;
+                    token := left(rest, length(token) + close_at + 1);
+                END IF;
+            END LOOP;
+        WHEN left(rest, 1) = '$' THEN
+            m := regexp_match(rest, '^(\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$)');
+            IF m IS NOT NULL THEN  -- a dollar-quoted body runs to the next occurrence of its opening tag
+                close_at := strpos(substr(rest, length(m[1]) + 1), m[1]);
+                IF close_at = 0 THEN
+                    problem := format('unterminated dollar-quoted string %s', m[1]);
+                ELSE
+                    token := left(rest, length(m[1]) + close_at + length(m[1]) - 1);
+                END IF;
+            ELSIF rest ~ '^\$[0-9]' THEN
+                problem := format('positional parameter %s: refer to values by name ($input, $input.key, '
+                                  '$step, $step.col, $item)', substring(rest from '^\$[0-9]+'));
+            ELSE
+                m := regexp_match(rest, '^(\$[A-Za-z_][A-Za-z0-9_]*((?:\.[A-Za-z_][A-Za-z0-9_]*)*)(\.\*)?\??)');
+                IF m IS NULL THEN
+                    problem := format('stray ''$'' at %s', quote_literal(left(rest, 20)));
+                ELSIF m[2] <> '' AND m[3] IS NOT NULL THEN
+                    problem := format('row-set reference %s: use $name.* on a whole result', m[1]);
+                ELSE
+                    token := m[1];
+                    refs := refs || token;
+                END IF;
+            END IF;
+        WHEN rest ~ '^[A-Za-z_]|^[^\x01-\x7f]' THEN  -- an identifier or key word, read whole
+            token := (regexp_match(rest, '^((?:[A-Za-z0-9_$]|[^\x01-\x7f])+)'))[1];
+            e_prefix := token IN ('E', 'e');
+            rest := substr(rest, length(token) + 1);
+            CONTINUE;
+        ELSE  -- anything else, up to the next character that may start one of the above
+            token := coalesce((regexp_match(rest, '^((?:(?![''"$/_A-Za-z-])[\x01-\x7f])+)'))[1], left(rest, 1));
+        END CASE;
+        e_prefix := false;
+        rest := substr(rest, length(token) + 1);
+    END LOOP;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'pgflow: % in SQL step "%"', problem, left(p_sql, 80) USING ERRCODE = '22023';
+    END IF;
+    RETURN refs;
+END $$;
+REVOKE ALL ON FUNCTION pgflow.parse_sql_references(text) FROM PUBLIC;
 
--- `$name` references in SQL text, outside literals, quoted identifiers, comments and dollar-quoted bodies.
+-- The names a SQL step refers to with `$name...`, each once (see parse_sql_references).
 CREATE FUNCTION pgflow.sql_references(p_sql text) RETURNS SETOF text LANGUAGE sql IMMUTABLE AS $$
-    SELECT DISTINCT m[1] FROM regexp_matches(pgflow._strip_sql(p_sql), '\$([A-Za-z_][A-Za-z0-9_]*)', 'g') AS m
+    SELECT DISTINCT substring(r FROM '^\$([A-Za-z_][A-Za-z0-9_]*)') FROM unnest(pgflow.parse_sql_references(p_sql)) AS r
 $$;
 REVOKE ALL ON FUNCTION pgflow.sql_references(text) FROM PUBLIC;
 
@@ -118,10 +223,6 @@ BEGIN
     WHEN 'sql' THEN
         IF jsonb_typeof(p_node->'sql') IS DISTINCT FROM 'string' OR btrim(p_node->>'sql') = '' THEN
             RAISE EXCEPTION 'pgflow: a SQL step needs non-empty SQL text' USING ERRCODE = '22023';
-        END IF;
-        IF pgflow._strip_sql(p_node->>'sql') ~ '\$[0-9]' THEN
-            RAISE EXCEPTION 'pgflow: positional parameters ($1) in SQL step "%": refer to values by name',
-                left(p_node->>'sql', 80) USING ERRCODE = '22023';
         END IF;
         FOR ref IN SELECT pgflow.sql_references(p_node->>'sql') LOOP
             IF NOT ref = ANY (names || ARRAY['input', 'vars']) THEN

@@ -87,7 +87,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgflow: no instance with id %', p_id USING ERRCODE = 'P0002';
     END IF;
-    IF st NOT IN ('pending', 'running') THEN
+    IF NOT st = ANY (pgflow.open_instance_statuses()) THEN
         RAISE EXCEPTION 'pgflow: instance % is % and takes no signals', p_id, st USING ERRCODE = '55000';
     END IF;
     IF coalesce(p_name, '') = '' THEN
@@ -125,7 +125,7 @@ DECLARE
 BEGIN
     LOOP
         r := pgflow.status(p_id);
-        IF r->>'status' IN ('completed', 'failed', 'cancelled') OR clock_timestamp() >= deadline THEN
+        IF NOT r->>'status' = ANY (pgflow.open_instance_statuses()) OR clock_timestamp() >= deadline THEN
             RETURN r || jsonb_build_object('output', (SELECT output FROM pgflow.instances WHERE id = p_id));
         END IF;
         PERFORM pg_sleep(0.05);

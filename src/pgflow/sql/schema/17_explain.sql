@@ -60,7 +60,7 @@ BEGIN
                CASE
                    WHEN d.under_skipped THEN 'skipped'
                    WHEN d.own_status IS NOT NULL THEN d.own_status
-                   WHEN inst.status IN ('completed', 'failed', 'cancelled') THEN 'skipped'
+                   WHEN NOT inst.status = ANY (pgflow.open_instance_statuses()) THEN 'skipped'
                    ELSE 'pending'
                END,
                d.attempt, d.own_error,
@@ -74,7 +74,7 @@ BEGIN
                s->>'name' || CASE WHEN jsonb_array_length(s->'deps') > 0
                                   THEN ' (after ' || (SELECT string_agg(d, ', ') FROM jsonb_array_elements_text(s->'deps') d) || ')'
                                   ELSE '' END,
-               coalesce(st.status, CASE WHEN inst.status IN ('completed', 'failed', 'cancelled') THEN 'skipped'
+               coalesce(st.status, CASE WHEN NOT inst.status = ANY (pgflow.open_instance_statuses()) THEN 'skipped'
                                         ELSE 'pending' END),
                st.attempt, st.error, CASE WHEN st.status = 'retrying' THEN st.next_attempt_at END,
                (SELECT count(*) FROM pgflow.steps t WHERE t.instance_id = p_id AND t.step_name = s->>'name'
