@@ -392,3 +392,15 @@ def test_python_builders_reject_non_nodes():
         t.seq("SELECT 1", 42)
     with pytest.raises(ValueError, match="module-level function"):
         t.python(lambda ctx: 1)
+
+
+def test_a_failed_workflow_cancels_its_timers_and_signal_waits(dsn, engine):
+    """Every open step of a failed instance is cancelled, waiting ones included (no timer or signal wait is
+    left 'waiting' after its instance failed)."""
+    node = t.join(t.sleep(3600), t.wait_for_signal("never"), t.sql("SELECT 1 / 0"))
+    iid = pgflow.start(node, dsn=dsn)
+    st = pgflow.wait(iid, 60, dsn=dsn)
+    assert st.status == "failed" and "division by zero" in st.error
+    statuses = dict(sql(dsn, "SELECT step_name, status FROM pgflow.steps WHERE instance_id = %s", (iid,)))
+    assert statuses["r.0"] == statuses["r.1"] == "cancelled", statuses
+    assert "waiting" not in statuses.values()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from psycopg.types.json import Jsonb
 
-from pgflow.dsl import MissingValue, Reference, compile_sql, resolve
 from pgflow.errors import FlowDefinitionError
+from pgflow.references import MissingValue, Reference, compile_sql, resolve
 
 
 def test_references_become_placeholders_in_order():
@@ -85,6 +85,6 @@ def test_a_sql_result_by_name_is_its_first_cell():
 
 def test_parameters_adapt_structures_to_jsonb_and_keep_scalars():
     t = compile_sql("SELECT $input, $input.s, $input.n")
-    params = t.parameters({"input": {"s": "'; DROP TABLE x; --", "n": 3}})
+    _, params = t.render({"input": {"s": "'; DROP TABLE x; --", "n": 3}})
     assert isinstance(params[0], Jsonb)
     assert params[1:] == ["'; DROP TABLE x; --", 3]

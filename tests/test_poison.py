@@ -129,13 +129,14 @@ def test_messages_naming_no_instance_or_an_unknown_version_are_dead_lettered(dsn
     assert_completed(dsn, [done])
     pids = children(worker)
     version = sf.chain.version
+    other = "0123456789abcdef"
     bodies = [
         {"f": "chain", "v": version, "i": 987654321, "s": "first", "t": -1},  # no such instance
         {"f": "chain", "v": version, "i": -5, "s": "first", "t": -1},
-        {"f": "chain", "v": "0123456789abcdef", "i": done, "s": "first", "t": -1},  # unknown version
-        {"f": "no_such_flow", "v": "0123456789abcdef", "i": done, "s": "first", "t": -1},  # unknown flow
+        {"f": "chain", "v": other, "i": done, "s": "first", "t": -1},  # unknown version
+        {"f": "no_such_flow", "v": other, "i": done, "s": "first", "t": -1},  # unknown flow
         {"f": "chain", "v": version, "i": done, "s": "no_such_step", "t": -1},  # unknown step
-        {"f": "chain", "v": version, "i": 987654321, "s": "first", "t": 3, "x": {"element": 1}},
+        {"f": "chain", "v": version, "i": 987654321, "s": "first", "t": 3, "x": {"e": 1}},
     ]
     poison = [(send(dsn, body), body) for body in bodies]
     healthy = start_healthy(dsn, 6, "alongside")
@@ -148,8 +149,8 @@ def test_messages_naming_no_instance_or_an_unknown_version_are_dead_lettered(dsn
 
 
 @pytest.mark.parametrize("body", [
-    {"f": "chain", "v": "0123456789abcdef", "i": 10 ** 30, "s": "first", "t": -1},  # beyond bigint
-    {"f": "chain", "v": "0123456789abcdef", "i": 1, "s": "first", "t": 2 ** 40},  # beyond integer
+    {"f": "chain", "v": "0123456789abcdef", "i": 10 ** 30, "s": "first", "t": -1},  # > bigint
+    {"f": "chain", "v": "0123456789abcdef", "i": 1, "s": "first", "t": 2 ** 40},  # > integer
 ], ids=["instance_id_beyond_bigint", "task_index_beyond_integer"])
 def test_a_message_with_out_of_range_ids_is_dead_lettered_not_a_crash_loop(dsn, engine_factory, body):
     engine = engine_factory(**QUIET)
