@@ -90,7 +90,7 @@ def test_exhausted_attempts_fail_the_instance_and_archive_the_message(dsn, engin
     with psycopg.connect(dsn) as conn:
         archived = conn.execute("SELECT message FROM pgmq.a_pgflow").fetchall()
         queued = conn.execute("SELECT count(*) FROM pgmq.q_pgflow").fetchone()[0]
-    assert [m[0]["s"] for m in archived] == ["explode"]
+    assert [m[0]["step"] for m in archived] == ["explode"]
     assert queued == 0
 
 

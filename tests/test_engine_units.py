@@ -106,13 +106,13 @@ def test_a_sequence_queues_its_first_leaf_then_the_next_with_the_named_result_in
     first = ev.evaluate(*state(node))
     assert first.result.status == "running"
     [queued] = of(ev.Enqueue, first.decisions)
-    assert queued.step == "r.0.0" and queued.message["c"] == {"input": {"order": 3}, "vars": {}}
+    assert queued.step == "r.0.0" and queued.message["scope"] == {"input": {"order": 3}, "vars": {}}
     assert decode(queued.message).instance_id == 7
     done = ev.Row(StepStatus.COMPLETED, [{"a": 1}], [["a", "integer"]], finished_at=NOW)
     second = ev.evaluate(*state(node, {"r.0.0": done}))
     [queued] = of(ev.Enqueue, second.decisions)
     assert queued.step == "r.1"
-    assert queued.message["c"]["first"] == [{"a": 1}] and queued.message["ct"] == {"first": [["a", "integer"]]}
+    assert queued.message["scope"]["first"] == [{"a": 1}] and queued.message["columns"] == {"first": [["a", "integer"]]}
     last = ev.evaluate(*state(node, {"r.0.0": done, "r.1": ev.Row(StepStatus.COMPLETED, [{"a": 1}])}))
     assert last.result.done and last.result.output == [{"a": 1}] and of(ev.Enqueue, last.decisions) == []
 
@@ -165,7 +165,7 @@ def test_a_signal_wait_takes_the_oldest_signal_of_its_name():
     evaluation = ev.evaluate(*state(node, signals=signals))
     assert of(ev.ConsumeSignal, evaluation.decisions) == [ev.ConsumeSignal(12, "r.0.0")]
     [queued] = of(ev.Enqueue, evaluation.decisions)
-    assert queued.message["c"]["decision"] == {"v": 1}
+    assert queued.message["scope"]["decision"] == {"v": 1}
     nothing = ev.evaluate(*state(node, signals=signals[:1]))
     assert nothing.result.status == "waiting" and of(ev.ConsumeSignal, nothing.decisions) == []
 
@@ -195,11 +195,13 @@ def test_every_node_type_has_a_handler():
 
 def test_task_messages_round_trip_and_refuse_malformed_bodies():
     body = task_message("f", "v1", 5, "square", 2, {"x": 1})
+    assert body == {"flow": "f", "version": "v1", "instance": 5, "step": "square", "task": 2, "item": {"x": 1}}
     decoded = decode(body)
     assert (decoded.flow, decoded.instance_id, decoded.task_index, decoded.item) == ("f", 5, 2, {"x": 1})
-    assert decode({**body, "i": True}) is None
-    assert decode({**body, "t": -2}) is None
-    assert decode({**body, "c": []}) is None
+    assert decode({**body, "instance": True}) is None
+    assert decode({**body, "task": -2}) is None
+    assert decode({**body, "scope": []}) is None
+    assert decode({"f": "f", "v": "v1", "i": 5, "s": "square", "t": -1}) is None  # the old short keys
 
 
 def test_settings_are_validated_with_the_variable_named():

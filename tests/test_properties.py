@@ -841,17 +841,17 @@ _JSON = st.recursive(_JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_
 _FIELD = st.one_of(_JSON_SCALARS, st.just({}), st.just({"a": 1}))
 _BOUNDS = st.sampled_from([0, -1, -2, 1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, 1.0, -1.0, True, "1"])
 _valid = st.fixed_dictionaries(
-    {"f": TEXT, "v": TEXT, "s": TEXT, "i": st.integers(1, 2**63 - 1),
-     "t": st.integers(-1, 2**31 - 1)},
-    optional={"x": _JSON, "c": st.one_of(st.none(), st.just({"a": 1})),
-              "ct": st.one_of(st.none(), st.just({}))})
+    {"flow": TEXT, "version": TEXT, "step": TEXT, "instance": st.integers(1, 2**63 - 1),
+     "task": st.integers(-1, 2**31 - 1)},
+    optional={"item": _JSON, "scope": st.one_of(st.none(), st.just({"a": 1})),
+              "columns": st.one_of(st.none(), st.just({}))})
 
 
 @st.composite
 def _one_field_off(draw):
     """A well-formed message with one field replaced by something else, or removed."""
     message = draw(_valid)
-    key = draw(st.sampled_from(["f", "v", "s", "i", "t", "c", "ct"]))
+    key = draw(st.sampled_from(["flow", "version", "step", "instance", "task", "scope", "columns"]))
     if draw(st.booleans()) and key in message:
         del message[key]
     else:
@@ -862,23 +862,23 @@ def _one_field_off(draw):
 messages = st.one_of(_JSON, _valid, _one_field_off())
 
 
-_EDGE = {"f": "flow", "v": "1", "s": "step", "i": 1, "t": -1}
+_EDGE = {"flow": "flow", "version": "1", "step": "step", "instance": 1, "task": -1}
 
 
 @settings(max_examples=500, **BASE)
 @given(message=messages)
-@example(message={**_EDGE, "t": 2**31 - 1})
-@example(message={**_EDGE, "t": 2**31})
-@example(message={**_EDGE, "t": -2})
-@example(message={**_EDGE, "i": 2**63 - 1})
-@example(message={**_EDGE, "i": 2**63})
-@example(message={**_EDGE, "i": 0})
-@example(message={**_EDGE, "i": 1.0})
-@example(message={**_EDGE, "t": True})
-@example(message={**_EDGE, "i": "1"})
-@example(message={**_EDGE, "c": []})
-@example(message={**_EDGE, "ct": "x"})
-@example(message={**_EDGE, "c": None, "ct": {}})
+@example(message={**_EDGE, "task": 2**31 - 1})
+@example(message={**_EDGE, "task": 2**31})
+@example(message={**_EDGE, "task": -2})
+@example(message={**_EDGE, "instance": 2**63 - 1})
+@example(message={**_EDGE, "instance": 2**63})
+@example(message={**_EDGE, "instance": 0})
+@example(message={**_EDGE, "instance": 1.0})
+@example(message={**_EDGE, "task": True})
+@example(message={**_EDGE, "instance": "1"})
+@example(message={**_EDGE, "scope": []})
+@example(message={**_EDGE, "columns": "x"})
+@example(message={**_EDGE, "scope": None, "columns": {}})
 def test_the_database_and_the_worker_agree_on_what_a_task_message_is(validator, message):
     from pgflow.engine.messages import decode
 

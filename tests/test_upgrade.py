@@ -76,3 +76,28 @@ def test_new_code_refuses_an_older_schema_with_the_fix(dsn):
     assert refused.stderr.strip().splitlines() == [
         f"Error: the pgflow schema is at version {older}, this pgflow needs "
         f"{migrations.LATEST_VERSION}: run `pgflow init`"]
+
+
+def test_messages_queued_before_the_readable_keys_migration_still_run(empty_dsn):
+    """The message-keys migration is breaking for old workers, but loses no queued task: the messages
+    written by the previous version are rewritten with the new keys (and stay valid task messages)."""
+    [keys] = [m for m in migrations.migrations() if m.name == "message_keys"]
+    with connect(empty_dsn) as conn, conn.transaction():
+        migrations.install_pgmq(conn)
+        migrations.Q.execute(conn, "create_migrations_table")
+        for migration in migrations.migrations():
+            if migration.version < keys.version:
+                migrations.apply_migration(conn, migration)
+        conn.execute("SELECT pgflow.ensure_queue('pgflow')")
+        conn.execute("""SELECT pgmq.send('pgflow', m) FROM (VALUES
+            ('{"f": "chain", "v": "0123456789abcdef", "i": 7, "s": "first", "t": -1}'::jsonb),
+            ('{"f": "wide", "v": "0123456789abcdef", "i": 8, "s": "r.0", "t": 2, "x": {"n": 1}, "c": {}, "ct": {}}'),
+            ('"not a task"'))
+            AS u(m)""")
+    apply_next_release(empty_dsn, keys.version, keys.sql)
+    rows = run_sql(empty_dsn, "SELECT message, pgflow.is_task_message(message) FROM pgmq.q_pgflow ORDER BY msg_id")
+    assert rows == [
+        ({"flow": "chain", "version": "0123456789abcdef", "instance": 7, "step": "first", "task": -1}, True),
+        ({"flow": "wide", "version": "0123456789abcdef", "instance": 8, "step": "r.0", "task": 2, "item": {"n": 1},
+          "scope": {}, "columns": {}}, True),
+        ("not a task", False)]

@@ -35,13 +35,14 @@ class TaskMessage:
 def task_message(flow: str, version: str, instance_id: int, step: str, task_index: int = -1, item: Any = None,
                  *, scope: dict[str, Any] | None = None, columns: dict[str, Any] | None = None) -> dict[str, Any]:
     """The message body for one task."""
-    body: dict[str, Any] = {"f": flow, "v": version, "i": instance_id, "s": step, "t": task_index}
+    body: dict[str, Any] = {"flow": flow, "version": version, "instance": instance_id, "step": step,
+                            "task": task_index}
     if task_index >= 0:
-        body["x"] = item
+        body["item"] = item
     if scope is not None:
-        body["c"] = scope
+        body["scope"] = scope
     if columns is not None:
-        body["ct"] = columns
+        body["columns"] = columns
     return body
 
 
@@ -50,14 +51,14 @@ def decode(body: Any) -> TaskMessage | None:
     run): ids must be integers within their column types, names strings, scope and columns objects."""
     if not isinstance(body, dict):
         return None
-    flow, version, instance, step, task = (body.get(k) for k in ("f", "v", "i", "s", "t"))
+    flow, version, instance, step, task = (body.get(k) for k in ("flow", "version", "instance", "step", "task"))
     if not (isinstance(flow, str) and isinstance(version, str) and isinstance(step, str)
             and type(instance) is int and 0 < instance <= _BIGINT and type(task) is int and -1 <= task <= _INT):
         return None
-    scope, columns = body.get("c"), body.get("ct")
+    scope, columns = body.get("scope"), body.get("columns")
     if not isinstance(scope, dict | None) or not isinstance(columns, dict | None):
         return None
-    return TaskMessage(flow, version, instance, step, task, body.get("x"), scope, columns)
+    return TaskMessage(flow, version, instance, step, task, body.get("item"), scope, columns)
 
 
 def log_fields(queue: str, body: Any) -> dict[str, Any]:
