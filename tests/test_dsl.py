@@ -1,12 +1,18 @@
-"""The $reference lexer for SQL steps: what is a reference, what is left alone, how values bind."""
+"""The $reference grammar: what is a reference in SQL steps and in HTTP text, what is left alone, how values
+bind."""
 
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 import pytest
 from psycopg.types.json import Jsonb
 
+from pgflow.engine.runners.http import substitute_body, substitute_text
 from pgflow.errors import FlowDefinitionError
-from pgflow.references import MissingValue, Reference, compile_sql, resolve
+from pgflow.references import MissingValue, Reference, compile_sql, compile_text, resolve
 
 
 def test_references_become_placeholders_in_order():
@@ -88,3 +94,35 @@ def test_parameters_adapt_structures_to_jsonb_and_keep_scalars():
     _, params = t.render({"input": {"s": "'; DROP TABLE x; --", "n": 3}})
     assert isinstance(params[0], Jsonb)
     assert params[1:] == ["'; DROP TABLE x; --", 3]
+
+
+VECTORS = json.loads((Path(__file__).parent / "data" / "references.json").read_text())
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=[v["text"][:40] for v in VECTORS])
+def test_the_reference_grammar_on_shared_vectors(vector):
+    """One grammar, two lexers: SQL text (literals, quoted names, comments and dollar-quoted bodies hold no
+    references) and HTTP text (every ``$name...`` is one, any other ``$`` is text). The vectors in
+    tests/data/references.json are the cases a SQL-side validator must agree with too."""
+    text = vector["text"]
+    if "sql_error" in vector:
+        with pytest.raises(FlowDefinitionError) as raised:
+            compile_sql(text)
+        assert str(raised.value).startswith(vector["sql_error"])
+    else:
+        assert [str(r) for r in compile_sql(text).references] == vector["sql"]
+    if "text_error" in vector:
+        with pytest.raises(FlowDefinitionError, match=re.escape(vector["text_error"])):
+            compile_text(text)
+    else:
+        assert [str(r) for r in compile_text(text).references] == vector["text_references"]
+
+
+def test_http_text_substitutes_values_and_keeps_other_dollars():
+    scope = {"input": {"id": "a b/c", "price": 5}, "secrets": {"token": "t0k"}}
+    assert substitute_text("https://x/orders/$input.id", scope, url=True) == "https://x/orders/a%20b%2Fc"
+    assert substitute_text("costs $5 and $input.price", scope) == "costs $5 and 5"
+    assert substitute_body({"id": "$input.id", "note": "id $input.id", "n": 1}, scope) == \
+        {"id": "a b/c", "note": "id a b/c", "n": 1}
+    with pytest.raises(MissingValue, match="only be used in a SQL step"):
+        substitute_text("$rows.*", {"rows": []})
