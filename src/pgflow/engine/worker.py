@@ -101,6 +101,78 @@ class _Acks:
         self.done.clear()
 
 
+class ServedQueues:
+    """The queues a worker serves: the fixed ones, or every pgflow queue (re-read every few seconds, so a
+    new flow's queue is found), each LISTENed to for the coordinator's "new messages" notifications."""
+
+    REREAD_SECONDS = 5.0
+
+    def __init__(self, fixed: list[str] | None) -> None:
+        self.fixed = list(fixed) if fixed else None
+        self._names: list[str] = []
+        self._listening: set[str] = set()
+        self._read_at = 0.0
+
+    def on_connect(self, conn: psycopg.Connection) -> None:
+        """A new session: create the fixed queues (a worker may start before any flow names them), and
+        listen again."""
+        for name in self.fixed or ():
+            ensure_queue(conn, name)
+        self._listening = set()
+        self._read_at = 0.0
+
+    def names(self, conn: psycopg.Connection, listen: psycopg.Connection) -> list[str]:
+        now = time.monotonic()
+        if now - self._read_at > self.REREAD_SECONDS:
+            self._read_at = now
+            self._names = self.fixed or queue_names(conn)
+            for name in self._names:
+                if name not in self._listening:
+                    listen.execute(Q.composed("listen", channel=channel(name)))
+                    self._listening.add(name)
+        return self._names
+
+
+class Heartbeat:
+    """Extends the visibility timeout of the messages a worker holds, from a thread and a connection of
+    its own, so a long step's message is not delivered again while it runs."""
+
+    def __init__(self, dsn: str, visibility_timeout: int) -> None:
+        self.dsn = dsn
+        self.visibility_timeout = visibility_timeout
+        self._held: dict[str, set[int]] = {}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()  # the worker's loop has returned: the heartbeat may stop too
+
+    def start(self) -> None:
+        threading.Thread(target=self._beat, name="pgflow-heartbeat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def hold(self, queue: str, msg_ids: set[int]) -> None:
+        """The messages of ``queue`` the worker now holds (replacing the batch before)."""
+        with self._lock:
+            self._held[queue] = msg_ids
+
+    def _beat(self) -> None:
+        conn = None
+        while not self._stopped.wait(self.visibility_timeout / 3):  # beats on while draining
+            with self._lock:
+                snapshot = {name: list(ids) for name, ids in self._held.items() if ids}
+            if not snapshot:
+                continue
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(self.dsn, autocommit=True)
+                for name, ids in snapshot.items():
+                    Q.execute(conn, "extend_visibility", {"queue": name, "msg_ids": ids,
+                                                          "vt": self.visibility_timeout})
+            except Exception as exc:  # the main loop deals with outages; just try again next beat
+                log.debug("heartbeat failed: %s", exc)
+                conn = None
+
+
 class Worker(ConnectedLoop):
     """One worker process's loop: read a batch, claim it, run it, acknowledge it."""
 
@@ -108,7 +180,7 @@ class Worker(ConnectedLoop):
                  visibility_timeout: int = 30, poll_interval: float = 1.0, ack_interval: float = 0.05,
                  health: Health | None = None) -> None:
         super().__init__(dsn)
-        self.fixed_queues = list(queues) if queues else None
+        self.queues = ServedQueues(queues)
         self.batch_size = batch_size
         self.visibility_timeout = visibility_timeout
         self.poll_interval = poll_interval
@@ -118,28 +190,23 @@ class Worker(ConnectedLoop):
         self.python = python.PythonRunner()
         self.sql = SqlRunner()
         self.tracer = tracing.step_tracer()  # None unless OpenTelemetry is set up in this process
-        self._finished = threading.Event()  # the loop has returned: the heartbeat may stop too
-        self.in_flight: dict[str, set[int]] = {}
-        self._lock = threading.Lock()
-        self._queues: list[str] = []
-        self._listening: set[str] = set()
-        self._queues_checked = 0.0
+        self.heartbeat = Heartbeat(dsn, visibility_timeout)
 
     # ------------------------------------------------------------------------------------------ loop
 
     def run(self) -> None:
         """Work until :meth:`stop` (then finish the step in hand and give back the rest)."""
-        threading.Thread(target=self._heartbeat, name="pgflow-heartbeat", daemon=True).start()
+        self.heartbeat.start()
         try:
             super().run()
         finally:
-            self._finished.set()
+            self.heartbeat.stop()
 
     def loop(self) -> None:
         while not self.stop_event.is_set():
             self.health.beat()
             got = 0
-            for name in self._current_queues():
+            for name in self.queues.names(self._conn, self._listen):
                 if self.stop_event.is_set():
                     break
                 messages, claimed = self._read(name)
@@ -154,22 +221,7 @@ class Worker(ConnectedLoop):
 
     def on_connect(self) -> None:
         self.sql.on_connect(self._conn)
-        for name in self.fixed_queues or ():  # a worker may start before any flow has named its queue
-            ensure_queue(self._conn, name)
-        self._listening = set()
-        self._queues_checked = 0.0
-
-    def _current_queues(self) -> list[str]:
-        """The queues to serve (fixed, or every pgflow queue, re-read every few seconds), listened to."""
-        now = time.monotonic()
-        if now - self._queues_checked > 5.0:
-            self._queues_checked = now
-            self._queues = self.fixed_queues or queue_names(self._conn)
-            for name in self._queues:
-                if name not in self._listening:
-                    self._listen.execute(Q.composed("listen", channel=channel(name)))
-                    self._listening.add(name)
-        return self._queues
+        self.queues.on_connect(self._conn)
 
     # ------------------------------------------------------------------------------------------ batch
 
@@ -215,8 +267,7 @@ class Worker(ConnectedLoop):
         unclaimed = [r for r in read if r[0] not in claimed and r[0] not in rejected]
         if unclaimed:
             self._put_aside(queue, unclaimed)
-        with self._lock:
-            self.in_flight[queue] = set(claimed)
+        self.heartbeat.hold(queue, set(claimed))
         acks = _Acks(queue)
         try:
             for index, task in enumerate(tasks):
@@ -229,8 +280,7 @@ class Worker(ConnectedLoop):
                     acks.flush(conn)
             acks.flush(conn)
         finally:
-            with self._lock:
-                self.in_flight[queue] = set()
+            self.heartbeat.hold(queue, set())
 
     def _claim(self, queue: str, read: list[Read]) -> tuple[dict[int, dict], set[int]]:
         """Claim a batch. If the database rejects it, claim one by one and dead-letter the messages it
@@ -364,23 +414,3 @@ class Worker(ConnectedLoop):
             "traceback": "".join(traceback.format_exception(exc)), "retry_in": retry_in,
         })
         (metrics().failed if permanent else metrics().retried).labels(*labels).inc()
-
-    # ------------------------------------------------------------------------------------------ heartbeat
-
-    def _heartbeat(self) -> None:
-        """Extend the visibility timeout of claimed messages so long steps are not redelivered."""
-        conn = None
-        while not self._finished.wait(self.visibility_timeout / 3):  # beats on while draining
-            with self._lock:
-                snapshot = {name: list(ids) for name, ids in self.in_flight.items() if ids}
-            if not snapshot:
-                continue
-            try:
-                if conn is None or conn.closed:
-                    conn = connect(self.dsn, autocommit=True)
-                for name, ids in snapshot.items():
-                    Q.execute(conn, "extend_visibility", {"queue": name, "msg_ids": ids,
-                                                          "vt": self.visibility_timeout})
-            except Exception as exc:  # the main loop deals with outages; just try again next beat
-                log.debug("heartbeat failed: %s", exc)
-                conn = None
