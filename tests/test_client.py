@@ -75,8 +75,9 @@ def test_wait_on_an_autocommit_connection_listens_only_for_its_duration(dsn, eng
         iid = pgflow.start(sf.diamond, 4, conn=conn)
         assert pgflow.wait(iid, 30, conn=conn).output == [8, 12]
         assert conn.execute("SELECT pg_listening_channels()").fetchall() == []
-    with pytest.raises(TimeoutError, match="still pending"):
-        pgflow.wait(pgflow.start(sf.chain, {"n": 1, "label": "x"}, dsn=dsn), 0.0, dsn=dsn)
+    waiting = pgflow.start(t.wait_for_signal("never"), dsn=dsn, name="never")  # does not end by itself
+    with pytest.raises(TimeoutError, match=f"instance {waiting} still (pending|running) after 0.1 s"):
+        pgflow.wait(waiting, 0.1, dsn=dsn)
 
 
 def test_a_pooled_client_is_not_shared_across_fork(dsn):
