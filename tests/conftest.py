@@ -21,7 +21,8 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgflow import store
+from pgflow.db.embedded import start_server
+from pgflow.db.migrations import init_schema
 
 TESTS = Path(__file__).parent
 
@@ -39,7 +40,7 @@ def server():
         yield dsn, None
         return
     pgdata = Path(tempfile.mkdtemp(prefix="pgflow-test-")) / "pgdata"
-    handle = store.start_embedded_server(pgdata, cleanup_mode="delete")
+    handle = start_server(pgdata, cleanup_mode="delete")
     yield handle.get_uri(), handle
     handle.cleanup()
     shutil.rmtree(pgdata.parent, ignore_errors=True)
@@ -53,7 +54,7 @@ def template_db(server):
     with _admin(admin_dsn) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
         conn.execute(f'CREATE DATABASE "{name}"')
-    store.init_schema(make_conninfo(admin_dsn, dbname=name))
+    init_schema(make_conninfo(admin_dsn, dbname=name))
     yield name
     with _admin(admin_dsn) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

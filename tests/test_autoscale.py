@@ -12,8 +12,8 @@ import psycopg
 import pytest
 import yaml
 
-from pgflow import queue as q
 from pgflow.metrics import KEDA_DEPTH_QUERY_TEMPLATE
+from pgflow.queues import ensure_queue
 
 LOADTEST = Path(__file__).resolve().parents[1] / "loadtests" / "autoscale.py"
 KEDA_MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "keda-scaledobject.yaml"
@@ -63,7 +63,7 @@ def test_keda_keeps_the_workers_while_a_message_is_in_flight(dsn):
             return conn.execute(trigger["query"]).fetchone()[0] > threshold
 
         assert not active()  # the queue does not exist yet: 0, no error
-        q.ensure_queue(conn, "pgflow")
+        ensure_queue(conn, "pgflow")
         assert not active()
         (msg_id,) = conn.execute("SELECT * FROM pgmq.send('pgflow', '{}'::jsonb)").fetchone()
         assert active()  # ready

@@ -21,7 +21,6 @@ from conftest import restart_postgres, run_sql
 from psycopg import sql as pgsql
 
 import pgflow
-from pgflow import store
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +37,7 @@ def with_database(dsn, fn, what, timeout=30.0):
     deadline = time.monotonic() + timeout
     while True:
         try:
-            store.wait_for_database(dsn, timeout=max(1.0, deadline - time.monotonic()))
+            psycopg.connect(dsn, connect_timeout=5).close()
             return fn()
         except (psycopg.OperationalError, pgflow.DatabaseUnavailable):
             if time.monotonic() > deadline:

@@ -15,8 +15,9 @@ import pytest
 from conftest import pgflow_command, subprocess_env
 from psycopg.conninfo import make_conninfo
 
-from pgflow import queue as q
-from pgflow.metrics import Health, readiness, serve
+from pgflow.health import Health, readiness
+from pgflow.metrics import serve
+from pgflow.queues import queue_names
 
 try:  # tests/ as a package
     from . import deploy_helpers as h
@@ -43,12 +44,12 @@ def test_migrations_job_creates_the_declared_queues(dsn):
     declared = [args[i + 1] for i, arg in enumerate(args) if arg == "--queue"]
     assert declared == ["default", "etl_heavy", "notify"]
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert not set(declared) & set(q.pgflow_queues(conn))
+        assert not set(declared) & set(queue_names(conn))
     for _ in range(2):  # every install/upgrade runs it again: idempotent
         result = _run_pgflow(args, dsn)
         assert result.returncode == 0, result.stdout + result.stderr
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert set(declared) <= set(q.pgflow_queues(conn))
+        assert set(declared) <= set(queue_names(conn))
 
 
 def _missing_database(dsn):

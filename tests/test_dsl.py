@@ -1,12 +1,18 @@
-"""The $reference lexer for SQL steps: what is a reference, what is left alone, how values bind."""
+"""The $reference grammar: what is a reference in SQL steps and in HTTP text, what is left alone, how values
+bind."""
 
 from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
 
 import pytest
 from psycopg.types.json import Jsonb
 
-from pgflow.dsl import MissingValue, Reference, compile_sql, resolve
+from pgflow.engine.runners.http import substitute_body, substitute_text
 from pgflow.errors import FlowDefinitionError
+from pgflow.references import MissingValue, Reference, compile_sql, compile_text, resolve
 
 
 def test_references_become_placeholders_in_order():
@@ -85,6 +91,30 @@ def test_a_sql_result_by_name_is_its_first_cell():
 
 def test_parameters_adapt_structures_to_jsonb_and_keep_scalars():
     t = compile_sql("SELECT $input, $input.s, $input.n")
-    params = t.parameters({"input": {"s": "'; DROP TABLE x; --", "n": 3}})
+    _, params = t.render({"input": {"s": "'; DROP TABLE x; --", "n": 3}})
     assert isinstance(params[0], Jsonb)
     assert params[1:] == ["'; DROP TABLE x; --", 3]
+
+
+TEXT_VECTORS = json.loads((Path(__file__).parent / "data" / "text_references.json").read_text())["vectors"]
+
+
+@pytest.mark.parametrize("vector", TEXT_VECTORS, ids=[v["text"][:40] for v in TEXT_VECTORS])
+def test_the_reference_grammar_of_http_text(vector):
+    """HTTP text uses the same reference grammar as SQL steps (tests/test_grammar.py checks those), but every
+    ``$name...`` is a reference and any other ``$`` is text."""
+    if "error" in vector:
+        with pytest.raises(FlowDefinitionError, match=re.escape(vector["error"])):
+            compile_text(vector["text"])
+    else:
+        assert [str(r) for r in compile_text(vector["text"]).references] == vector["references"]
+
+
+def test_http_text_substitutes_values_and_keeps_other_dollars():
+    scope = {"input": {"id": "a b/c", "price": 5}, "secrets": {"token": "t0k"}}
+    assert substitute_text("https://x/orders/$input.id", scope, url=True) == "https://x/orders/a%20b%2Fc"
+    assert substitute_text("costs $5 and $input.price", scope) == "costs $5 and 5"
+    assert substitute_body({"id": "$input.id", "note": "id $input.id", "n": 1}, scope) == \
+        {"id": "a b/c", "note": "id a b/c", "n": 1}
+    with pytest.raises(MissingValue, match="only be used in a SQL step"):
+        substitute_text("$rows.*", {"rows": []})

@@ -10,7 +10,8 @@ import pytest
 import sample_flows as sf
 
 import pgflow
-from pgflow import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PayloadTooLarge, store
+from pgflow import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PayloadTooLarge, settings
+from pgflow.db import codec
 
 
 def run(flow, input, dsn, timeout=60.0, **kwargs):
@@ -22,7 +23,7 @@ def test_sequence_passes_outputs_and_input(dsn, engine):
     iid, st = run(sf.chain, {"n": 4, "label": "seq"}, dsn)
     assert st.status == "completed", st.error
     assert pgflow.result(iid, dsn=dsn) == {"value": 51, "label": "seq", "key": f"pgflow:{iid}:third"}
-    assert {s["step_name"]: (s["status"], s["attempts"]) for s in st.steps} == {
+    assert {s.name: (s.status, s.attempts) for s in st.steps} == {
         "first": ("completed", 1), "second": ("completed", 1), "third": ("completed", 1)}
 
 
@@ -36,8 +37,8 @@ def test_wide_map_fans_out_and_in_in_order(dsn, engine):
     iid, st = run(sf.wide, 1000, dsn, timeout=120)
     assert st.status == "completed", st.error
     assert st.output == {"count": 1000, "sum": sum(i * i for i in range(1000)), "in_order": True}
-    square = next(s for s in st.steps if s["step_name"] == "square")
-    assert square["tasks"] == square["tasks_completed"] == 1000
+    square = st.step("square")
+    assert square.tasks == square.tasks_completed == 1000
 
 
 def test_empty_map_completes_with_an_empty_list(dsn, engine):
@@ -62,8 +63,8 @@ def test_sql_steps_bind_values_as_data_never_as_sql(dsn, engine):
     assert st.output == [[{"name": evil.upper()}]]  # a SQL map: one row list per element
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT name, note FROM people").fetchall() == [(evil, "$input %s %(x)s")]
-    inserted = next(s for s in pgflow.status(iid, dsn=dsn).steps if s["step_name"] == "insert")
-    assert inserted["status"] == "completed"
+    inserted = pgflow.status(iid, dsn=dsn).step("insert")
+    assert inserted.status == "completed"
 
 
 def test_retries_with_backoff_then_success(dsn, engine):
@@ -71,7 +72,7 @@ def test_retries_with_backoff_then_success(dsn, engine):
     iid, st = run(sf.flaky, {"succeed_on": 3}, dsn)
     assert st.status == "completed", st.error
     assert st.output == 3
-    assert st.steps[0]["attempts"] == 3
+    assert st.steps[0].attempts == 3
     # two backoffs of at least base/2 and base (equal jitter): 0.1 s + 0.2 s at the least
     assert time.monotonic() - started >= 0.3
 
@@ -80,23 +81,23 @@ def test_exhausted_attempts_fail_the_instance_and_archive_the_message(dsn, engin
     iid, st = run(sf.broken, "x", dsn)
     assert st.status == "failed"
     assert "ValueError: boom: x" in st.error
-    explode = next(s for s in st.steps if s["step_name"] == "explode")
-    assert explode["status"] == "failed" and explode["attempts"] == 2
-    assert "Traceback" in explode["traceback"] and "sample_flows.py" in explode["traceback"]
-    assert not any(s["step_name"] == "never" for s in st.steps)
+    explode = st.step("explode")
+    assert explode.status == "failed" and explode.attempts == 2
+    assert "Traceback" in explode.traceback and "sample_flows.py" in explode.traceback
+    assert not any(s.name == "never" for s in st.steps)
     with pytest.raises(InstanceFailed, match="boom"):
         pgflow.result(iid, dsn=dsn)
     with psycopg.connect(dsn) as conn:
         archived = conn.execute("SELECT message FROM pgmq.a_pgflow").fetchall()
         queued = conn.execute("SELECT count(*) FROM pgmq.q_pgflow").fetchone()[0]
-    assert [m[0]["s"] for m in archived] == ["explode"]
+    assert [m[0]["step"] for m in archived] == ["explode"]
     assert queued == 0
 
 
 def test_non_retryable_error_fails_at_once(dsn, engine):
     _, st = run(sf.fatal, None, dsn)
     assert st.status == "failed" and "no point retrying" in st.error
-    assert st.steps[0]["attempts"] == 1
+    assert st.steps[0].attempts == 1
 
 
 def test_timeout_stops_a_step(dsn, engine):
@@ -104,7 +105,7 @@ def test_timeout_stops_a_step(dsn, engine):
     _, st = run(sf.slow, None, dsn)
     assert st.status == "failed"
     assert "StepTimeout" in st.error
-    assert st.steps[0]["attempts"] == 2
+    assert st.steps[0].attempts == 2
     assert time.monotonic() - started < 20  # the 30 s sleep was interrupted
 
 
@@ -112,13 +113,14 @@ def test_outputs_over_the_limit_or_not_json_fail_clearly(dsn, engine_factory):
     engine_factory(PGFLOW_MAX_PAYLOAD_BYTES="1000").start()
     _, st = run(sf.big_output, 5000, dsn)
     assert st.status == "failed" and "over the 1,000-byte limit" in st.error
-    assert st.steps[0]["attempts"] == 1
+    assert st.steps[0].attempts == 1
     _, st = run(sf.not_json, None, dsn)
     assert st.status == "failed" and "not JSON-serializable" in st.error
 
 
 def test_oversized_input_is_refused_at_start(dsn, monkeypatch):
     monkeypatch.setenv("PGFLOW_MAX_PAYLOAD_BYTES", "100")
+    monkeypatch.setattr(settings, "_current", settings.Settings.from_env())  # settings are read once
     with pytest.raises(PayloadTooLarge, match="flow input is .* over the 100-byte limit"):
         pgflow.start(sf.chain, {"n": 1, "label": "x" * 200}, dsn=dsn)
     assert pgflow.list_instances(dsn=dsn) == []
@@ -135,7 +137,7 @@ def test_cancel_stops_later_steps(dsn, engine):
     time.sleep(3.0)  # let the running step finish: its successor must not run
     st = pgflow.status(iid, dsn=dsn)
     assert st.status == "cancelled" and st.error == "changed my mind"
-    assert [s["status"] for s in st.steps] == ["cancelled"]
+    assert [s.status for s in st.steps] == ["cancelled"]
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM py_runs").fetchone()[0] == 0
     assert pgflow.cancel(iid, dsn=dsn) == "cancelled"  # idempotent
@@ -246,13 +248,13 @@ def test_the_coordinator_vacuums_queue_tables_and_wakeups_once_dead_rows_gather(
 def test_json_lists_are_cut_below_the_limit_and_rebuilt_in_order_by_the_database(dsn):
     """Lists of payloads travel as JSON array documents (pgflow.jsonb_list), cut before jsonb's size cap."""
     values = [1, None, {"a": [2, "x"]}, "it's", 3.5, [], "é" * 5]
-    payloads = [store.dumps(v) for v in values]
-    parts = list(store.json_arrays(payloads, limit=12))
+    payloads = [codec.dumps(v) for v in values]
+    parts = list(codec.json_arrays(payloads, limit=12))
     assert len(parts) > 2 and all(len(text) - 2 <= 12 or p.stop - p.start == 1 for p, text in parts)
     assert [i for p, _ in parts for i in range(p.start, p.stop)] == list(range(len(values)))
     with psycopg.connect(dsn, autocommit=True) as conn:
-        store.configure(conn)
+        codec.configure(conn)
         rebuilt = [v for _, text in parts
                    for v in conn.execute("SELECT pgflow.jsonb_list(%s::jsonb)", (text,)).fetchone()[0]]
     assert rebuilt == values
-    assert list(store.json_arrays([])) == []
+    assert list(codec.json_arrays([])) == []

@@ -2,9 +2,9 @@
 against the same test vectors so that what the database accepts is what the engine can run:
 
 * the ``$references`` of SQL steps (tests/data/references.json): pgflow.parse_sql_references, the validator's
-  lexer, and pgflow.dsl.compile_sql, the worker's;
+  lexer, and pgflow.references.compile_sql, the worker's;
 * cron expressions (tests/data/cron.json): pgflow.valid_cron, the one definition of a valid schedule, and the
-  coordinator's croniter (pgflow.tree.next_fire).
+  coordinator's croniter (pgflow.engine.tree.next_fire).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import psycopg
 import pytest
 from conftest import _test_database
 
-from pgflow.dsl import compile_sql
+from pgflow.engine.tree import next_fire
 from pgflow.errors import FlowDefinitionError
-from pgflow.tree import next_fire
+from pgflow.references import compile_sql
 
 DATA = Path(__file__).parent / "data"
 REFERENCES = json.loads((DATA / "references.json").read_text())["vectors"]
@@ -42,7 +42,7 @@ def _ids(vectors, key):
 
 def _python_vector(vector):
     bug = vector.get("python_bug")
-    marks = [pytest.mark.xfail(strict=True, reason=f"known dsl.py bug: {bug}")] if bug else []
+    marks = [pytest.mark.xfail(strict=True, reason=f"known references.py bug: {bug}")] if bug else []
     return pytest.param(vector, marks=marks)
 
 

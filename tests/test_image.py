@@ -26,7 +26,7 @@ from conftest import run_sql, wait_until
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgflow
-from pgflow.client import InstanceStatus
+from pgflow import InstanceInfo
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "deploy" / "examples" / "orders"
@@ -204,11 +204,11 @@ def ready(port: int) -> bool:
     return False
 
 
-def instance_status(dsn: str, instance_id: int) -> InstanceStatus:
+def instance_status(dsn: str, instance_id: int) -> InstanceInfo:
     return pgflow.status(instance_id, dsn=dsn)
 
 
-def wait_finished(dsn: str, instance_id: int, containers: Containers, timeout: float = 120) -> InstanceStatus:
+def wait_finished(dsn: str, instance_id: int, containers: Containers, timeout: float = 120) -> InstanceInfo:
     try:
         wait_until(lambda: instance_status(dsn, instance_id).finished, timeout=timeout,
                    what=f"instance {instance_id} to finish")

@@ -27,9 +27,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from psycopg.conninfo import make_conninfo
 
 import pgflow
-from pgflow.client import register
+from pgflow.engine.worker import Worker
 from pgflow.logs import FIELDS
-from pgflow.worker import Worker
 
 # --------------------------------------------------------------------------- logs
 
@@ -230,7 +229,8 @@ def test_roles_store_a_trace_context_without_new_privileges(dsn, server, spans):
         good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         by_sql, by_python = [], []
         with psycopg.connect(make_conninfo(dsn, user=role)) as conn:
-            register(conn, sf.chain)
+            conn.execute("SELECT pgflow.register_flow(%s, %s, %s, %s::jsonb)",
+                         (sf.chain.name, sf.chain.version, sf.chain.ref, sf.chain.shape_json))
             for value in (good, "not a traceparent", ""):
                 conn.execute("SELECT set_config('pgflow.trace_context', %s, true)", (value,))
                 by_sql.append(conn.execute("SELECT pgflow.start_instance('chain', %s, '{}', NULL)",
@@ -255,7 +255,7 @@ def test_without_opentelemetry_nothing_is_imported_or_stored(dsn, engine_factory
         import sys, threading
         sys.modules["opentelemetry"] = None  # as if the [otel] extra were not installed
         import pgflow, sample_flows as sf
-        from pgflow.worker import Worker
+        from pgflow.engine.worker import Worker
 
         dsn = {dsn!r}
         iid = pgflow.start(sf.chain, {{"n": 1, "label": "x"}}, dsn=dsn)

@@ -38,7 +38,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgflow
 from pgflow import metrics as pm
-from pgflow import store
+from pgflow.db.migrations import LATEST_VERSION
+from pgflow.health import Health, readiness
 
 REPO = Path(__file__).resolve().parents[1]
 RULES_FILE = REPO / "deploy" / "prometheus" / "rules.yml"
@@ -112,13 +113,14 @@ def tool(name: str) -> str:
 CHILD_SCRIPT = textwrap.dedent("""
     import json, os, sys, urllib.request
     from pgflow import metrics as pm
-    from pgflow.worker import _mark_dead
+    from pgflow.engine.supervisor import _mark_dead
+    from pgflow.health import Health
 
     path = pm.enable_multiprocess()
     assert pm.enable_multiprocess() == path          # idempotent in one process
     import multiprocess
 
-    server = pm.serve(int(sys.argv[1]), pm.Health(), lambda: (True, "ready"))
+    server = pm.serve(int(sys.argv[1]), Health(), lambda: (True, "ready"))
     m = pm.metrics()
     m.workers_alive.labels("q").set(1)               # set by the parent (supervisor) only
 
@@ -189,7 +191,7 @@ def test_a_child_process_counter_is_visible_on_the_parents_endpoint(tmp_path):
 
 def test_health_endpoints_in_process():
     """/healthz follows Health.beat, /readyz the readiness callback, unknown paths 404, query strings ignored."""
-    health = pm.Health(stuck_after=0.5)
+    health = Health(stuck_after=0.5)
     ready = {"ok": (False, "not ready: testing")}
     port = free_port()
     server = pm.serve(port, health, lambda: ready["ok"])
@@ -221,21 +223,21 @@ def test_health_endpoints_in_process():
 
 def test_readiness_needs_a_reachable_initialised_database(server, dsn):
     admin_dsn, _ = server
-    assert pm.readiness(dsn)() == (True, "ready")
-    ok, why = pm.readiness(make_conninfo(dsn, port=free_port(), host=HOST))()  # nothing listens there
+    assert readiness(dsn)() == (True, "ready")
+    ok, why = readiness(make_conninfo(dsn, port=free_port(), host=HOST))()  # nothing listens there
     assert not ok and "cannot connect" in why
     port = free_port()
     for unreachable in (make_conninfo(dsn, port=port, host=HOST, password="pw-in-keyword-form"),
                         f"postgresql://u:pw%40in-url@{HOST}:{port}/db?sslmode=disable",
                         f"postgresql://u@{HOST}:{port}/db?password=pw-in-query"):
-        ok, why = pm.readiness(unreachable)()
+        ok, why = readiness(unreachable)()
         assert not ok and "cannot connect" in why
         assert "pw-in" not in why and "pw%40in" not in why and "pw@in" not in why, why
     empty = f"pgflow_empty_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{empty}"')
     try:
-        ok, why = pm.readiness(make_conninfo(admin_dsn, dbname=empty))()
+        ok, why = readiness(make_conninfo(admin_dsn, dbname=empty))()
         assert not ok and "version 0" in why and "pgflow init" in why
     finally:
         with psycopg.connect(admin_dsn, autocommit=True) as conn:
@@ -271,7 +273,7 @@ def test_readyz_of_a_running_coordinator_follows_the_database(server, dsn, engin
     assert http_get(base + "/readyz")[0] == 200
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE saved_migrations AS SELECT * FROM pgflow.migrations")
-        conn.execute("DELETE FROM pgflow.migrations WHERE version = %s", (store.LATEST_VERSION,))
+        conn.execute("DELETE FROM pgflow.migrations WHERE version = %s", (LATEST_VERSION,))
         try:
             code, body = http_get(base + "/readyz")
             assert code == 503 and "pgflow init" in body, body
@@ -408,7 +410,7 @@ def test_process_metrics_count_exactly_the_work_done(dsn, engine_factory, tmp_pa
             "wake-ups due": value(found, "pgflow_wakeups_due"),
             "dead letters": value(found, "pgflow_dead_letters_stored", queue="pgflow"),
             "build": value(found, "pgflow_build_info", version=pgflow.__version__,
-                           schema_version=str(store.LATEST_VERSION), python=platform.python_version()),
+                           schema_version=str(LATEST_VERSION), python=platform.python_version()),
         }
         want = {"wide durations": 2, "flaky durations": 1, "broken durations": None, "wide completed": 2,
                 "broken failed": 1, "depth": 0, "oldest": 0, "total": total_messages, "wide outcomes": 2,

@@ -91,13 +91,13 @@ def children(proc):
 
 UNDECODABLE = [
     '"garbage"',
-    '{"f": 1}',
+    '{"flow": 1}',
     "[1, 2, 3]",
     "null",
     "42",
-    '{"f": "chain", "v": "0123456789abcdef", "i": "seven", "s": "first", "t": -1}',
-    '{"f": "chain", "v": "0123456789abcdef", "i": 1, "s": "first"}',
-    '{"x": "\'; DROP TABLE pgflow.instances; --"}',
+    '{"flow": "chain", "version": "0123456789abcdef", "instance": "seven", "step": "first", "task": -1}',
+    '{"flow": "chain", "version": "0123456789abcdef", "instance": 1, "step": "first"}',
+    '{"item": "\'; DROP TABLE pgflow.instances; --"}',
 ]
 
 
@@ -129,13 +129,14 @@ def test_messages_naming_no_instance_or_an_unknown_version_are_dead_lettered(dsn
     assert_completed(dsn, [done])
     pids = children(worker)
     version = sf.chain.version
+    other = "0123456789abcdef"
     bodies = [
-        {"f": "chain", "v": version, "i": 987654321, "s": "first", "t": -1},  # no such instance
-        {"f": "chain", "v": version, "i": -5, "s": "first", "t": -1},
-        {"f": "chain", "v": "0123456789abcdef", "i": done, "s": "first", "t": -1},  # unknown version
-        {"f": "no_such_flow", "v": "0123456789abcdef", "i": done, "s": "first", "t": -1},  # unknown flow
-        {"f": "chain", "v": version, "i": done, "s": "no_such_step", "t": -1},  # unknown step
-        {"f": "chain", "v": version, "i": 987654321, "s": "first", "t": 3, "x": {"element": 1}},
+        {"flow": "chain", "version": version, "instance": 987654321, "step": "first", "task": -1},  # no such instance
+        {"flow": "chain", "version": version, "instance": -5, "step": "first", "task": -1},
+        {"flow": "chain", "version": other, "instance": done, "step": "first", "task": -1},  # unknown version
+        {"flow": "no_such_flow", "version": other, "instance": done, "step": "first", "task": -1},  # unknown flow
+        {"flow": "chain", "version": version, "instance": done, "step": "no_such_step", "task": -1},  # unknown step
+        {"flow": "chain", "version": version, "instance": 987654321, "step": "first", "task": 3, "item": {"e": 1}},
     ]
     poison = [(send(dsn, body), body) for body in bodies]
     healthy = start_healthy(dsn, 6, "alongside")
@@ -148,8 +149,8 @@ def test_messages_naming_no_instance_or_an_unknown_version_are_dead_lettered(dsn
 
 
 @pytest.mark.parametrize("body", [
-    {"f": "chain", "v": "0123456789abcdef", "i": 10 ** 30, "s": "first", "t": -1},  # beyond bigint
-    {"f": "chain", "v": "0123456789abcdef", "i": 1, "s": "first", "t": 2 ** 40},  # beyond integer
+    {"flow": "chain", "version": "0123456789abcdef", "instance": 10 ** 30, "step": "first", "task": -1},  # > bigint
+    {"flow": "chain", "version": "0123456789abcdef", "instance": 1, "step": "first", "task": 2 ** 40},  # > integer
 ], ids=["instance_id_beyond_bigint", "task_index_beyond_integer"])
 def test_a_message_with_out_of_range_ids_is_dead_lettered_not_a_crash_loop(dsn, engine_factory, body):
     engine = engine_factory(**QUIET)
@@ -205,7 +206,7 @@ def test_a_message_with_an_unknown_version_does_not_run_a_live_instance_s_step(e
     iid = pgflow.start(pf.slow_retry, {}, dsn=dsn)
     wait_until(lambda: run_sql(dsn, "SELECT status, attempt FROM pgflow.steps WHERE instance_id = %s", (iid,))
                == [("retrying", 1)], 20, "the first attempt to fail")
-    body = {"f": "slow_retry", "v": "0123456789abcdef", "i": iid, "s": "later", "t": -1}
+    body = {"flow": "slow_retry", "version": "0123456789abcdef", "instance": iid, "step": "later", "task": -1}
     msg_id = send(dsn, body)
     wait_until(lambda: live(dsn, msg_id) == 0, 15, "the forged message to leave the queue")
     time.sleep(0.5)

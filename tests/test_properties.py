@@ -28,10 +28,13 @@ from hypothesis import HealthCheck, Phase, assume, event, example, given, note, 
 from hypothesis import strategies as st
 
 import pgflow
-from pgflow import INPUT, Flow, FlowDefinitionError, store
+from pgflow import INPUT, Flow, FlowDefinitionError
 from pgflow import tree as t
 from pgflow.client import register_tree
-from pgflow.flows import REGISTRY, FlowShape
+from pgflow.db.codec import configure
+from pgflow.engine.tree import next_fire
+from pgflow.registry import REGISTRY
+from pgflow.shape import FlowShape
 
 pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")  # hypothesis, on failures only
 
@@ -400,7 +403,7 @@ def check_runnable(shape):
                 _assert_due(now, node["timeout"], where)
         elif kind == "schedule":
             with contextlib.suppress(ValueError):  # the coordinator fails the instance with the message: clean
-                t.next_fire(node["cron"], now)
+                next_fire(node["cron"], now)
         elif kind == "loop":
             assert len(node["c"]) == (2 if node.get("while") else 1), f"{where}: Python reads 'while' differently"
         elif kind == "name":
@@ -438,7 +441,7 @@ def _validate(conn, data):
 @pytest.fixture
 def validator(dsn):
     with psycopg.connect(dsn, autocommit=True) as conn:
-        store.configure(conn)  # jsonb read as the engine reads it (orjson)
+        configure(conn)  # jsonb read as the engine reads it (orjson)
         conn.execute("SET statement_timeout = '10s'")
         conn.execute("CREATE TABLE canary (v int)")
         yield conn
@@ -827,7 +830,7 @@ def test_random_sql_dags_run_to_the_modelled_result(dsn, e2e, steps):
 
 # ---------------------------------------------------------------------------------------------- (e) messages
 # A worker reads and claims a batch in one statement (pgflow.read_tasks): the database claims exactly the
-# messages pgflow.is_task_message accepts, and the worker runs exactly those pgflow.queue.decode accepts.
+# messages pgflow.is_task_message accepts, and the worker runs exactly those pgflow.engine.messages.decode accepts.
 # If the two disagreed, a claimed task could be dead-lettered (its instance stuck) or a poison message run.
 
 _JSON_SCALARS = st.one_of(st.none(), st.booleans(), TEXT, st.floats(allow_nan=False, allow_infinity=False),
@@ -838,15 +841,17 @@ _JSON = st.recursive(_JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_
 _FIELD = st.one_of(_JSON_SCALARS, st.just({}), st.just({"a": 1}))
 _BOUNDS = st.sampled_from([0, -1, -2, 1, 2**31 - 1, 2**31, 2**63 - 1, 2**63, 1.0, -1.0, True, "1"])
 _valid = st.fixed_dictionaries(
-    {"f": TEXT, "v": TEXT, "s": TEXT, "i": st.integers(1, 2**63 - 1), "t": st.integers(-1, 2**31 - 1)},
-    optional={"x": _JSON, "c": st.one_of(st.none(), st.just({"a": 1})), "ct": st.one_of(st.none(), st.just({}))})
+    {"flow": TEXT, "version": TEXT, "step": TEXT, "instance": st.integers(1, 2**63 - 1),
+     "task": st.integers(-1, 2**31 - 1)},
+    optional={"item": _JSON, "scope": st.one_of(st.none(), st.just({"a": 1})),
+              "columns": st.one_of(st.none(), st.just({}))})
 
 
 @st.composite
 def _one_field_off(draw):
     """A well-formed message with one field replaced by something else, or removed."""
     message = draw(_valid)
-    key = draw(st.sampled_from(["f", "v", "s", "i", "t", "c", "ct"]))
+    key = draw(st.sampled_from(["flow", "version", "step", "instance", "task", "scope", "columns"]))
     if draw(st.booleans()) and key in message:
         del message[key]
     else:
@@ -857,28 +862,28 @@ def _one_field_off(draw):
 messages = st.one_of(_JSON, _valid, _one_field_off())
 
 
-_EDGE = {"f": "flow", "v": "1", "s": "step", "i": 1, "t": -1}
+_EDGE = {"flow": "flow", "version": "1", "step": "step", "instance": 1, "task": -1}
 
 
 @settings(max_examples=500, **BASE)
 @given(message=messages)
-@example(message={**_EDGE, "t": 2**31 - 1})
-@example(message={**_EDGE, "t": 2**31})
-@example(message={**_EDGE, "t": -2})
-@example(message={**_EDGE, "i": 2**63 - 1})
-@example(message={**_EDGE, "i": 2**63})
-@example(message={**_EDGE, "i": 0})
-@example(message={**_EDGE, "i": 1.0})
-@example(message={**_EDGE, "t": True})
-@example(message={**_EDGE, "i": "1"})
-@example(message={**_EDGE, "c": []})
-@example(message={**_EDGE, "ct": "x"})
-@example(message={**_EDGE, "c": None, "ct": {}})
+@example(message={**_EDGE, "task": 2**31 - 1})
+@example(message={**_EDGE, "task": 2**31})
+@example(message={**_EDGE, "task": -2})
+@example(message={**_EDGE, "instance": 2**63 - 1})
+@example(message={**_EDGE, "instance": 2**63})
+@example(message={**_EDGE, "instance": 0})
+@example(message={**_EDGE, "instance": 1.0})
+@example(message={**_EDGE, "task": True})
+@example(message={**_EDGE, "instance": "1"})
+@example(message={**_EDGE, "scope": []})
+@example(message={**_EDGE, "columns": "x"})
+@example(message={**_EDGE, "scope": None, "columns": {}})
 def test_the_database_and_the_worker_agree_on_what_a_task_message_is(validator, message):
-    from pgflow.queue import decode
+    from pgflow.engine.messages import decode
 
     text = json.dumps(message)  # not orjson: a message written in SQL may hold numbers beyond 64 bits
     stored = validator.execute("SELECT %s::jsonb", (text,)).fetchone()[0]  # as a worker reads it
     in_sql = validator.execute("SELECT pgflow.is_task_message(%s::jsonb)", (text,)).fetchone()[0]
     event(f"task message: {in_sql}")
-    assert in_sql == (decode(1, stored) is not None), stored
+    assert in_sql == (decode(stored) is not None), stored

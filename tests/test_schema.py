@@ -14,11 +14,12 @@ import psycopg
 import pytest
 from conftest import _test_database, pgflow_command, subprocess_env
 
-from pgflow import PgflowError, statuses, store
-from pgflow.queries import query
+from pgflow import PgflowError, statuses
+from pgflow.db import migrations as store
+from pgflow.db.connection import connect
 
 CATALOG_SQL = Path(__file__).parent / "data" / "catalog.sql"
-SCHEMA_DIR = Path(store.__file__).parent / "sql" / "schema"
+SCHEMA_DIR = Path(statuses.__file__).parent / "sql" / "schema"
 SECTIONS = ("schemas", "default_privileges", "functions", "operators", "relations", "columns", "constraints",
             "indexes", "policies", "triggers", "sequences", "types", "comments")
 
@@ -54,9 +55,9 @@ def differences(a: dict[str, dict[str, object]], b: dict[str, dict[str, object]]
 def build_from_migrations(dsn: str) -> None:
     """What `pgflow init` did to this database had it been created before every migration: each migration
     applied in turn."""
-    with store.connect(dsn) as conn, conn.transaction():
+    with connect(dsn) as conn, conn.transaction():
         store.install_pgmq(conn)
-        conn.execute(query("create_migrations_table"))
+        store.Q.execute(conn, "create_migrations_table")
         store.apply_pending_migrations(conn, 0)
 
 
@@ -193,13 +194,13 @@ PRE_SQUASH = [(1, "initial"), (2, "control_flow"), (3, "security"), (4, "hot_upd
 
 def test_a_database_initialised_before_the_squash_is_refused_with_the_fix(empty_dsn):
     with psycopg.connect(empty_dsn) as conn:
-        conn.execute(query("create_migrations_table"))
+        store.Q.execute(conn, "create_migrations_table")
         for version, name in PRE_SQUASH:
-            conn.execute(query("record_migration"), {"version": version, "name": name, "compatible_from": version})
+            store.Q.execute(conn, "record_migration", {"version": version, "name": name, "compatible_from": version})
     refused = subprocess.run(pgflow_command("init", "--dsn", empty_dsn), env=subprocess_env(), capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode == 1
     (line,) = refused.stderr.strip().splitlines()
     assert "before the migrations were squashed" in line and "run `pgflow init` again" in line, line
-    with store.connect(empty_dsn) as conn, pytest.raises(PgflowError, match="drop the database"):
+    with connect(empty_dsn) as conn, pytest.raises(PgflowError, match="drop the database"):
         store.require_schema(conn)

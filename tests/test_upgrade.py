@@ -14,9 +14,10 @@ from psycopg.conninfo import conninfo_to_dict
 from test_observability import endpoint_up, free_port, http_get, wait_for
 
 import pgflow
-from pgflow import store
+from pgflow.db import migrations
+from pgflow.db.connection import connect
 
-ADDITIVE = f"""-- compatible-from: {store.LATEST_VERSION}
+ADDITIVE = f"""-- compatible-from: {migrations.LATEST_VERSION}
 ALTER TABLE pgflow.instances ADD COLUMN upgrade_test_note text;
 CREATE FUNCTION pgflow.upgrade_test_feature() RETURNS integer LANGUAGE sql AS 'SELECT 1';
 """
@@ -25,9 +26,9 @@ BREAKING = "ALTER TABLE pgflow.instances ADD COLUMN upgrade_test_required text N
 
 def apply_next_release(dsn: str, version: int, sql: str) -> None:
     """Apply a migration the way the next release's `pgflow init` would."""
-    migration = store.Migration(version, f"upgrade_test_{version}", sql)
-    with store.connect(dsn) as conn, conn.transaction():
-        store.apply_migration(conn, migration)
+    migration = migrations.Migration(version, f"upgrade_test_{version}", sql)
+    with connect(dsn) as conn, conn.transaction():
+        migrations.apply_migration(conn, migration)
 
 
 def cut_connections(server, dsn: str) -> None:
@@ -47,23 +48,23 @@ def test_old_pods_keep_completing_steps_against_a_compatible_newer_schema(server
     first = pgflow.wait(pgflow.start(sf.chain, {"n": 1, "label": "old"}, dsn=dsn), 60, dsn=dsn)
     assert first.status == "completed", first
 
-    apply_next_release(dsn, store.LATEST_VERSION + 1, ADDITIVE)
+    apply_next_release(dsn, migrations.LATEST_VERSION + 1, ADDITIVE)
     cut_connections(server, dsn)
     ids = [pgflow.start(sf.chain, {"n": i, "label": "upgraded"}, dsn=dsn) for i in range(5)]
     assert [pgflow.wait(i, 60, dsn=dsn).status for i in ids] == ["completed"] * 5
     assert http_get(f"http://127.0.0.1:{port}/readyz") == (200, "ready\n")
     version = run_sql(dsn, "SELECT max(version) FROM pgflow.migrations")[0][0]
-    assert version == store.LATEST_VERSION + 1
+    assert version == migrations.LATEST_VERSION + 1
 
-    apply_next_release(dsn, store.LATEST_VERSION + 2, BREAKING)
+    apply_next_release(dsn, migrations.LATEST_VERSION + 2, BREAKING)
     code, body = http_get(f"http://127.0.0.1:{port}/readyz")
     assert code == 503 and "upgrade it" in body, body
     refused = subprocess.run(pgflow_command("worker", "--dsn", dsn), env=subprocess_env(), capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
-        f"Error: the pgflow schema is at version {store.LATEST_VERSION + 2}, which needs pgflow code of schema "
-        f"version {store.LATEST_VERSION + 2} or newer; this pgflow is {store.LATEST_VERSION}: upgrade it"]
+        f"Error: the pgflow schema is at version {migrations.LATEST_VERSION + 2}, which needs pgflow code of schema "
+        f"version {migrations.LATEST_VERSION + 2} or newer; this pgflow is {migrations.LATEST_VERSION}: upgrade it"]
 
 
 def test_new_code_refuses_an_older_schema_with_the_fix(dsn):
@@ -74,4 +75,4 @@ def test_new_code_refuses_an_older_schema_with_the_fix(dsn):
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines() == [
         f"Error: the pgflow schema is at version {older}, this pgflow needs "
-        f"{store.LATEST_VERSION}: run `pgflow init`"]
+        f"{migrations.LATEST_VERSION}: run `pgflow init`"]

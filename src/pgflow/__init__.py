@@ -6,10 +6,13 @@ Define a :class:`Flow` in Python, :func:`start` instances (optionally inside you
 
 from . import tree
 from .client import (
+    Client,
+    InstanceHandle,
+    InstanceInfo,
+    StepInfo,
     cancel,
     explain,
     list_instances,
-    load_flow,
     result,
     set_secret,
     set_variable,
@@ -19,6 +22,9 @@ from .client import (
     status,
     wait,
 )
+from .context import StepContext
+from .db.connection import resolve_dsn
+from .db.migrations import init_schema
 from .errors import (
     DatabaseUnavailable,
     FlowDefinitionError,
@@ -31,13 +37,15 @@ from .errors import (
     PgflowError,
     StepTimeout,
 )
-from .flows import INPUT, Flow, Step, StepContext
-from .store import init_schema, resolve_dsn
+from .flow import INPUT, Flow, Step
+from .registry import load_flow
+from .statuses import InstanceStatus, StepStatus
 
 __all__ = [
-    "INPUT", "DatabaseUnavailable", "Flow", "FlowDefinitionError", "InstanceFailed", "InstanceNotFinished",
-    "InstanceNotFound", "NonRetryableError", "NotSerializable", "PayloadTooLarge", "PgflowError", "Step",
-    "StepContext", "StepTimeout", "cancel", "init_schema", "list_instances", "load_flow", "resolve_dsn",
-    "result", "start", "status", "wait", "explain", "signal", "set_variable", "set_secret", "start_many", "tree",
+    "INPUT", "Client", "DatabaseUnavailable", "Flow", "FlowDefinitionError", "InstanceFailed", "InstanceHandle",
+    "InstanceInfo", "InstanceNotFinished", "InstanceNotFound", "InstanceStatus", "NonRetryableError",
+    "NotSerializable", "PayloadTooLarge", "PgflowError", "Step", "StepContext", "StepInfo", "StepStatus",
+    "StepTimeout", "cancel", "explain", "init_schema", "list_instances", "load_flow", "resolve_dsn", "result",
+    "set_secret", "set_variable", "signal", "start", "start_many", "status", "tree", "wait",
 ]
 __version__ = "0.1.0"

@@ -14,10 +14,25 @@ from typing import Any
 import click
 import orjson
 
-from . import client, logs, store
+from . import client, logs, settings
+from .db.connection import connect, resolve_dsn
+from .db.migrations import LATEST_VERSION, init_schema, require_schema
 from .errors import InstanceFailed, InstanceNotFinished, PgflowError
+from .registry import import_module, load_flow
+from .statuses import InstanceStatus
 
-dsn_option = click.option("--dsn", envvar="PGFLOW_DSN", default=None, metavar="DSN",
+
+def _from_settings(name: str) -> Any:
+    """A default read from the PGFLOW_* settings (so every variable is read in one place)."""
+    def default() -> Any:
+        try:
+            return getattr(settings.current(), name)
+        except settings.SettingsError as exc:
+            raise click.UsageError(str(exc)) from None
+    return default
+
+
+dsn_option = click.option("--dsn", default=_from_settings("dsn"), metavar="DSN",
                           help="PostgreSQL connection string (env PGFLOW_DSN). Default: the embedded server "
                                "under PGFLOW_HOME (~/.local/share/pgflow).")
 
@@ -47,9 +62,10 @@ def _echo_json(value: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--log-level", envvar="PGFLOW_LOG_LEVEL", default="WARNING", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-@click.option("--log-format", envvar="PGFLOW_LOG_FORMAT", default="text", show_default=True,
+@click.option("--log-level", default=_from_settings("log_level"), show_default="WARNING",
+              type=click.Choice(settings.LOG_LEVELS, case_sensitive=False),
+              help="(env PGFLOW_LOG_LEVEL)")
+@click.option("--log-format", default=_from_settings("log_format"), show_default="text",
               type=click.Choice(logs.FORMATS, case_sensitive=False),
               help="Log lines on stderr as text, or as JSON objects with instance_id, flow, step, task_index, "
                    "attempt and queue fields (env PGFLOW_LOG_FORMAT).")
@@ -65,9 +81,9 @@ def main(log_level: str, log_format: str) -> None:
 @_friendly_errors
 def init(dsn: str | None, queues: tuple[str, ...]) -> None:
     """Install pgmq, apply pgflow's schema migrations and create the given queues (idempotent)."""
-    dsn = store.resolve_dsn(dsn)
-    applied = store.init_schema(dsn, queues)
-    click.echo(f"pgflow schema at version {store.LATEST_VERSION}"
+    dsn = resolve_dsn(dsn, setup=True)
+    applied = init_schema(dsn, queues)
+    click.echo(f"pgflow schema at version {LATEST_VERSION}"
                + (f" (applied {', '.join(map(str, applied))})" if applied else " (already up to date)")
                + (f"; queues: {', '.join(queues)}" if queues else ""))
 
@@ -86,7 +102,7 @@ def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progres
 
     if documents < 1 or not 1 <= batches <= documents or workers < 1:
         raise click.BadParameter("need documents >= 1, 1 <= batches <= documents, workers >= 1")
-    dsn = store.resolve_dsn(dsn)
+    dsn = resolve_dsn(dsn, setup=True)
     summary = run_demo(dsn, documents=documents, batches=batches, workers=workers, progress=not no_progress)
     click.echo(format_summary(summary))
     if not summary.ok:
@@ -108,11 +124,12 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
                 metrics_port: int) -> None:
     """Run a coordinator: schedules ready steps, fans maps out and in, finishes instances. Several may
     run at once (high availability)."""
-    from .coordinator import Coordinator
-    from .metrics import Health, disable_multiprocess, readiness, serve
+    from .engine.coordinator import Coordinator
+    from .health import Health, readiness
+    from .metrics import disable_multiprocess, serve
 
     disable_multiprocess()  # one process: export its own values, never files another process left behind
-    dsn = store.resolve_dsn(dsn)
+    dsn = resolve_dsn(dsn, setup=True)
     health = Health()
     serve(metrics_port, health, readiness(dsn))
     instance = Coordinator(dsn, batch=batch, retention_seconds=retention or None, health=health,
@@ -138,10 +155,8 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
 def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_size: int, visibility_timeout: int,
            imports: tuple[str, ...], drain_timeout: float, metrics_port: int) -> None:
     """Run worker processes that pop steps from pgmq, execute them and checkpoint their results."""
-    import importlib
-
+    from .engine.supervisor import run_workers
     from .metrics import disable_multiprocess, enable_multiprocess
-    from .worker import run_workers
 
     if concurrency < 1 or batch_size < 1 or visibility_timeout < 1:
         raise click.BadParameter("--concurrency, --batch-size and --visibility-timeout must be >= 1")
@@ -154,16 +169,14 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
             raise click.ClickException(str(exc)) from exc
     else:
         disable_multiprocess()
-    if "" not in sys.path:
-        sys.path.insert(0, "")
     for module in imports:
         try:
-            importlib.import_module(module)
+            import_module(module)
         except ImportError as exc:
             raise click.ClickException(f"cannot import {module!r}: {exc}") from exc
-    dsn = store.resolve_dsn(dsn)
-    with store.connect(dsn) as conn:
-        store.require_schema(conn)
+    dsn = resolve_dsn(dsn, setup=True)
+    with connect(dsn) as conn:
+        require_schema(conn)
     sys.exit(run_workers(dsn, queues=list(queues) or None, concurrency=concurrency, drain_timeout=drain_timeout,
                          metrics_port=metrics_port, batch_size=batch_size, visibility_timeout=visibility_timeout))
 
@@ -177,8 +190,8 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
 def start(dsn: str | None, flow_ref: str, input_: Any, label: str | None) -> None:
     """Start an instance of FLOW (module:attribute: a Flow, or a workflow node from pgflow.tree) and print
     its id."""
-    flow = client.load_flow(flow_ref)
-    click.echo(client.start(flow, input_, label=label, dsn=store.resolve_dsn(dsn)))
+    flow = load_flow(flow_ref)
+    click.echo(client.start(flow, input_, label=label, dsn=resolve_dsn(dsn)))
 
 
 @main.command()
@@ -188,7 +201,7 @@ def start(dsn: str | None, flow_ref: str, input_: Any, label: str | None) -> Non
 @_friendly_errors
 def status(dsn: str | None, instance_id: int, as_json: bool) -> None:
     """Show an instance's status and its steps."""
-    st = client.status(instance_id, dsn=store.resolve_dsn(dsn))
+    st = client.status(instance_id, dsn=resolve_dsn(dsn))
     if as_json:
         _echo_json(st.as_dict())
         return
@@ -197,9 +210,9 @@ def status(dsn: str | None, instance_id: int, as_json: bool) -> None:
     if st.error:
         click.echo(f"error: {st.error}")
     for s in st.steps:
-        tasks = f"  tasks {s['tasks_completed']}/{s['tasks']}" if s["tasks"] else ""
-        error = f"  error: {s['error']}" if s["error"] else ""
-        click.echo(f"  {s['step_name']:<24} {s['status'] or '-':<10} attempts {s['attempts']}{tasks}{error}")
+        tasks = f"  tasks {s.tasks_completed}/{s.tasks}" if s.tasks else ""
+        error = f"  error: {s.error}" if s.error else ""
+        click.echo(f"  {s.name:<24} {s.status or '-':<10} attempts {s.attempts}{tasks}{error}")
 
 
 @main.command()
@@ -209,7 +222,7 @@ def status(dsn: str | None, instance_id: int, as_json: bool) -> None:
 def result(dsn: str | None, instance_id: int) -> None:
     """Print a completed instance's output as JSON (exit 1 if it failed or has not finished)."""
     try:
-        _echo_json(client.result(instance_id, dsn=store.resolve_dsn(dsn)))
+        _echo_json(client.result(instance_id, dsn=resolve_dsn(dsn)))
     except (InstanceFailed, InstanceNotFinished) as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -221,8 +234,8 @@ def result(dsn: str | None, instance_id: int) -> None:
 @_friendly_errors
 def cancel(dsn: str | None, instance_id: int, reason: str | None) -> None:
     """Cancel a pending or running instance."""
-    outcome = client.cancel(instance_id, reason, dsn=store.resolve_dsn(dsn))
-    if outcome != "cancelled":
+    outcome = client.cancel(instance_id, reason, dsn=resolve_dsn(dsn))
+    if outcome != InstanceStatus.CANCELLED:
         raise click.ClickException(f"instance {instance_id} already {outcome}; nothing to cancel")
     click.echo(f"instance {instance_id} cancelled")
 
@@ -234,7 +247,7 @@ def cancel(dsn: str | None, instance_id: int, reason: str | None) -> None:
 def explain(dsn: str | None, instance_id: int) -> None:
     """Draw the instance's tree with a status marker per node (pending, running, completed, failed,
     skipped, waiting with its due time), attempts and errors."""
-    click.echo(client.explain(instance_id, dsn=store.resolve_dsn(dsn)))
+    click.echo(client.explain(instance_id, dsn=resolve_dsn(dsn)))
 
 
 @main.command()
@@ -246,7 +259,7 @@ def watch(dsn: str | None, instance_id: int, interval: float) -> None:
     """Redraw `pgflow explain ID` until the instance ends."""
     import time
 
-    dsn = store.resolve_dsn(dsn)
+    dsn = resolve_dsn(dsn)
     while True:
         finished = client.status(instance_id, dsn=dsn).finished  # read first: the last drawing shows the end
         text = client.explain(instance_id, dsn=dsn)
@@ -265,13 +278,13 @@ def watch(dsn: str | None, instance_id: int, interval: float) -> None:
 @_friendly_errors
 def signal_(dsn: str | None, instance_id: int, name: str, data: Any) -> None:
     """Send signal NAME to an instance (a wait_for_signal(NAME) receives DATA)."""
-    client.signal(instance_id, name, data, dsn=store.resolve_dsn(dsn))
+    client.signal(instance_id, name, data, dsn=resolve_dsn(dsn))
     click.echo(f"signal {name!r} sent to instance {instance_id}")
 
 
 @main.command(name="list")
 @dsn_option
-@click.option("--status", type=click.Choice(["pending", "running", "completed", "failed", "cancelled"]))
+@click.option("--status", type=click.Choice([s.value for s in InstanceStatus]))
 @click.option("--flow", help="Only this flow.")
 @click.option("--label", help="Only this label.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10_000))
@@ -282,7 +295,7 @@ def list_(dsn: str | None, status: str | None, flow: str | None, label: str | No
           before: int | None, as_json: bool) -> None:
     """List instances, newest first."""
     rows = client.list_instances(status=status, flow=flow, label=label, limit=limit, before=before,
-                                 dsn=store.resolve_dsn(dsn))
+                                 dsn=resolve_dsn(dsn))
     if as_json:
         _echo_json(rows)
         return

@@ -1,128 +1,384 @@
-"""Start, watch and control instances: the Python API behind ``pgflow start | status | result | cancel |
-list`` (all of it works on a DSN, or inside the caller's own psycopg connection and transaction)."""
+"""Start, watch and control instances: :class:`Client` and the module-level shortcuts behind ``pgflow.start``,
+``pgflow.status``... and the ``pgflow start | status | result | cancel | list`` commands.
+
+Every call runs on the client's own connection (from its pool) or, with ``conn=``, inside the caller's
+psycopg connection and transaction. A client given no DSN uses ``PGFLOW_DSN`` or the embedded server, and
+only ever reads from it or starts instances: it never changes a role's settings.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import sys
+import os
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
-import orjson
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 
-from . import store, tracing
+from . import tracing
+from .db.codec import dumps, json_arrays
+from .db.connection import connect, open_pool, resolve_dsn, unavailable
+from .db.queries import Queries
 from .errors import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PgflowError
-from .flows import INPUT, Flow
-from .queries import query
+from .flow import INPUT, Flow, version_hash
+from .statuses import TERMINAL_INSTANCE_STATUSES, InstanceStatus, StepStatus
 from .tree import Node, as_node
 
 T = TypeVar("T")
+Q = Queries("client")
 
-TERMINAL = ("completed", "failed", "cancelled")
-
-
-def load_flow(ref: str) -> Flow | Node:
-    """Import a flow (or a control-flow workflow node) from ``module:attribute`` (the CLI's FLOW
-    argument), with a clear error."""
-    module_name, _, attr = ref.partition(":")
-    if not module_name or not attr:
-        raise FlowDefinitionError(f"FLOW must look like module:attribute, not {ref!r}")
-    if "" not in sys.path:
-        sys.path.insert(0, "")  # like `python -m`: modules in the current directory are importable
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise FlowDefinitionError(f"cannot import module {module_name!r} for flow {ref!r}: {exc}") from exc
-    flow = getattr(module, attr, None)
-    if not isinstance(flow, Flow | Node):
-        raise FlowDefinitionError(f"{ref!r} is not a pgflow Flow or workflow node (found {type(flow).__name__})")
-    return flow
+WAIT_POLL_SECONDS = 0.2  # re-check interval of a wait that cannot LISTEN (a connection inside a transaction)
+_ABANDONED: list[Any] = []  # pools inherited across fork: kept, never closed (closing ends the parent's sessions)
 
 
-def register(conn: psycopg.Connection, flow: Flow) -> None:
-    """Store the flow's current version (idempotent) so coordinators and workers can run it."""
-    conn.execute(query("register_flow"), {"name": flow.name, "version": flow.version, "ref": flow.ref,
-                                          "shape": flow.shape_json})
+# ---------------------------------------------------------------------------------------------- typed results
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One step of an instance (for a map: its parent row and a count of its tasks)."""
+
+    name: str
+    status: StepStatus | None
+    attempts: int | None
+    tasks: int  # map tasks (0 for a step that is not a map)
+    tasks_completed: int
+    error: str | None
+    traceback: str | None
 
 
-def _check_input(flow: Flow, input: Any) -> str:
+@dataclass(frozen=True)
+class InstanceInfo:
+    """An instance as stored, with its steps. ``status`` is an :class:`InstanceStatus` (a StrEnum: it equals
+    the string ``"completed"`` too)."""
+
+    id: int
+    flow: str
+    version: str
+    status: InstanceStatus
+    label: str | None
+    input: Any
+    output: Any
+    error: str | None
+    created_at: Any
+    started_at: Any
+    finished_at: Any
+    steps: list[StepInfo]
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_INSTANCE_STATUSES
+
+    def step(self, name: str) -> StepInfo:
+        """The step called ``name``; KeyError if the instance has no row for it (yet)."""
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(f"instance {self.id} has no step {name!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: times as ISO 8601 text, statuses as strings."""
+        return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class InstanceHandle:
+    """A started instance, bound to the client that started it (``int(handle)`` is its id)."""
+
+    id: int
+    client: Client = field(repr=False, compare=False)
+
+    def __int__(self) -> int:
+        return self.id
+
+    def status(self, *, conn: psycopg.Connection | None = None) -> InstanceInfo:
+        return self.client.status(self.id, conn=conn)
+
+    def result(self, *, conn: psycopg.Connection | None = None) -> Any:
+        return self.client.result(self.id, conn=conn)
+
+    def wait(self, timeout: float = 60.0, *, conn: psycopg.Connection | None = None) -> InstanceInfo:
+        return self.client.wait(self.id, timeout, conn=conn)
+
+    def cancel(self, reason: str | None = None, *, conn: psycopg.Connection | None = None) -> InstanceStatus:
+        return self.client.cancel(self.id, reason, conn=conn)
+
+
+# ---------------------------------------------------------------------------------------------- the client
+
+class Client:
+    """pgflow's API on one database. ``Client(dsn)`` keeps a small psycopg-pool (opened on first use,
+    closed by :meth:`close` or at the end of a ``with`` block); ``pool=False`` opens a connection per call
+    instead (what the module-level shortcuts do). Every method takes ``conn=`` to run inside the caller's
+    own connection and transaction instead.
+
+    A pool belongs to the process that opened it: a client used again after ``fork`` leaves the inherited
+    pool alone (its connections are the parent's) and opens its own."""
+
+    def __init__(self, dsn: str | None = None, *, pool: bool = True, min_size: int = 1, max_size: int = 4) -> None:
+        self._dsn = dsn
+        self._pooled = pool
+        self._sizes = (min_size, max_size)
+        self._pool: Any = None
+        self._pool_pid = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    @property
+    def dsn(self) -> str:
+        """The DSN this client uses (resolved on first use: the argument, PGFLOW_DSN, or the embedded server)."""
+        if self._dsn is None:
+            self._dsn = resolve_dsn(None)
+        return self._dsn
+
+    def close(self) -> None:
+        """Close the pool (a later call opens a new one)."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.close()
+
+    # ------------------------------------------------------------------------------------------ starting
+
+    def start(self, flow: Flow | Node | str, input: Any = None, *, label: str | None = None,
+              conn: psycopg.Connection | None = None, name: str = "python") -> InstanceHandle:
+        """Start an instance of ``flow`` (a DAG :class:`Flow`, a control-flow node from :mod:`pgflow.tree`,
+        or SQL text); its handle. With ``conn`` the instance is created inside that connection's current
+        transaction (nothing is committed here): if the caller rolls back, the instance never existed.
+        ``name`` names a control-flow workflow."""
+        if isinstance(flow, Flow):
+            flow.validate()
+            payload = _checked_input(flow, input)
+        else:
+            payload = dumps(input, "flow input")
+
+        def run(c: psycopg.Connection, traced: tracing.StartSpan) -> int:
+            if isinstance(flow, Flow):
+                return Q.value(c, "register_and_start", {
+                    "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
+                    "input": payload, "label": label, "trace_context": traced.traceparent})
+            flow_name, version = register_tree(c, as_node(flow), name)
+            return Q.value(c, "start_instance", {"flow": flow_name, "version": version, "input": payload,
+                                                 "label": label, "trace_context": traced.traceparent})
+
+        return self.handle(self._starting(run, conn, flow.name if isinstance(flow, Flow) else name))
+
+    def start_many(self, flow: Flow, inputs: list[Any], *, label: str | None = None,
+                   conn: psycopg.Connection | None = None) -> list[InstanceHandle]:
+        """Start one instance of ``flow`` per input, in one statement (much faster than a loop of
+        :meth:`start`); their handles in the order of ``inputs``. Same transaction rules as start."""
+        flow.validate()
+        payloads = [_checked_input(flow, i) for i in inputs]
+        if not payloads:
+            return []
+
+        def run(c: psycopg.Connection, traced: tracing.StartSpan) -> list[int]:
+            ids: list[int] = []
+            for _, inputs_json in json_arrays(payloads):
+                ids += [r[0] for r in Q.all(c, "register_and_start_many", {
+                    "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
+                    "inputs": inputs_json, "label": label, "trace_context": traced.traceparent})]
+            return ids
+
+        return [self.handle(i) for i in self._starting(run, conn, flow.name)]
+
+    def handle(self, instance_id: int) -> InstanceHandle:
+        """The handle of an instance started earlier."""
+        return InstanceHandle(instance_id, self)
+
+    def _starting(self, run: Callable[[psycopg.Connection, tracing.StartSpan], T], conn: psycopg.Connection | None,
+                  flow_name: str) -> T:
+        """Run a start in the caller's transaction (``conn``) or in one of its own, inside the instance span
+        (its traceparent is stored with the instances); a role that may not start it gets a PgflowError
+        with the database's reason."""
+        with tracing.start_span(flow_name) as traced:
+            try:
+                with self._transaction(conn) as c:
+                    started = run(c, traced)
+            except psycopg.errors.InsufficientPrivilege as exc:
+                raise PgflowError(_sql_message(exc)) from None
+            traced.started(started if isinstance(started, list) else [started])
+            return started
+
+    # ------------------------------------------------------------------------------------------ watching
+
+    def status(self, instance_id: int, *, conn: psycopg.Connection | None = None) -> InstanceInfo:
+        """The instance's state and its steps; InstanceNotFound for an unknown id."""
+        with self._connection(conn) as c:
+            return _read_status(c, instance_id)
+
+    def result(self, instance_id: int, *, conn: psycopg.Connection | None = None) -> Any:
+        """The output of a completed instance. InstanceNotFinished while it runs, InstanceFailed if it
+        failed or was cancelled."""
+        info = self.status(instance_id, conn=conn)
+        if info.status == InstanceStatus.COMPLETED:
+            return info.output
+        if info.finished:
+            raise InstanceFailed(instance_id, info.status, info.error)
+        raise InstanceNotFinished(f"instance {instance_id} is {info.status}")
+
+    def wait(self, instance_id: int, timeout: float = 60.0, *, conn: psycopg.Connection | None = None
+             ) -> InstanceInfo:
+        """Block until the instance finishes; TimeoutError after ``timeout`` seconds. On an autocommit
+        connection outside a transaction (the client's own, or ``conn``) it is woken by NOTIFY (LISTEN for
+        the call's duration, re-checked every second). A ``conn`` inside a transaction gets no
+        notifications until it ends, so there the status is polled instead: under READ COMMITTED each poll
+        sees the instance's commits; under REPEATABLE READ or SERIALIZABLE the transaction's snapshot never
+        does, and the wait times out."""
+        deadline = time.monotonic() + timeout
+        with self._connection(conn) as c:
+            listening = c.autocommit and c.info.transaction_status == TransactionStatus.IDLE
+            if listening:
+                Q.execute(c, "listen_done")
+            try:
+                while True:
+                    info = _read_status(c, instance_id)
+                    if info.finished:
+                        return info
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"instance {instance_id} still {info.status} after {timeout} s")
+                    if listening:
+                        for _ in c.notifies(timeout=min(left, 1.0), stop_after=1):
+                            pass
+                    else:
+                        time.sleep(min(left, WAIT_POLL_SECONDS))
+            finally:
+                if listening and not (c.closed or c.broken):
+                    Q.execute(c, "unlisten_done")
+
+    def list_instances(self, *, status: str | None = None, flow: str | None = None, label: str | None = None,
+                       limit: int = 50, before: int | None = None,
+                       conn: psycopg.Connection | None = None) -> list[dict[str, Any]]:
+        """Instances newest first, filtered (id, flow_name, status, label, created_at, finished_at, error).
+        Keyset pagination: pass the last id you got as ``before``."""
+        if status is not None and status not in set(InstanceStatus):
+            raise ValueError(f"unknown status {status!r}: use {', '.join(InstanceStatus)}")
+        if not 1 <= limit <= 10_000:
+            raise ValueError("limit must be between 1 and 10000")
+        params = {"status": status, "flow": flow, "label": label, "limit": limit, "before": before}
+        with self._connection(conn) as c:
+            rows = Q.all(c, "list_instances", params, row_factory=dict_row)
+        for row in rows:
+            row["status"] = InstanceStatus(row["status"])
+        return rows
+
+    def explain(self, instance_id: int, *, conn: psycopg.Connection | None = None) -> str:
+        """The instance drawn as a tree, one line per node with its status marker (``pgflow.explain``)."""
+        with self._connection(conn) as c:
+            try:
+                text = Q.value(c, "explain", {"id": instance_id})
+            except psycopg.errors.NoDataFound as exc:
+                raise InstanceNotFound(_sql_message(exc)) from None
+        if text is None:
+            raise InstanceNotFound(f"no instance with id {instance_id}")
+        return text
+
+    # ------------------------------------------------------------------------------------------ controlling
+
+    def cancel(self, instance_id: int, reason: str | None = None, *, conn: psycopg.Connection | None = None
+               ) -> InstanceStatus:
+        """Cancel a pending or running instance; its status afterwards (a finished instance keeps its
+        status). Its unfinished steps are marked cancelled and their queued messages are archived."""
+        with self._connection(conn) as c:
+            outcome = Q.value(c, "cancel_instance", {"id": instance_id, "reason": reason})
+        if outcome is None:
+            raise InstanceNotFound(f"no instance with id {instance_id}")
+        return InstanceStatus(outcome)
+
+    def signal(self, instance_id: int, name: str, data: Any = None, *, conn: psycopg.Connection | None = None
+               ) -> int:
+        """Send a signal to a running instance (kept until a ``wait_for_signal(name)`` consumes it); the
+        signal's id. InstanceNotFound for an unknown id; PgflowError for a finished instance."""
+        payload = dumps(data, "signal data")
+        with self._connection(conn) as c:
+            try:
+                with c.transaction():
+                    return Q.value(c, "signal", {"id": instance_id, "name": name, "data": payload})
+            except psycopg.errors.NoDataFound as exc:
+                raise InstanceNotFound(_sql_message(exc)) from None
+            except psycopg.Error as exc:
+                if exc.sqlstate in ("55000", "22023"):
+                    raise PgflowError(_sql_message(exc)) from None
+                raise
+
+    def set_variable(self, name: str, value: Any, *, conn: psycopg.Connection | None = None) -> None:
+        """Set one of the current user's variables, copied into every instance they start from now on
+        (``$vars.name`` in SQL, ``ctx.vars`` / a ``vars`` parameter in Python)."""
+        payload = dumps(value, "variable")
+        with self._connection(conn) as c:
+            Q.execute(c, "set_variable", {"name": name, "value": payload})
+
+    def set_secret(self, name: str, ref: str, *, conn: psycopg.Connection | None = None) -> None:
+        """Declare a secret by reference — ``env:NAME`` or ``file:/path`` on the workers — never its value.
+        HTTP steps use it as ``$secrets.name``; Python steps call ``ctx.secret(name)``."""
+        with self._connection(conn) as c:
+            try:
+                with c.transaction():
+                    Q.execute(c, "set_secret", {"name": name, "ref": ref})
+            except psycopg.errors.InvalidParameterValue as exc:
+                raise PgflowError(_sql_message(exc)) from None
+
+    # ------------------------------------------------------------------------------------------ connections
+
+    @contextmanager
+    def _connection(self, conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]:
+        """The caller's connection, else an autocommit connection of this client's."""
+        if conn is not None:
+            yield conn
+            return
+        if not self._pooled:
+            with connect(self.dsn, autocommit=True) as own:
+                yield own
+            return
+        from psycopg_pool import PoolTimeout
+
+        pool = self._open_pool()
+        try:
+            with pool.connection() as own:
+                yield own
+        except PoolTimeout as exc:
+            raise unavailable(self.dsn, exc) from None
+
+    @contextmanager
+    def _transaction(self, conn: psycopg.Connection | None) -> Iterator[psycopg.Connection]:
+        """The caller's connection as it is (their transaction), else one of ours inside a transaction."""
+        if conn is not None:
+            yield conn
+            return
+        with self._connection(None) as own, own.transaction():
+            yield own
+
+    def _open_pool(self) -> Any:
+        with self._lock:
+            if self._pool is not None and self._pool_pid != os.getpid():
+                _ABANDONED.append(self._pool)  # forked: the parent's connections, never to be used here
+                self._pool = None
+            if self._pool is None:
+                self._pool = open_pool(self.dsn, min_size=self._sizes[0], max_size=self._sizes[1])
+                self._pool_pid = os.getpid()
+            return self._pool
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+def _checked_input(flow: Flow, input: Any) -> str:
     for step in flow.steps.values():
         if step.over == INPUT and not isinstance(input, list):
             raise FlowDefinitionError(
                 f"flow {flow.name!r}: step {step.name!r} maps over the input, which must be a list, "
                 f"not {type(input).__name__}"
             )
-    return store.dumps(input, "flow input")
-
-
-def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = None,
-          conn: psycopg.Connection | None = None, dsn: str | None = None, name: str = "python") -> int:
-    """Start an instance of ``flow`` (a DAG :class:`Flow`, or a control-flow node from
-    :mod:`pgflow.tree`, or SQL text) and return its id.
-
-    With ``conn`` the instance is created inside that connection's current transaction (nothing is
-    committed here): if the caller rolls back, the instance never existed. Otherwise it is committed on
-    ``dsn`` (default: ``PGFLOW_DSN`` or the embedded server). ``name`` names a control-flow workflow."""
-    if isinstance(flow, Flow):
-        flow.validate()
-        payload = _check_input(flow, input)
-    else:
-        payload = store.dumps(input, "flow input")
-
-    def run(c: psycopg.Connection, traced: tracing.StartSpan) -> int:
-        if isinstance(flow, Flow):
-            return c.execute(query("register_and_start"), {
-                "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-                "input": payload, "label": label, "trace_context": traced.traceparent}).fetchone()[0]
-        flow_name, version = register_tree(c, as_node(flow), name)
-        return c.execute(query("start_instance"), {
-            "flow": flow_name, "version": version, "input": payload, "label": label,
-            "trace_context": traced.traceparent}).fetchone()[0]
-
-    return _starting(run, conn, dsn, flow.name if isinstance(flow, Flow) else name)
-
-
-def start_many(flow: Flow, inputs: list[Any], *, label: str | None = None,
-               conn: psycopg.Connection | None = None, dsn: str | None = None) -> list[int]:
-    """Start one instance of ``flow`` per input, in one statement (much faster than a loop of
-    :func:`start`); returns their ids in the order of ``inputs``. Same transaction rules as start."""
-    flow.validate()
-    payloads = [_check_input(flow, i) for i in inputs]
-    if not payloads:
-        return []
-
-    def run(c: psycopg.Connection, traced: tracing.StartSpan) -> list[int]:
-        ids: list[int] = []
-        for _, inputs_json in store.json_arrays(payloads):
-            ids += [r[0] for r in c.execute(query("register_and_start_many"), {
-                "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-                "inputs": inputs_json, "label": label, "trace_context": traced.traceparent}).fetchall()]
-        return ids
-
-    return _starting(run, conn, dsn, flow.name)
-
-
-def _starting(run: Callable[[psycopg.Connection, tracing.StartSpan], T], conn: psycopg.Connection | None,
-              dsn: str | None, flow_name: str) -> T:
-    """Run a start in the caller's transaction (``conn``) or in one of its own on ``dsn``, inside the
-    instance span (its traceparent is stored with the instances); a role that may not start it gets a
-    PgflowError with the database's reason."""
-    with tracing.start_span(flow_name) as traced:
-        try:
-            if conn is not None:
-                started = run(conn, traced)
-            else:
-                with store.transaction(store.resolve_dsn(dsn)) as own:
-                    started = run(own, traced)
-        except psycopg.errors.InsufficientPrivilege as exc:
-            raise PgflowError(_sql_message(exc)) from None
-        traced.started(started if isinstance(started, list) else [started])
-        return started
+    return dumps(input, "flow input")
 
 
 def register_tree(conn: psycopg.Connection, node: Node, name: str) -> tuple[str, str]:
@@ -130,13 +386,28 @@ def register_tree(conn: psycopg.Connection, node: Node, name: str) -> tuple[str,
     register it; returns (flow name, version)."""
     try:
         with conn.transaction():
-            shape = conn.execute("SELECT pgflow.tree_shape(%s::jsonb, %s)", (store.dumps(node.data), name)
-                                 ).fetchone()[0]
+            shape = Q.value(conn, "tree_shape", {"tree": dumps(node.data), "name": name})
     except (psycopg.errors.DataError, psycopg.errors.ProgramLimitExceeded) as exc:  # 22xxx, 54xxx
         raise FlowDefinitionError(_sql_message(exc)) from None
-    version = hashlib.sha256(orjson.dumps(shape, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-    conn.execute(query("register_flow"), {"name": name, "version": version, "ref": None, "shape": store.dumps(shape)})
+    version = version_hash(shape)
+    Q.execute(conn, "register_flow", {"name": name, "version": version, "ref": None, "shape": dumps(shape)})
     return name, version
+
+
+def _read_status(conn: psycopg.Connection, instance_id: int) -> InstanceInfo:
+    row = Q.one(conn, "instance", {"id": instance_id}, row_factory=dict_row)
+    if row is None:
+        raise InstanceNotFound(f"no instance with id {instance_id}")
+    steps = [StepInfo(name=s["step_name"], status=None if s["status"] is None else StepStatus(s["status"]),
+                      attempts=s["attempts"], tasks=s["tasks"], tasks_completed=s["tasks_completed"],
+                      error=s["error"], traceback=s["traceback"])
+             for s in Q.all(conn, "instance_steps", {"id": instance_id}, row_factory=dict_row)]
+    return InstanceInfo(
+        id=row["id"], flow=row["flow_name"], version=row["flow_version"], status=InstanceStatus(row["status"]),
+        label=row["label"], input=row["input"], output=row["output"], error=row["error"],
+        created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+        steps=sorted(steps, key=lambda s: s.name),
+    )
 
 
 def _sql_message(exc: psycopg.Error) -> str:
@@ -145,164 +416,71 @@ def _sql_message(exc: psycopg.Error) -> str:
     return message.removeprefix("pgflow: ")
 
 
-def signal(instance_id: int, name: str, data: Any = None, *, dsn: str | None = None,
-           conn: psycopg.Connection | None = None) -> int:
-    """Send a signal to a running instance (kept until a ``wait_for_signal(name)`` consumes it).
-    InstanceNotFound for an unknown id; PgflowError for a finished instance."""
-    def run(c: psycopg.Connection) -> int:
-        try:
-            with c.transaction():
-                return c.execute("SELECT pgflow.signal(%s, %s, %s::jsonb)",
-                                 (instance_id, name, store.dumps(data, "signal data"))).fetchone()[0]
-        except psycopg.errors.NoDataFound as exc:
-            raise InstanceNotFound(_sql_message(exc)) from None
-        except psycopg.Error as exc:
-            if exc.sqlstate in ("55000", "22023"):
-                raise PgflowError(_sql_message(exc)) from None
-            raise
+# ---------------------------------------------------------------------------------------------- shortcuts
+# ``pgflow.start(...)`` and friends: one call on a client that opens a connection per call (never a pool
+# shared by a process that may fork, and no pool left behind for every DSN a process ever named).
 
-    return _with_conn(dsn, conn, run)
+def _client(dsn: str | None) -> Client:
+    return Client(dsn, pool=False)
 
 
-def explain(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> str:
-    """The instance drawn as a tree, one line per node with its status marker (``pgflow.explain``)."""
-    def run(c: psycopg.Connection) -> str:
-        try:
-            text = c.execute("SELECT pgflow.explain(%s)", (instance_id,)).fetchone()[0]
-        except psycopg.errors.NoDataFound as exc:
-            raise InstanceNotFound(_sql_message(exc)) from None
-        if text is None:
-            raise InstanceNotFound(f"no instance with id {instance_id}")
-        return text
-
-    return _with_conn(dsn, conn, run)
+def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = None,
+          conn: psycopg.Connection | None = None, dsn: str | None = None, name: str = "python") -> int:
+    """Start an instance (see :meth:`Client.start`); its id."""
+    return _client(dsn).start(flow, input, label=label, conn=conn, name=name).id
 
 
-def set_secret(name: str, ref: str, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:
-    """Declare a secret by reference — ``env:NAME`` or ``file:/path`` on the workers — never its value.
-    HTTP steps use it as ``$secrets.name``; Python steps call ``ctx.secret(name)``."""
-    def run(c: psycopg.Connection) -> None:
-        try:
-            with c.transaction():
-                c.execute("SELECT pgflow.set_secret(%s, %s)", (name, ref))
-        except psycopg.errors.InvalidParameterValue as exc:
-            raise PgflowError(_sql_message(exc)) from None
-
-    _with_conn(dsn, conn, run)
+def start_many(flow: Flow, inputs: list[Any], *, label: str | None = None,
+               conn: psycopg.Connection | None = None, dsn: str | None = None) -> list[int]:
+    """Start one instance per input in one statement (see :meth:`Client.start_many`); their ids."""
+    return [h.id for h in _client(dsn).start_many(flow, inputs, label=label, conn=conn)]
 
 
-def set_variable(name: str, value: Any, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:
-    """Set one of the current user's variables, copied into every instance they start from now on
-    (``$vars.name`` in SQL, ``ctx.vars`` / a ``vars`` parameter in Python)."""
-    def run(c: psycopg.Connection) -> None:
-        c.execute("SELECT pgflow.set_variable(%s, %s::jsonb)", (name, store.dumps(value, "variable")))
-
-    _with_conn(dsn, conn, run)
-
-
-@dataclass
-class InstanceStatus:
-    """An instance as stored, with a per-step summary."""
-
-    id: int
-    flow: str
-    version: str
-    status: str
-    label: str | None
-    input: Any
-    output: Any
-    error: str | None
-    created_at: Any
-    started_at: Any
-    finished_at: Any
-    steps: list[dict[str, Any]]
-
-    @property
-    def finished(self) -> bool:
-        return self.status in TERMINAL
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in self.__dict__.items()}
-
-
-def _with_conn(dsn: str | None, conn: psycopg.Connection | None, fn):
-    if conn is not None:
-        return fn(conn)
-    with store.connect(store.resolve_dsn(dsn), autocommit=True) as own:
-        return fn(own)
-
-
-def status(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> InstanceStatus:
-    """The instance's state and a summary per step; InstanceNotFound for an unknown id."""
-    def read(c: psycopg.Connection) -> InstanceStatus:
-        with c.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(query("instance"), {"id": instance_id}).fetchone()
-            if row is None:
-                raise InstanceNotFound(f"no instance with id {instance_id}")
-            steps = cur.execute(query("instance_steps"), {"id": instance_id}).fetchall()
-        return InstanceStatus(
-            id=row["id"], flow=row["flow_name"], version=row["flow_version"], status=row["status"],
-            label=row["label"], input=row["input"], output=row["output"], error=row["error"],
-            created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
-            steps=sorted(steps, key=lambda s: s["step_name"]),
-        )
-
-    return _with_conn(dsn, conn, read)
+def status(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> InstanceInfo:
+    """The instance's state and its steps (see :meth:`Client.status`)."""
+    return _client(dsn).status(instance_id, conn=conn)
 
 
 def result(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> Any:
-    """The output of a completed instance. InstanceNotFinished while it runs, InstanceFailed if it failed
-    or was cancelled."""
-    st = status(instance_id, dsn=dsn, conn=conn)
-    if st.status == "completed":
-        return st.output
-    if st.status in ("failed", "cancelled"):
-        raise InstanceFailed(instance_id, st.status, st.error)
-    raise InstanceNotFinished(f"instance {instance_id} is {st.status}")
+    """A completed instance's output (see :meth:`Client.result`)."""
+    return _client(dsn).result(instance_id, conn=conn)
 
 
-def wait(instance_id: int, timeout: float = 60.0, *, dsn: str | None = None) -> InstanceStatus:
-    """Block until the instance finishes (woken by NOTIFY, re-checked every second); TimeoutError after
-    ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    with store.connect(store.resolve_dsn(dsn), autocommit=True) as conn:
-        conn.execute("LISTEN pgflow_instance_done")
-        while True:
-            st = status(instance_id, conn=conn)
-            if st.finished:
-                return st
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"instance {instance_id} still {st.status} after {timeout} s")
-            for _ in conn.notifies(timeout=min(left, 1.0), stop_after=1):
-                pass
+def wait(instance_id: int, timeout: float = 60.0, *, dsn: str | None = None,
+         conn: psycopg.Connection | None = None) -> InstanceInfo:
+    """Block until the instance finishes (see :meth:`Client.wait`)."""
+    return _client(dsn).wait(instance_id, timeout, conn=conn)
 
 
 def cancel(instance_id: int, reason: str | None = None, *, dsn: str | None = None,
-           conn: psycopg.Connection | None = None) -> str:
-    """Cancel a pending or running instance; returns its status afterwards (a finished instance keeps its
-    status). Its unfinished steps are marked cancelled and their queued messages are archived."""
-    def run(c: psycopg.Connection) -> str:
-        outcome = c.execute(query("cancel_instance"), {"id": instance_id, "reason": reason}).fetchone()[0]
-        if outcome is None:
-            raise InstanceNotFound(f"no instance with id {instance_id}")
-        return outcome
-
-    return _with_conn(dsn, conn, run)
+           conn: psycopg.Connection | None = None) -> InstanceStatus:
+    """Cancel an instance (see :meth:`Client.cancel`)."""
+    return _client(dsn).cancel(instance_id, reason, conn=conn)
 
 
 def list_instances(*, status: str | None = None, flow: str | None = None, label: str | None = None,
                    limit: int = 50, before: int | None = None, dsn: str | None = None,
                    conn: psycopg.Connection | None = None) -> list[dict[str, Any]]:
-    """Instances newest first, filtered. Keyset pagination: pass the last id you got as ``before``."""
-    if status is not None and status not in ("pending", "running", *TERMINAL):
-        raise ValueError(f"unknown status {status!r}: use pending, running, completed, failed or cancelled")
-    if not 1 <= limit <= 10_000:
-        raise ValueError("limit must be between 1 and 10000")
-    params = {"status": status, "flow": flow, "label": label, "limit": limit, "before": before}
+    """Instances newest first, filtered (see :meth:`Client.list_instances`)."""
+    return _client(dsn).list_instances(status=status, flow=flow, label=label, limit=limit, before=before, conn=conn)
 
-    def run(c: psycopg.Connection) -> list[dict[str, Any]]:
-        with c.cursor(row_factory=dict_row) as cur:
-            return cur.execute(query("list_instances"), params).fetchall()
 
-    return _with_conn(dsn, conn, run)
+def explain(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> str:
+    """The instance drawn as a tree (see :meth:`Client.explain`)."""
+    return _client(dsn).explain(instance_id, conn=conn)
+
+
+def signal(instance_id: int, name: str, data: Any = None, *, dsn: str | None = None,
+           conn: psycopg.Connection | None = None) -> int:
+    """Send a signal to a running instance (see :meth:`Client.signal`)."""
+    return _client(dsn).signal(instance_id, name, data, conn=conn)
+
+
+def set_variable(name: str, value: Any, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:
+    """Set one of the current user's variables (see :meth:`Client.set_variable`)."""
+    _client(dsn).set_variable(name, value, conn=conn)
+
+
+def set_secret(name: str, ref: str, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:
+    """Declare a secret by reference (see :meth:`Client.set_secret`)."""
+    _client(dsn).set_secret(name, ref, conn=conn)

@@ -17,9 +17,13 @@ from typing import Any
 
 import psycopg
 
-from . import client, store
-from .flows import Flow
-from .queries import query
+from . import client
+from .db.connection import connect, transaction
+from .db.migrations import init_schema
+from .db.queries import Queries
+from .flow import Flow
+
+Q = Queries("demo")
 
 DIMENSIONS = 64
 CHUNK_WORDS = 40
@@ -86,14 +90,13 @@ def expected_steps(documents: int, batches: int) -> int:
 def prepare(conn: psycopg.Connection, documents: int, batches: int) -> bool:
     """Create the demo tables (pgvector if the server has it) and the documents; reset earlier runs.
     Returns whether pgvector is used."""
-    conn.execute(query("demo_schema", "demo.sql"))
-    has_vector = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')").fetchone()[0]
-    conn.execute(query("demo_chunks_vector" if has_vector else "demo_chunks_array", "demo.sql"))
-    conn.execute(query("demo_reset", "demo.sql"))
-    if tuple(conn.execute(query("demo_document_count", "demo.sql")).fetchone()) != (documents, batches):
-        conn.execute(query("demo_replace_documents", "demo.sql"))
-        with conn.cursor().copy("COPY pgflow_demo.documents (id, batch, body) FROM STDIN") as copy:
+    Q.execute(conn, "demo_schema")
+    has_vector = Q.value(conn, "vector_available")
+    Q.execute(conn, "demo_chunks_vector" if has_vector else "demo_chunks_array")
+    Q.execute(conn, "demo_reset")
+    if tuple(Q.one(conn, "demo_document_count")) != (documents, batches):
+        Q.execute(conn, "demo_replace_documents")
+        with conn.cursor().copy(Q["copy_documents"]) as copy:
             for doc_id in range(documents):
                 copy.write_row((doc_id, doc_id % batches, generate_document(doc_id)))
     return has_vector
@@ -127,11 +130,11 @@ def run_demo(dsn: str, *, documents: int = 2000, batches: int = 20, workers: int
     import multiprocess
     from tqdm import tqdm
 
-    from .coordinator import run_coordinator
-    from .worker import run_workers
+    from .engine.coordinator import run_coordinator
+    from .engine.supervisor import run_workers
 
-    store.init_schema(dsn)
-    with store.transaction(dsn) as conn:
+    init_schema(dsn)
+    with transaction(dsn) as conn:
         has_vector = prepare(conn, documents, batches)
     context = multiprocess.get_context("fork")
     coordinator = context.Process(target=run_coordinator, args=(dsn,), name="pgflow-coordinator")
@@ -141,25 +144,25 @@ def run_demo(dsn: str, *, documents: int = 2000, batches: int = 20, workers: int
     pool.start()
     try:
         started = time.monotonic()
-        with store.transaction(dsn) as conn:
+        with transaction(dsn) as conn:
             # the demo is a local tool: if it connects as a superuser, let it start its own instances
-            conn.execute("SET LOCAL pgflow.allow_superuser = on")
-            ids = [client.start(flow, {"batch": b}, label="demo", conn=conn) for b in range(batches)]
+            Q.execute(conn, "allow_superuser_here")
+            ids = client.start_many(flow, [{"batch": b} for b in range(batches)], label="demo", conn=conn)
         finished = failed = 0
-        with store.connect(dsn, autocommit=True) as conn, tqdm(
+        with connect(dsn, autocommit=True) as conn, tqdm(
                 total=expected_steps(documents, batches), unit="step", disable=not progress,
                 desc="embed_docs") as bar:
             while finished < len(ids):
                 if time.monotonic() - started > timeout:
                     raise TimeoutError(f"demo did not finish in {timeout} s ({finished}/{len(ids)} instances)")
                 time.sleep(0.2)
-                finished, failed, steps = conn.execute(query("demo_progress", "demo.sql"), {"ids": ids}).fetchone()
+                finished, failed, steps = Q.one(conn, "demo_progress", {"ids": ids})
                 bar.set_postfix(instances=f"{finished}/{len(ids)}", failed=failed)
                 bar.update(steps - bar.n)
         seconds = time.monotonic() - started
-        with store.connect(dsn, autocommit=True) as conn:
-            steps, retries, step_failures = conn.execute(query("demo_summary", "demo.sql"), {"ids": ids}).fetchone()
-            chunks, unprocessed = conn.execute(query("demo_check", "demo.sql")).fetchone()
+        with connect(dsn, autocommit=True) as conn:
+            steps, retries, step_failures = Q.one(conn, "demo_summary", {"ids": ids})
+            chunks, unprocessed = Q.one(conn, "demo_check")
         return DemoSummary(instances=len(ids), completed=len(ids) - failed, failed=failed, steps=steps,
                            retries=retries, step_failures=step_failures, seconds=seconds, chunks=chunks,
                            unprocessed=unprocessed, pgvector=has_vector)

@@ -1,4 +1,4 @@
-"""Prometheus metrics and the /metrics, /healthz, /readyz endpoint of every pgflow process.
+"""Prometheus metrics, and the endpoint serving /metrics, /healthz and /readyz in every pgflow process.
 
 Worker children run in separate processes, so ``pgflow worker`` uses prometheus-client's multiprocess mode:
 each process writes its samples under ``PROMETHEUS_MULTIPROC_DIR`` and the supervisor's endpoint aggregates
@@ -17,14 +17,14 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-import psycopg
+from . import settings
+from .health import Health
 
 log = logging.getLogger("pgflow.metrics")
 
@@ -205,43 +205,9 @@ class _Sample:
 
 
 def _schema_version() -> int:
-    from .store import LATEST_VERSION
+    from .db.migrations import LATEST_VERSION
 
     return LATEST_VERSION
-
-
-class Health:
-    """Liveness. The main loop calls :meth:`beat`: it is stuck when it has not for ``stuck_after`` s. A
-    supervisor calls :meth:`restarted` for each child it restarts: it is crash-looping when
-    ``max_restarts`` happened within ``restart_window`` s (a restart of the pod may cure what restarting the
-    child did not, and an operator's alert should see it either way)."""
-
-    def __init__(self, stuck_after: float = 120.0, max_restarts: int = 5, restart_window: float = 60.0) -> None:
-        self.stuck_after = stuck_after
-        self.max_restarts = max_restarts
-        self.restart_window = restart_window
-        self.last_beat = time.monotonic()
-        self._restarts: list[float] = []
-
-    def beat(self) -> None:
-        self.last_beat = time.monotonic()
-
-    def restarted(self) -> None:
-        now = time.monotonic()
-        self._restarts = [t for t in self._restarts if now - t < self.restart_window] + [now]
-
-    def problem(self) -> str | None:
-        """Why the process is not alive, or None."""
-        now = time.monotonic()
-        if now - self.last_beat >= self.stuck_after:
-            return f"main loop stuck for {now - self.last_beat:.0f} s"
-        recent = [t for t in self._restarts if now - t < self.restart_window]
-        if len(recent) >= self.max_restarts:
-            return f"worker processes crash-looping: {len(recent)} restarts in {self.restart_window:.0f} s"
-        return None
-
-    def alive(self) -> bool:
-        return self.problem() is None
 
 
 def registry():
@@ -302,51 +268,9 @@ def serve(port: int, health: Health, ready: Callable[[], tuple[bool, str]]) -> T
         def log_message(self, *args: object) -> None:  # keep scrapes out of the logs
             pass
 
-    host = os.environ.get("PGFLOW_METRICS_HOST", "127.0.0.1")
+    host = settings.current().metrics_host
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="pgflow-metrics", daemon=True).start()
     log.info("metrics on http://%s:%d/metrics", host, port)
     return server
-
-
-class Readiness:
-    """The /readyz check: the database answers and its pgflow schema is one this code works with.
-
-    Probes come every few seconds from every pod: the check keeps one connection and reconnects only when
-    it broke, instead of opening one per probe. The reason it gives never includes the DSN (which may hold
-    a password)."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self._conn = None
-        self._lock = threading.Lock()
-
-    def __call__(self) -> tuple[bool, str]:
-        from . import store
-
-        with self._lock:
-            try:
-                try:
-                    store.require_schema(self._connection())
-                except psycopg.OperationalError:  # the kept connection was cut (server restart): once more
-                    store.close_quietly(self._conn)
-                    self._conn = None
-                    store.require_schema(self._connection())
-            except Exception as exc:  # any failure means "not ready", with the reason
-                return False, f"not ready: {store.without_dsn(str(exc), self.dsn)}"
-        return True, "ready"
-
-    def _connection(self):
-        from . import store
-
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            store.close_quietly(self._conn)
-            self._conn = store.connect(self.dsn, autocommit=True, application_name="pgflow readiness",
-                                       options="-c statement_timeout=5000")
-        return self._conn
-
-
-def readiness(dsn: str) -> Readiness:
-    """The /readyz check for a process using ``dsn``."""
-    return Readiness(dsn)

@@ -81,15 +81,15 @@ class StepTracer:
         self._tracer = trace.get_tracer(TRACER_NAME)
 
     @contextmanager
-    def span(self, row: dict[str, Any], queue: str) -> Iterator[None]:
-        """The span of one claimed task (``row`` from pgflow.read_tasks), current while it runs."""
-        parent = self._propagator.extract({"traceparent": row["trace_context"]})
+    def span(self, task: Any) -> Iterator[None]:
+        """The span of one claimed task (a :class:`pgflow.engine.task.ClaimedTask`), current while it runs."""
+        parent = self._propagator.extract({"traceparent": task.trace_context})
         with self._tracer.start_as_current_span(
-                f"pgflow step {row['flow_name']}.{row['step_name']}", context=parent,
+                f"pgflow step {task.flow}.{task.step}", context=parent,
                 kind=self._trace.SpanKind.CONSUMER, attributes={
-                    "pgflow.instance_id": row["instance_id"], "pgflow.flow": row["flow_name"],
-                    "pgflow.step": row["step_name"], "pgflow.task_index": row["task_index"],
-                    "pgflow.attempt": row["attempt"], "pgflow.queue": queue}):
+                    "pgflow.instance_id": task.instance_id, "pgflow.flow": task.flow,
+                    "pgflow.step": task.step, "pgflow.task_index": task.task_index,
+                    "pgflow.attempt": task.attempt, "pgflow.queue": task.queue}):
             yield
 
     def failed(self, exc: BaseException, error: str, permanent: bool) -> None:

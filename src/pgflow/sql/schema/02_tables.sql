@@ -95,7 +95,7 @@ CREATE TABLE pgflow.steps (
 
 -- "Look at this instance again": written by workers when a step ends, by starts, signals and timers; the
 -- coordinator consumes them with SKIP LOCKED so several coordinators share the work. The index on
--- (due_at, id) serves the coordinator's claim_wakeups query (queries.sql).
+-- (due_at, id) serves the coordinator's claim_wakeups query (sql/queries/coordinator.sql).
 CREATE TABLE pgflow.wakeups (
     id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     instance_id  bigint      NOT NULL,

@@ -7,20 +7,20 @@
 -- fails with it (nothing is hidden) and the worker falls back to reading and claiming separately, one
 -- message at a time, with claim_tasks.
 
--- The same rules as pgflow.queue.decode (tests check that both agree): names are strings, the instance
+-- The same rules as pgflow.engine.messages.decode (tests check that both agree): names are strings, the instance
 -- id fits a bigint and is positive, the task index fits an integer and is >= -1, scope and column types
 -- are objects when present. CASE keeps every cast behind its check.
 CREATE FUNCTION pgflow.is_task_message(m jsonb) RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE
         WHEN jsonb_typeof(m) IS DISTINCT FROM 'object' THEN false
-        WHEN jsonb_typeof(m->'f') IS DISTINCT FROM 'string' OR jsonb_typeof(m->'v') IS DISTINCT FROM 'string'
-             OR jsonb_typeof(m->'s') IS DISTINCT FROM 'string' THEN false
-        WHEN jsonb_typeof(m->'i') IS DISTINCT FROM 'number' OR m->>'i' !~ '^[0-9]{1,19}$'
-             OR jsonb_typeof(m->'t') IS DISTINCT FROM 'number' OR m->>'t' !~ '^-?[0-9]{1,10}$' THEN false
-        WHEN coalesce(jsonb_typeof(m->'c'), 'null') NOT IN ('object', 'null')
-             OR coalesce(jsonb_typeof(m->'ct'), 'null') NOT IN ('object', 'null') THEN false
-        ELSE (m->>'i')::numeric BETWEEN 1 AND 9223372036854775807
-             AND (m->>'t')::numeric BETWEEN -1 AND 2147483647
+        WHEN jsonb_typeof(m->'flow') IS DISTINCT FROM 'string' OR jsonb_typeof(m->'version') IS DISTINCT FROM 'string'
+             OR jsonb_typeof(m->'step') IS DISTINCT FROM 'string' THEN false
+        WHEN jsonb_typeof(m->'instance') IS DISTINCT FROM 'number' OR m->>'instance' !~ '^[0-9]{1,19}$'
+             OR jsonb_typeof(m->'task') IS DISTINCT FROM 'number' OR m->>'task' !~ '^-?[0-9]{1,10}$' THEN false
+        WHEN coalesce(jsonb_typeof(m->'scope'), 'null') NOT IN ('object', 'null')
+             OR coalesce(jsonb_typeof(m->'columns'), 'null') NOT IN ('object', 'null') THEN false
+        ELSE (m->>'instance')::numeric BETWEEN 1 AND 9223372036854775807
+             AND (m->>'task')::numeric BETWEEN -1 AND 2147483647
     END
 $$;
 REVOKE ALL ON FUNCTION pgflow.is_task_message(jsonb) FROM PUBLIC;
@@ -94,9 +94,10 @@ RETURNS TABLE (
         FROM pgmq.read(p_queue, p_vt, p_qty) r
     ), t AS MATERIALIZED (
         SELECT m.msg_id,
-               CASE WHEN m.ok THEN (m.message->>'i')::bigint END AS instance_id,
-               CASE WHEN m.ok THEN (m.message->>'t')::integer END AS task_index,
-               m.message->>'s' AS step_name, m.message->>'f' AS flow_name, m.message->>'v' AS flow_version
+               CASE WHEN m.ok THEN (m.message->>'instance')::bigint END AS instance_id,
+               CASE WHEN m.ok THEN (m.message->>'task')::integer END AS task_index,
+               m.message->>'step' AS step_name, m.message->>'flow' AS flow_name,
+               m.message->>'version' AS flow_version
         FROM m WHERE m.ok
     ), c AS MATERIALIZED (
         SELECT * FROM pgflow.claim_tasks(

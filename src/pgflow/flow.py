@@ -1,4 +1,4 @@
-"""Flows: DAGs of named steps, defined in Python code (they live in git, not in the database).
+"""Authoring DAG flows: named steps defined in Python code (they live in git, not in the database).
 
 A step is a Python function, a SQL statement, or a *map* of either (one task per element of an earlier
 step's output list, followed by fan-in: dependents receive the ordered list of task outputs). The shape of
@@ -11,20 +11,19 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
-import os
 import re
 import sys
 import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .dsl import SqlTemplate, compile_sql
-from .errors import FlowDefinitionError, NonRetryableError
+from . import registry
+from .errors import FlowDefinitionError
+from .references import SqlTemplate, compile_sql
 
 INPUT = "input"  # reserved name: the flow's input, as a parameter, a $reference or ``map(over=INPUT)``
 ITEM = "item"  # reserved name: a map task's element in SQL ($item)
@@ -33,37 +32,6 @@ SECRETS = "secrets"  # reserved name: secrets by reference, for HTTP steps only 
 RESERVED = {INPUT, ITEM, VARS, SECRETS, "ctx"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUEUE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
-
-#: every Flow constructed in this process, by name: workers look steps up here before importing refs
-REGISTRY: dict[str, Flow] = {}
-
-
-@dataclass
-class StepContext:
-    """What a running step knows about itself; passed as the first argument of every Python step."""
-
-    instance_id: int
-    flow: str
-    step: str
-    task_index: int
-    attempt: int
-    max_attempts: int
-    input: Any
-    vars: dict[str, Any] = field(default_factory=dict)
-    secret_refs: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def secret(self, name: str) -> str:
-        """A secret variable's value, read now from where its reference points (environment or file):
-        the value is never stored by pgflow. Do not return it from the step."""
-        if name not in self.secret_refs:
-            raise KeyError(f"no secret named {name!r} (set one with pgflow.set_secret)")
-        return resolve_secrets({name: self.secret_refs[name]})[name]
-
-    @property
-    def idempotency_key(self) -> str:
-        """Stable across retries and redeliveries of this task: use it to make side effects idempotent."""
-        task = "" if self.task_index < 0 else f"[{self.task_index}]"
-        return f"pgflow:{self.instance_id}:{self.step}{task}"
 
 
 @dataclass
@@ -120,18 +88,10 @@ class Step:
 StepRef = Step | str
 
 
-def resolve_secrets(refs: dict[str, str] | None) -> dict[str, str]:
-    """Secret values from their references: ``env:NAME`` (the worker's environment, e.g. a Kubernetes
-    Secret as env) or ``file:/path`` (e.g. a mounted Secret volume)."""
-    values = {}
-    for name, ref in (refs or {}).items():
-        kind, _, where = ref.partition(":")
-        try:
-            values[name] = os.environ[where] if kind == "env" else Path(where).read_text().strip()
-        except (KeyError, OSError) as exc:
-            raise NonRetryableError(f"secret {name!r}: cannot resolve {ref!r} on this worker ({type(exc).__name__})"
-                                    ) from None
-    return values
+def version_hash(shape: Any) -> str:
+    """The version of a stored shape (a DAG flow's, or a control-flow workflow's as the database validated
+    it): a hash of its canonical JSON, so the same shape always gets the same version."""
+    return hashlib.sha256(orjson.dumps(shape, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
 def _step_name(ref: StepRef) -> str:
@@ -190,7 +150,7 @@ class Flow:
         self.timeout = _check_seconds("timeout", timeout, f"flow {name!r}")
         self.steps: dict[str, Step] = {}
         self.module = sys._getframe(1).f_globals.get("__name__", "__main__")
-        REGISTRY[name] = self
+        registry.remember(self)
 
     def __repr__(self) -> str:
         return f"Flow({self.name!r}, steps={list(self.steps)})"
@@ -328,8 +288,7 @@ class Flow:
     @cached_property
     def version(self) -> str:
         """A hash of the shape: changes whenever steps, dependencies, SQL or options change."""
-        blob = orjson.dumps(self.shape, option=orjson.OPT_SORT_KEYS)
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return version_hash(self.shape)
 
     @property
     def ref(self) -> str | None:
@@ -418,60 +377,3 @@ def _check_acyclic(flow: Flow) -> None:
 
     for name in flow.steps:
         visit(name, [])
-
-
-# ---------------------------------------------------------------------------------------------- shapes
-
-@dataclass(frozen=True)
-class StepShape:
-    """A step as the coordinator and workers see it: read from the database, no user code needed."""
-
-    name: str
-    kind: str
-    deps: tuple[str, ...]
-    over: str | None
-    flatten: bool
-    queue: str
-    max_attempts: int
-    backoff_base: float
-    backoff_cap: float
-    timeout: float | None
-    sql: str | None
-    spec: dict[str, Any] | None = None  # a control-flow leaf's node (python function, http request...)
-
-    @property
-    def is_map(self) -> bool:
-        return self.over is not None
-
-
-@dataclass(frozen=True)
-class FlowShape:
-    """A flow version's DAG, parsed from its stored shape."""
-
-    name: str
-    version: str
-    ref: str | None
-    steps: dict[str, StepShape]
-    tree: dict[str, Any] | None = None  # set for control-flow workflows (see tree.py)
-
-    @classmethod
-    def from_json(cls, name: str, version: str, ref: str | None, shape: dict[str, Any]) -> FlowShape:
-        steps = {}
-        for s in shape["steps"]:
-            steps[s["name"]] = StepShape(
-                name=s["name"], kind=s["kind"], deps=tuple(s["deps"]), over=s.get("over"),
-                flatten=bool(s.get("flatten")), queue=s["queue"], max_attempts=s["max_attempts"],
-                backoff_base=s["backoff_base"], backoff_cap=s["backoff_cap"], timeout=s.get("timeout"),
-                sql=s.get("sql"), spec=s.get("spec"),
-            )
-        return cls(name, version, ref, steps, shape.get("tree"))
-
-    @cached_property
-    def terminal(self) -> tuple[str, ...]:
-        """Steps nothing depends on: their outputs form the instance's result."""
-        needed = {d for s in self.steps.values() for d in s.deps}
-        return tuple(n for n in self.steps if n not in needed)
-
-    @cached_property
-    def dependents(self) -> dict[str, tuple[str, ...]]:
-        return {n: tuple(s.name for s in self.steps.values() if n in s.deps) for n in self.steps}

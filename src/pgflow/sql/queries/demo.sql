@@ -1,4 +1,5 @@
--- Tables for `pgflow demo`: documents in, embedded chunks out (pgvector when available, else real[]).
+-- Named queries of pgflow.demo. Tables for `pgflow demo`: documents in, embedded chunks out (pgvector when
+-- available, else real[]).
 
 -- name: demo_schema
 CREATE SCHEMA IF NOT EXISTS pgflow_demo;
@@ -9,6 +10,9 @@ CREATE TABLE IF NOT EXISTS pgflow_demo.documents (
     processed  boolean NOT NULL DEFAULT false
 );
 CREATE INDEX IF NOT EXISTS documents_batch ON pgflow_demo.documents (batch);
+
+-- name: vector_available
+SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector');
 
 -- name: demo_chunks_vector
 CREATE EXTENSION IF NOT EXISTS vector;
@@ -42,6 +46,13 @@ SELECT count(*), coalesce(max(batch) + 1, 0) FROM pgflow_demo.documents;
 
 -- name: demo_replace_documents
 DELETE FROM pgflow_demo.documents;
+
+-- name: copy_documents
+COPY pgflow_demo.documents (id, batch, body) FROM STDIN;
+
+-- name: allow_superuser_here
+-- the demo is a local tool: if it connects as a superuser, let it start its own instances
+SET LOCAL pgflow.allow_superuser = on;
 
 -- name: demo_progress
 SELECT count(*) FILTER (WHERE i.status IN ('completed', 'failed', 'cancelled')),

@@ -1,10 +1,14 @@
-"""References to earlier results inside SQL step text, turned into bound parameters.
+"""The one ``$reference`` grammar: references to earlier results inside SQL steps (turned into bound
+parameters) and inside HTTP requests (URLs, headers, bodies).
 
 A SQL step may say ``$input``, ``$input.key``, ``$load`` (another step's output), ``$load.col`` (a column of
 its first row), ``$item`` (a map task's element) and ``$name?`` (NULL instead of an error when there is no
 row or no such key). References are found by a small lexer that skips string literals, quoted identifiers,
 comments and dollar-quoted bodies, and every reference becomes a ``%s`` placeholder: values travel as data,
 never as SQL text, so a value like ``'; DROP TABLE x; --`` is just a string.
+
+HTTP text is not SQL: there every ``$name.path?`` is a reference and any other ``$`` is literal text. Both
+lexers read a reference with :func:`read_reference`, so the two front doors share one grammar.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from .errors import FlowDefinitionError
 
 _DOLLAR_QUOTE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$")
 _REFERENCE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)(\.\*)?(\?)?")
+"""``$name``, then ``.key`` any number of times, then ``.*`` (a row set), then ``?`` (NULL when absent)."""
+_IDENTIFIER = re.compile(r"[^\W\d][\w$]*")
+_LINE_END = re.compile(r"[\r\n]")
 _POSITIONAL = re.compile(r"\$\d+")
 
 
@@ -102,10 +109,6 @@ class SqlTemplate:
             value = _first_cell(ref, value, columns[ref.name][0][0])  # $name of a SQL result: first cell
         return value
 
-    def parameters(self, scope: dict[str, Any]) -> list[Any]:
-        """The bound values of a template without row-set references."""
-        return self.render(scope)[1]
-
 
 def _first_cell(ref: Reference, rows: Any, column: str) -> Any:
     if isinstance(rows, list) and rows and isinstance(rows[0], dict):
@@ -183,6 +186,17 @@ def _end_of_block_comment(text: str, start: int) -> int:
     raise FlowDefinitionError("unterminated /* comment in SQL")
 
 
+def read_reference(text: str, at: int) -> tuple[Reference, int] | None:
+    """The reference that starts at ``text[at]`` (a ``$``) and the index just past it, or None."""
+    match = _REFERENCE.match(text, at)
+    if match is None:
+        return None
+    path = tuple(p for p in match.group(2).split(".") if p)
+    if match.group(3) and path:
+        raise FlowDefinitionError(f"row-set reference {match.group(0)}: use $name.* on a whole result")
+    return Reference(match.group(1), path, bool(match.group(4)), bool(match.group(3))), match.end()
+
+
 def compile_sql(source: str) -> SqlTemplate:
     """Find the ``$references`` in a SQL step and replace them by placeholders (see module docs)."""
     out: list[str] = []
@@ -198,8 +212,10 @@ def compile_sql(source: str) -> SqlTemplate:
         elif ch == '"':
             end = _end_of_quoted(source, i, '"', False)
         elif source.startswith("--", i):
-            newline = source.find("\n", i)
-            end = n if newline < 0 else newline
+            end = _LINE_END.search(source, i)
+            end = n if end is None else end.start()
+        elif ch.isalpha() or ch == "_":  # an identifier, which may hold "$" after its first letter (foo$bar)
+            end = _IDENTIFIER.match(source, i).end()
         elif source.startswith("/*", i):
             end = _end_of_block_comment(source, i)
         elif ch == "$":
@@ -214,14 +230,11 @@ def compile_sql(source: str) -> SqlTemplate:
                     f"positional parameter {_POSITIONAL.match(source, i).group(0)} in SQL: "
                     "refer to values by name ($input, $input.key, $step, $step.col, $item)"
                 )
-            elif match := _REFERENCE.match(source, i):
-                path = tuple(p for p in match.group(2).split(".") if p)
-                if match.group(3) and path:
-                    raise FlowDefinitionError(f"row-set reference {match.group(0)}: use $name.* on a whole result")
-                refs.append(Reference(match.group(1), path, bool(match.group(4)), bool(match.group(3))))
+            elif found := read_reference(source, i):
+                refs.append(found[0])
                 parts.append("".join(out))
                 out = []
-                i = match.end()
+                i = found[1]
                 continue
             else:
                 raise FlowDefinitionError(f"stray '$' in SQL at {source[i:i + 20]!r}")
@@ -274,3 +287,47 @@ def adapt(value: Any) -> Any:
     if isinstance(value, dict | list):
         return Jsonb(value, dumps=_orjson_dumps)
     return value
+
+
+@dataclass(frozen=True)
+class TextTemplate:
+    """Text with references that is not SQL (an HTTP URL, header or body string)."""
+
+    parts: tuple[str, ...]  # len(references) + 1 pieces of text around the references
+    references: tuple[Reference, ...]
+
+    @property
+    def whole(self) -> Reference | None:
+        """The reference when the text is exactly one reference (its value replaces the text as it is)."""
+        return self.references[0] if self.parts == ("", "") else None
+
+    def substitute(self, scope: dict[str, Any], as_text: Any) -> str:
+        """The text with each reference replaced by ``as_text(value)``."""
+        pieces = [self.parts[0]]
+        for ref, after in zip(self.references, self.parts[1:], strict=True):
+            pieces += [as_text(value_of(ref, scope)), after]
+        return "".join(pieces)
+
+
+def compile_text(source: str) -> TextTemplate:
+    """Find the references in plain text: every ``$`` that starts a reference is one; others stay text."""
+    parts: list[str] = []
+    refs: list[Reference] = []
+    start = i = 0
+    while (i := source.find("$", i)) >= 0:
+        found = read_reference(source, i)
+        if found is None:
+            i += 1
+            continue
+        parts.append(source[start:i])
+        refs.append(found[0])
+        start = i = found[1]
+    parts.append(source[start:])
+    return TextTemplate(tuple(parts), tuple(refs))
+
+
+def value_of(ref: Reference, scope: dict[str, Any]) -> Any:
+    """A reference's value outside SQL, where a row set has no meaning."""
+    if ref.rowset:
+        raise MissingValue(f"{ref}: a row set ($name.*) can only be used in a SQL step")
+    return resolve(ref, scope)

@@ -1,4 +1,4 @@
-"""HTTP steps: one request, answered with a JSON envelope that later steps can test (``$resp.ok``).
+"""The runner of HTTP steps: one request, answered with a JSON envelope that later steps can test (``$resp.ok``).
 
 The envelope is ``{"status", "ok", "headers", "body", "encoding", "duration_ms"}`` plus ``"json"`` when the
 body parses as JSON. ``body`` is text, or base64 with ``encoding: "base64"`` for binary content. Network
@@ -12,8 +12,6 @@ import base64
 import contextlib
 import fnmatch
 import ipaddress
-import os
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -23,10 +21,14 @@ from urllib.parse import quote, urlsplit
 import httpx
 import orjson
 
-from .dsl import Reference, resolve
-from .errors import NonRetryableError
-
-_REFERENCE = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)(\?)?")
+from ... import settings
+from ...context import resolve_secrets
+from ...errors import NonRetryableError
+from ...flow import SECRETS
+from ...references import compile_text, value_of
+from ...shape import StepShape
+from ..task import ClaimedTask
+from . import time_limit
 
 
 class RetryableStatus(Exception):
@@ -63,15 +65,15 @@ class EgressPolicy:
     max_timeout: float = 60.0
 
     @classmethod
-    def from_env(cls) -> EgressPolicy:
+    def from_settings(cls) -> EgressPolicy:
+        current = settings.current()
         hosts, networks = [], []
-        for item in filter(None, (i.strip() for i in os.environ.get("PGFLOW_HTTP_ALLOW", "").split(","))):
+        for item in current.http_allow:
             try:
                 networks.append(ipaddress.ip_network(item, strict=False))
             except ValueError:
                 hosts.append(item.lower())
-        return cls(tuple(hosts), tuple(networks), int(os.environ.get("PGFLOW_HTTP_MAX_BYTES", 10 * 1024 * 1024)),
-                   float(os.environ.get("PGFLOW_HTTP_MAX_TIMEOUT", 60)))
+        return cls(tuple(hosts), tuple(networks), current.http_max_bytes, current.http_max_timeout)
 
     def check(self, url: str) -> None:
         """Raise EgressDenied unless every address ``url``'s host resolves to is allowed."""
@@ -108,21 +110,17 @@ class EgressPolicy:
         return b"".join(chunks)
 
 
-def _reference(match: re.Match) -> Reference:
-    return Reference(match.group(1), tuple(p for p in match.group(2).split(".") if p), bool(match.group(3)))
-
-
 def _as_text(value: Any) -> str:
     return value if isinstance(value, str) else orjson.dumps(value).decode()
 
 
+def _url_text(value: Any) -> str:
+    return quote(_as_text(value), safe="")
+
+
 def substitute_text(template: str, scope: dict[str, Any], url: bool = False) -> str:
     """Replace ``$name.path`` in a URL or header; in a URL each value is percent-encoded."""
-    def value(match: re.Match) -> str:
-        text = _as_text(resolve(_reference(match), scope))
-        return quote(text, safe="") if url else text
-
-    return _REFERENCE.sub(value, template)
+    return compile_text(template).substitute(scope, _url_text if url else _as_text)
 
 
 def substitute_body(body: Any, scope: dict[str, Any]) -> Any:
@@ -132,9 +130,19 @@ def substitute_body(body: Any, scope: dict[str, Any]) -> Any:
     if isinstance(body, list):
         return [substitute_body(v, scope) for v in body]
     if isinstance(body, str):
-        whole = _REFERENCE.fullmatch(body)
-        return resolve(_reference(whole), scope) if whole else substitute_text(body, scope)
+        template = compile_text(body)
+        whole = template.whole
+        return value_of(whole, scope) if whole else template.substitute(scope, _as_text)
     return body
+
+
+def run(step: StepShape, task: ClaimedTask, scope: dict[str, Any]) -> dict[str, Any]:
+    """Perform an HTTP step (outside any transaction: at least once) and return its envelope. Secrets are
+    resolved on this worker, for this request only, and never appear in its errors."""
+    secrets = resolve_secrets(task.secret_refs)
+    with time_limit(step.timeout):
+        return request(step.spec, {**scope, SECRETS: secrets}, task.attempt, step.max_attempts,
+                       redact=list(secrets.values()))
 
 
 def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attempts: int,
@@ -145,7 +153,7 @@ def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attem
     headers = {k: substitute_text(str(v), scope) for k, v in (spec.get("headers") or {}).items()}
     body = substitute_body(spec.get("body"), scope)
     retry_on = set(spec.get("retry_on") or range(500, 600))
-    policy = EgressPolicy.from_env()
+    policy = EgressPolicy.from_settings()
     started = time.perf_counter()
     try:
         policy.check(url)

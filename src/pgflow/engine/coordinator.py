@@ -1,0 +1,376 @@
+"""The coordinator: expands DAGs. It consumes wake-ups (an instance started, a step ended), decides which
+steps became ready and pushes them onto their pgmq queues, fans maps out and in, and finishes or fails
+instances; control-flow workflows are advanced by the tree evaluator (:mod:`.tree`), and upkeep is done by
+:mod:`.maintenance`.
+
+Several coordinators may run at once: wake-ups are claimed with SKIP LOCKED and each instance is locked
+(FOR UPDATE) while it is evaluated, so every decision is made once, against committed state.
+
+The decisions themselves are pure functions of what was read (:func:`ready_steps`, :func:`map_elements`,
+:func:`step_failures`, :func:`map_outcomes`, :func:`is_complete`); :class:`Coordinator` does the reading
+and the writing around them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from ..db.codec import dumps, json_arrays
+from ..db.queries import Queries
+from ..flow import INPUT
+from ..health import Health
+from ..metrics import metrics
+from ..shape import FlowShape, ShapeCache, StepShape
+from ..statuses import InstanceStatus, StepStatus
+from . import tree
+from .loop import ConnectedLoop
+from .maintenance import Maintenance
+from .messages import task_message
+
+log = logging.getLogger("pgflow.coordinator")
+Q = Queries("coordinator")
+
+
+# ---------------------------------------------------------------------------------------------- decisions
+
+@dataclass
+class DagInstance:
+    """A DAG instance as one round sees it: its shape and the status of each step's row."""
+
+    id: int
+    shape: FlowShape
+    input: Any
+    variables: Any
+    states: dict[str, str] = field(default_factory=dict)  # step -> status of its task_index -1 row
+
+
+def step_failures(rows: Iterable[tuple[int, str, str, str | None]]) -> dict[int, str]:
+    """The first failed step of each instance, from (instance, step, status, error) rows."""
+    failures: dict[int, str] = {}
+    for iid, step, status, error in rows:
+        if status == StepStatus.FAILED:
+            failures.setdefault(iid, f"step {step} failed: {error}")
+    return failures
+
+
+def map_outcomes(progress: Iterable[tuple[int, str, int, str | None]]
+                 ) -> tuple[dict[int, str], list[tuple[int, str]]]:
+    """From (instance, map step, unfinished tasks, first failed task) rows: the instances a failed task
+    fails, and the maps whose tasks all completed (ready for fan-in)."""
+    failures: dict[int, str] = {}
+    finished: list[tuple[int, str]] = []
+    for iid, step, unfinished, failure in progress:
+        if failure:
+            failures.setdefault(iid, f"step {failure}")
+        elif unfinished == 0:
+            finished.append((iid, step))
+    return failures, finished
+
+
+def ready_steps(instance: DagInstance) -> list[StepShape]:
+    """Steps that have no row yet and whose dependencies have all completed."""
+    states = instance.states
+    return [step for step in instance.shape.steps.values()
+            if step.name not in states and all(states.get(d) == StepStatus.COMPLETED for d in step.deps)]
+
+
+def map_elements(step: StepShape, value: Any) -> tuple[list[Any], str | None]:
+    """The elements a map fans out over, or an error message when the value is not a list (of lists)."""
+    source = "the flow input" if step.over == INPUT else f"step {step.over}'s output"
+    if not isinstance(value, list):
+        return [], f"step {step.name} maps over {source}, which is {type(value).__name__}, not a list"
+    if not step.flatten:
+        return value, None
+    if not all(isinstance(v, list) for v in value):
+        return [], f"step {step.name} flattens {source}, which is not a list of lists"
+    return [x for inner in value for x in inner], None
+
+
+def is_complete(instance: DagInstance) -> bool:
+    """Every step of the instance has completed."""
+    return all(instance.states.get(s) == StepStatus.COMPLETED for s in instance.shape.steps)
+
+
+def completion(instance: DagInstance) -> dict[str, Any]:
+    """How a complete instance's output is made: one terminal step gives its output, several an object."""
+    terminal = instance.shape.terminal
+    return {"id": instance.id, "terminal": list(terminal), "single": len(terminal) == 1}
+
+
+@dataclass
+class Writes:
+    """The tasks and map rows one evaluation round decided, written with one statement per kind."""
+
+    tasks: dict[str, list[tuple[int, str, int, dict]]] = field(default_factory=lambda: defaultdict(list))
+    map_parents: list[tuple[int, str, str, str]] = field(default_factory=list)
+
+    def enqueue(self, queue: str, instance_id: int, step: str, task_index: int, message: dict) -> None:
+        self.tasks[queue].append((instance_id, step, task_index, message))
+
+    def drop_instances(self, instance_ids: Iterable[int]) -> None:
+        """Forget what was decided for instances that have just failed."""
+        gone = set(instance_ids)
+        for queue in self.tasks:
+            self.tasks[queue] = [t for t in self.tasks[queue] if t[0] not in gone]
+        self.map_parents = [m for m in self.map_parents if m[0] not in gone]
+
+    def flush(self, conn: psycopg.Connection) -> None:
+        if self.map_parents:
+            ids, steps, statuses, queues = zip(*self.map_parents, strict=True)
+            Q.execute(conn, "insert_map_parents", {"ids": list(ids), "steps": list(steps),
+                                                   "statuses": list(statuses), "queues": list(queues)})
+        for queue, tasks in self.tasks.items():
+            if not tasks:
+                continue
+            for part, messages in json_arrays([dumps(t[3]) for t in tasks]):
+                Q.execute(conn, "enqueue_tasks", {
+                    "queue": queue,
+                    "instance_ids": [t[0] for t in tasks[part]],
+                    "steps": [t[1] for t in tasks[part]],
+                    "tasks": [t[2] for t in tasks[part]],
+                    "messages": messages,
+                })
+        self.tasks.clear()
+        self.map_parents.clear()
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+class Coordinator(ConnectedLoop):
+    """Runs the coordinator loop on one database. ``batch`` bounds the instances handled per transaction."""
+
+    def __init__(self, dsn: str, *, batch: int = 500, maintenance_every: float = 10.0,
+                 retention_seconds: float | None = 7 * 86400, stalled_after: float = 30.0,
+                 vacuum_every: float = 2.0, vacuum_min_dead: int = 5000, health: Health | None = None) -> None:
+        super().__init__(dsn)
+        self.batch = batch
+        self.health = health or Health()
+        self.shapes = ShapeCache()
+        self.maintenance = Maintenance(dsn, every=maintenance_every, retention_seconds=retention_seconds,
+                                       stalled_after=stalled_after, vacuum_every=vacuum_every,
+                                       vacuum_min_dead=vacuum_min_dead)
+
+    def run(self) -> None:
+        """Run the loop until :meth:`stop`, with the vacuum thread beside it (``vacuum_every`` 0: none)."""
+        if self.maintenance.vacuum_every > 0:
+            threading.Thread(target=self.maintenance.vacuum_loop, args=(self.stop_event,), name="pgflow-vacuum",
+                             daemon=True).start()
+        super().run()
+
+    def loop(self) -> None:
+        round_duration = metrics().round_duration
+        while not self.stop_event.is_set():
+            self.health.beat()
+            started = time.perf_counter()
+            handled = self.process_batch()
+            if handled:
+                round_duration.observe(time.perf_counter() - started)
+            self.maintenance.maybe_run(self._conn)
+            if handled == 0:
+                self._wait()
+
+    def waiting_for_database(self) -> None:
+        self.health.beat()
+
+    def on_connect(self) -> None:
+        Q.execute(self._listen, "listen")
+
+    def _wait(self) -> None:
+        """Sleep until a NOTIFY or the next timed wake-up (at most one second, as a safety net)."""
+        due = Q.value(self._conn, "next_wakeup_in")
+        self.wait_for_notify(1.0 if due is None else max(0.0, min(1.0, float(due))))
+
+    # ------------------------------------------------------------------------------------------ one round
+
+    def process_batch(self) -> int:
+        """Evaluate one batch of woken instances in one transaction; returns how many wake-ups it took."""
+        conn = self._conn
+        with conn.transaction():
+            woken = [r[0] for r in Q.all(conn, "claim_wakeups", {"limit": self.batch})]
+            if not woken:
+                return 0
+            rows = Q.all(conn, "lock_instances", {"ids": sorted(set(woken))})
+            if rows:
+                self._evaluate(conn, rows)
+        return len(woken)
+
+    def _evaluate(self, conn: psycopg.Connection, rows: list[tuple]) -> None:
+        dags: dict[int, DagInstance] = {}
+        trees: list[DagInstance] = []
+        for iid, flow, version, _status, input_, variables in rows:
+            try:
+                shape = self.shapes.get(conn, flow, version)
+            except LookupError as exc:
+                self._fail(conn, {iid: str(exc)})
+                continue
+            instance = DagInstance(iid, shape, input_, variables)
+            if shape.tree is not None:
+                trees.append(instance)
+            else:
+                dags[iid] = instance
+        pending = [r[0] for r in rows if r[3] == InstanceStatus.PENDING]
+        if pending:
+            Q.execute(conn, "mark_started", {"ids": pending})
+        if trees:
+            self._evaluate_trees(conn, trees)
+        if dags:
+            self._evaluate_dags(conn, dags)
+
+    def _evaluate_dags(self, conn: psycopg.Connection, instances: dict[int, DagInstance]) -> None:
+        states = Q.all(conn, "step_states", {"ids": list(instances)})
+        for iid, step, status, _error in states:
+            instances[iid].states[step] = status
+        failures = step_failures(states)
+        mapping = [i for i, inst in instances.items() if StepStatus.MAPPING in inst.states.values()]
+        map_failures, finished_maps = map_outcomes(Q.all(conn, "map_progress", {"ids": mapping}) if mapping else [])
+        for iid, error in map_failures.items():
+            failures.setdefault(iid, error)
+        self._fail(conn, failures)
+        for iid in failures:
+            instances.pop(iid, None)
+        self._finish_maps(conn, [(iid, step) for iid, step in finished_maps if iid in instances], instances)
+        self._schedule(conn, instances)
+        self._complete(conn, instances)
+
+    def _finish_maps(self, conn: psycopg.Connection, finished: list[tuple[int, str]],
+                     instances: dict[int, DagInstance]) -> None:
+        """Fan-in: a map whose tasks all completed gets the ordered list of their outputs."""
+        if not finished:
+            return
+        Q.execute(conn, "finish_maps", {"ids": [f[0] for f in finished], "steps": [f[1] for f in finished]})
+        for iid, step in finished:
+            instances[iid].states[step] = StepStatus.COMPLETED
+
+    def _schedule(self, conn: psycopg.Connection, instances: dict[int, DagInstance]) -> None:
+        """Push every step whose dependencies are complete; repeat while empty maps complete instantly."""
+        todo = dict(instances)
+        while todo:
+            writes = Writes()
+            maps: list[tuple[DagInstance, StepShape]] = []
+            for inst in todo.values():
+                for step in ready_steps(inst):
+                    if step.is_map:
+                        maps.append((inst, step))
+                        continue
+                    writes.enqueue(step.queue, inst.id, step.name, -1,
+                                   task_message(inst.shape.name, inst.shape.version, inst.id, step.name))
+                    inst.states[step.name] = StepStatus.QUEUED
+                    log.debug("instance %s: step %s queued", inst.id, step.name, extra={
+                        "instance_id": inst.id, "flow": inst.shape.name, "step": step.name, "queue": step.queue})
+            again = self._fan_out(conn, maps, writes, instances)
+            writes.flush(conn)
+            todo = {iid: instances[iid] for iid in again if iid in instances}
+
+    def _fan_out(self, conn: psycopg.Connection, maps: list[tuple[DagInstance, StepShape]], writes: Writes,
+                 instances: dict[int, DagInstance]) -> set[int]:
+        """Create one task per element for each ready map. Returns instances to look at again (a map over
+        an empty list completes at once, which may make its dependents ready)."""
+        if not maps:
+            return set()
+        wanted = [(inst.id, step.over) for inst, step in maps if step.over != INPUT]
+        outputs: dict[tuple[int, str], Any] = {}
+        if wanted:
+            rows = Q.all(conn, "step_outputs", {"ids": [w[0] for w in wanted], "steps": [w[1] for w in wanted]})
+            outputs = {(iid, step): output for iid, step, output in rows}
+        again: set[int] = set()
+        failures: dict[int, str] = {}
+        for inst, step in maps:
+            items = inst.input if step.over == INPUT else outputs.get((inst.id, step.over))
+            items, problem = map_elements(step, items)
+            if problem:
+                failures.setdefault(inst.id, problem)
+                continue
+            if not items:
+                writes.map_parents.append((inst.id, step.name, StepStatus.COMPLETED, step.queue))
+                inst.states[step.name] = StepStatus.COMPLETED
+                again.add(inst.id)
+                continue
+            writes.map_parents.append((inst.id, step.name, StepStatus.MAPPING, step.queue))
+            inst.states[step.name] = StepStatus.MAPPING
+            log.debug("instance %s: map step %s fans out into %d tasks", inst.id, step.name, len(items), extra={
+                "instance_id": inst.id, "flow": inst.shape.name, "step": step.name, "queue": step.queue})
+            for index, item in enumerate(items):
+                writes.enqueue(step.queue, inst.id, step.name, index,
+                               task_message(inst.shape.name, inst.shape.version, inst.id, step.name, index, item))
+        if failures:
+            self._fail(conn, failures)
+            for iid in failures:
+                instances.pop(iid, None)
+            writes.drop_instances(failures)
+        return again
+
+    def _complete(self, conn: psycopg.Connection, instances: dict[int, DagInstance]) -> None:
+        done = [completion(inst) for inst in instances.values() if is_complete(inst)]
+        if not done:
+            return
+        for iid, flow, seconds, _notified in Q.all(conn, "complete_instances", {"done": dumps(done)}):
+            self._completed(iid, flow, seconds)
+
+    def _evaluate_trees(self, conn: psycopg.Connection, trees: list[DagInstance]) -> None:
+        """Control-flow workflows: read their rows and signals, evaluate each tree, write its decisions,
+        then finish or fail the instances that are done."""
+        now = tree.now(conn)
+        rows, signals = tree.read_states(conn, [inst.id for inst in trees])
+        writes = Writes()
+        failures: dict[int, str] = {}
+        for inst in trees:
+            state = tree.TreeState(inst.id, inst.shape.name, inst.shape.version, inst.input, inst.variables,
+                                   inst.shape.steps, now, rows[inst.id], signals[inst.id])
+            try:
+                evaluation = tree.evaluate(state, inst.shape.tree)
+                with conn.transaction():  # a savepoint: a failure undoes this instance's writes only
+                    for leaf in tree.apply(conn, inst.id, evaluation.decisions):
+                        writes.enqueue(leaf.queue, inst.id, leaf.step, -1, leaf.message)
+                result = evaluation.result
+            except psycopg.OperationalError:
+                raise  # connection trouble: the whole batch is retried
+            except Exception as exc:  # a workflow the engine cannot run fails alone, never the coordinator
+                log.exception("instance %s: cannot evaluate its workflow", inst.id,
+                              extra={"instance_id": inst.id, "flow": inst.shape.name})
+                result = tree.Result("failed", error=f"cannot run this workflow: {type(exc).__name__}: {exc}")
+            if result.status == "failed":
+                failures[inst.id] = result.error
+            elif result.done:
+                seconds = Q.value(conn, "complete_tree_instance", {"id": inst.id, "output": dumps(result.output)})
+                self._completed(inst.id, inst.shape.name, seconds)
+        writes.drop_instances(failures)
+        writes.flush(conn)
+        self._fail(conn, failures)
+
+    def _completed(self, iid: int, flow: str, seconds: float) -> None:
+        m = metrics()
+        m.instance_duration.labels(flow).observe(seconds)
+        m.instances_finished.labels(flow, InstanceStatus.COMPLETED).inc()
+        log.debug("instance %s of flow %s completed in %.3f s", iid, flow, seconds,
+                  extra={"instance_id": iid, "flow": flow})
+
+    def _fail(self, conn: psycopg.Connection, failures: dict[int, str]) -> None:
+        """Fail instances for good: stored error, open steps cancelled, waiters notified."""
+        if not failures:
+            return
+        ids = list(failures)
+        failed = Q.all(conn, "fail_instances", {"ids": ids, "errors": [failures[i] for i in ids]})
+        Q.execute(conn, "cancel_open_steps", {"ids": ids})
+        Q.execute(conn, "notify_done", {"ids": ids})
+        outcomes = metrics().instances_finished
+        for iid, flow, error in failed:
+            outcomes.labels(flow, InstanceStatus.FAILED).inc()
+            log.warning("instance %s of flow %s failed: %s", iid, flow, error,
+                        extra={"instance_id": iid, "flow": flow})
+
+
+def run_coordinator(dsn: str, **options: Any) -> None:
+    """Run a coordinator in this process until SIGTERM/SIGINT (used by ``pgflow coordinator``)."""
+    coordinator = Coordinator(dsn, **options)
+    signal.signal(signal.SIGTERM, coordinator.stop)
+    signal.signal(signal.SIGINT, coordinator.stop)
+    coordinator.run()

@@ -1,0 +1,109 @@
+-- Named queries of pgflow.engine.coordinator (wake-ups, DAG scheduling, fan-out/fan-in, finishing).
+
+-- name: listen
+LISTEN pgflow_coordinator;
+
+-- name: claim_wakeups
+-- (materialized first: a DELETE ... WHERE id IN (SELECT ... SKIP LOCKED) may re-run its subquery)
+WITH picked AS MATERIALIZED (
+    SELECT id FROM pgflow.wakeups WHERE due_at <= now()
+    ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+)
+DELETE FROM pgflow.wakeups w USING picked WHERE w.id = picked.id
+RETURNING w.instance_id;
+
+-- name: next_wakeup_in
+SELECT extract(epoch FROM min(due_at) - now()) FROM pgflow.wakeups;
+
+-- name: lock_instances
+SELECT id, flow_name, flow_version, status, input, variables
+FROM pgflow.instances
+WHERE id = ANY(%(ids)s) AND status = ANY (pgflow.open_instance_statuses())
+ORDER BY id
+FOR UPDATE;
+
+-- name: mark_started
+UPDATE pgflow.instances SET status = 'running', started_at = now()
+WHERE id = ANY(%(ids)s) AND status = 'pending';
+
+-- name: step_states
+SELECT instance_id, step_name, status, error
+FROM pgflow.steps
+WHERE instance_id = ANY(%(ids)s) AND task_index = -1;
+
+-- name: map_progress
+SELECT c.instance_id, c.step_name,
+       count(*) FILTER (WHERE c.status <> 'completed') AS unfinished,
+       min(c.step_name || '[' || c.task_index || ']: ' || c.error) FILTER (WHERE c.status = 'failed')
+           AS failure
+FROM pgflow.steps p
+JOIN pgflow.steps c ON c.instance_id = p.instance_id AND c.step_name = p.step_name AND c.task_index >= 0
+WHERE p.instance_id = ANY(%(ids)s) AND p.task_index = -1 AND p.status = 'mapping'
+GROUP BY c.instance_id, c.step_name;
+
+-- name: step_outputs
+SELECT s.instance_id, s.step_name, s.output
+FROM unnest(%(ids)s::bigint[], %(steps)s::text[]) AS u(instance_id, step_name)
+JOIN pgflow.steps s ON s.instance_id = u.instance_id AND s.step_name = u.step_name AND s.task_index = -1;
+
+-- name: insert_map_parents
+INSERT INTO pgflow.steps (instance_id, step_name, task_index, status, queue, output, finished_at)
+SELECT u.instance_id, u.step_name, -1, u.status, u.queue,
+       CASE WHEN u.status = 'completed' THEN '[]'::jsonb END,
+       CASE WHEN u.status = 'completed' THEN now() END
+FROM unnest(%(ids)s::bigint[], %(steps)s::text[], %(statuses)s::text[], %(queues)s::text[])
+    AS u(instance_id, step_name, status, queue);
+
+-- name: enqueue_tasks
+SELECT pgflow.enqueue_tasks(%(queue)s, %(instance_ids)s, %(steps)s, %(tasks)s,
+                             pgflow.jsonb_list(%(messages)s::jsonb));
+
+-- name: finish_maps
+UPDATE pgflow.steps p
+SET status = 'completed', finished_at = now(),
+    output = (SELECT coalesce(jsonb_agg(c.output ORDER BY c.task_index), '[]'::jsonb)
+              FROM pgflow.steps c
+              WHERE c.instance_id = p.instance_id AND c.step_name = p.step_name AND c.task_index >= 0)
+FROM unnest(%(ids)s::bigint[], %(steps)s::text[]) AS u(instance_id, step_name)
+WHERE p.instance_id = u.instance_id AND p.step_name = u.step_name AND p.task_index = -1;
+
+-- name: complete_instances
+-- %(done)s: [{"id": .., "terminal": [step names], "single": bool}]; one terminal step gives its output,
+-- several give an object keyed by step name. Waiters are notified in the same statement.
+WITH done AS (
+    UPDATE pgflow.instances i
+    SET status = 'completed', finished_at = now(),
+        output = CASE WHEN u.single
+                      THEN (SELECT s.output FROM pgflow.steps s
+                            WHERE s.instance_id = i.id AND s.step_name = u.terminal[1] AND s.task_index = -1)
+                      ELSE (SELECT jsonb_object_agg(s.step_name, s.output) FROM pgflow.steps s
+                            WHERE s.instance_id = i.id AND s.step_name = ANY(u.terminal) AND s.task_index = -1)
+                 END
+    FROM jsonb_to_recordset(%(done)s::jsonb) AS u(id bigint, terminal text[], single boolean)
+    WHERE i.id = u.id
+    RETURNING i.id, i.flow_name, extract(epoch FROM i.finished_at - i.created_at)::float8 AS seconds
+)
+SELECT id, flow_name, seconds, pg_notify('pgflow_instance_done', id::text) FROM done;
+
+-- name: complete_tree_instance
+-- waiters are notified in the same statement
+WITH done AS (
+    UPDATE pgflow.instances SET status = 'completed', output = %(output)s::jsonb, finished_at = now()
+    WHERE id = %(id)s
+    RETURNING id, extract(epoch FROM finished_at - created_at)::float8 AS seconds
+)
+SELECT seconds, pg_notify('pgflow_instance_done', id::text) FROM done;
+
+-- name: fail_instances
+UPDATE pgflow.instances i SET status = 'failed', error = u.error, finished_at = now()
+FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS u(id, error)
+WHERE i.id = u.id
+RETURNING i.id, i.flow_name, u.error;
+
+-- name: cancel_open_steps
+-- every open step of the failed instances, timers and signal waits included
+UPDATE pgflow.steps SET status = 'cancelled', finished_at = now()
+WHERE instance_id = ANY(%(ids)s) AND status = ANY (pgflow.open_step_statuses());
+
+-- name: notify_done
+SELECT pg_notify('pgflow_instance_done', id::text) FROM unnest(%(ids)s::bigint[]) AS id;

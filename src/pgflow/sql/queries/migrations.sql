@@ -1,0 +1,30 @@
+-- Named queries of pgflow.db.migrations (pgflow init, schema checks).
+
+-- name: lock_migrations
+SELECT pg_advisory_xact_lock(%(key)s);
+
+-- name: pgmq_installed
+SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'send_batch' AND pronamespace = to_regnamespace('pgmq'));
+
+-- name: migrations_table_exists
+SELECT to_regclass('pgflow.migrations') IS NOT NULL;
+
+-- name: create_migrations_table
+-- compatible_from: the oldest code (by schema version) that works once this migration is applied
+CREATE SCHEMA IF NOT EXISTS pgflow;
+CREATE TABLE IF NOT EXISTS pgflow.migrations (
+    version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE pgflow.migrations ADD COLUMN IF NOT EXISTS compatible_from integer;
+
+-- name: record_migration
+INSERT INTO pgflow.migrations (version, name, compatible_from)
+VALUES (%(version)s, %(name)s, %(compatible_from)s);
+
+-- name: schema_state
+-- (through to_jsonb: a database initialised before compatible_from existed has no such column); the
+-- baseline's version recorded under another name means the database was initialised before the squash
+SELECT coalesce(max(version), 0),
+       coalesce(max(coalesce((to_jsonb(m)->>'compatible_from')::integer, version)), 0),
+       coalesce(bool_or(version = %(baseline_version)s AND name <> %(baseline)s), false)
+FROM pgflow.migrations m;
