@@ -8,7 +8,8 @@ A small scaler polls the depth of one pgmq queue with exactly the query KEDA's p
 ``pgflow worker --queue Q --concurrency 1`` processes, one per "replica". Scale-out is immediate; scale-in
 waits for a stabilization window (the HPA's ``scaleDown.stabilizationWindowSeconds``) and sends SIGTERM,
 as Kubernetes does to a pod it removes: the worker drains (finishes the step in hand, gives back the tasks it
-claimed but did not start) and must exit 0 within its ``--drain-timeout``.
+claimed but did not start) and must exit 0 within its ``--drain-timeout`` (a replica still starting up, which
+has not installed its SIGTERM handler yet and has claimed nothing, may instead die of the signal).
 
 The workload is the ``fanout`` flow of tests/sample_flows.py: a map of a few hundred tasks of 20-50 ms each,
 each recording its execution (idempotency key, attempt) in a table. The script prints every scaling
@@ -21,12 +22,12 @@ PostgreSQL (``PGFLOW_HOME``); it always works in a fresh database of its own (``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -58,6 +59,33 @@ class Exit:
     pid: int
     code: int | None  # None: did not exit within the drain timeout (then killed)
     seconds: float    # from SIGTERM to exit
+    ready: bool       # it had installed its SIGTERM handler when it was sent SIGTERM
+
+    def drained(self, drain_timeout: float) -> bool:
+        """A replica that was up drained: exit 0 within the drain timeout. One SIGTERMed while still starting
+        (no handler yet: on a busy machine start-up takes seconds) had claimed nothing and may die of it."""
+        if not self.ready:
+            return self.code in (0, -signal.SIGTERM)
+        return self.code == 0 and self.seconds <= drain_timeout
+
+
+class Drain:
+    """A replica sent SIGTERM: when, whether it was ready for it, and when it exited (a thread waits for the
+    exit, so the drain time is the process's, not the polling loop's)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        import process_state  # tests/process_state.py (on sys.path, like sample_flows)
+
+        self.proc = proc
+        self.since = time.monotonic()
+        self.exited_at: float | None = None
+        self.ready = process_state.terminate(proc)
+        self.waiter = threading.Thread(target=self._wait, name=f"drain-{proc.pid}", daemon=True)
+        self.waiter.start()
+
+    def _wait(self) -> None:
+        self.proc.wait()
+        self.exited_at = time.monotonic()
 
 
 @dataclass
@@ -75,7 +103,7 @@ class Scaler:
     drain_timeout: float = 10.0         # the workers' --drain-timeout: the grace period on scale-in
     echo: Callable[[str], None] = print
     replicas: list[subprocess.Popen] = field(default_factory=list)
-    draining: list[tuple[subprocess.Popen, float]] = field(default_factory=list)
+    draining: list[Drain] = field(default_factory=list)
     exits: list[Exit] = field(default_factory=list)
     history: list[tuple[float, int, int]] = field(default_factory=list)  # (t, depth, replicas)
     scale_ins: list[tuple[float, int, int]] = field(default_factory=list)  # (t, replicas removed, in flight)
@@ -116,29 +144,28 @@ class Scaler:
         while len(self.replicas) < count:
             self.replicas.append(self.spawn())
         while len(self.replicas) > count:
-            proc = self.replicas.pop()  # the newest, like a ReplicaSet scaling down
-            proc.send_signal(signal.SIGTERM)
-            self.draining.append((proc, time.monotonic()))
+            self.draining.append(Drain(self.replicas.pop()))  # the newest, like a ReplicaSet scaling down
         self.echo(f"[{time.monotonic() - self._t0:6.1f}s] depth {depth:4d} -> replicas {before} -> {count} ({why})"
                   + (f"; SIGTERM to {before - count}" if count < before else ""))
 
     def _reap(self, wait: bool = False) -> None:
-        for proc, since in list(self.draining):
+        for drain in list(self.draining):
             if wait:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=max(0.0, since + self.drain_timeout + 5 - time.monotonic()))
-            code = proc.poll()
-            overdue = time.monotonic() - since > self.drain_timeout + 5
-            if code is None and not overdue:
+                drain.waiter.join(max(0.0, drain.since + self.drain_timeout + 5 - time.monotonic()))
+            exited_at = drain.exited_at
+            overdue = time.monotonic() - drain.since > self.drain_timeout + 5
+            if exited_at is None and not overdue:
                 continue
-            if code is None:  # what Kubernetes does after terminationGracePeriodSeconds
-                proc.kill()
-                proc.wait()
-            self.draining.remove((proc, since))
-            self.exits.append(Exit(proc.pid, code, time.monotonic() - since))
-            self.echo(f"[{time.monotonic() - self._t0:6.1f}s] worker {proc.pid} exited "
-                      f"{'(killed: drain timeout)' if code is None else code} "
-                      f"{time.monotonic() - since:.1f} s after SIGTERM")
+            code = None if exited_at is None else drain.proc.returncode
+            if exited_at is None:  # what Kubernetes does after terminationGracePeriodSeconds
+                drain.proc.kill()
+                drain.waiter.join()
+            seconds = (exited_at or time.monotonic()) - drain.since
+            self.draining.remove(drain)
+            self.exits.append(Exit(drain.proc.pid, code, seconds, drain.ready))
+            self.echo(f"[{time.monotonic() - self._t0:6.1f}s] worker {drain.proc.pid} exited "
+                      f"{'(killed: drain timeout)' if code is None else code} {seconds:.1f} s after SIGTERM"
+                      + ("" if drain.ready else " (sent while it was still starting)"))
 
     def run(self, done: Callable[[], bool], timeout: float) -> bool:
         """Poll until ``done()`` and back at min replicas with nothing draining, or ``timeout``; True if so."""
@@ -272,7 +299,7 @@ def main() -> int:
         "no task ran more often than its attempts": not result.over_run,
         "no task left running": result.running == 0,
         "scaled-in workers exited 0 within the drain timeout":
-            all(e.code == 0 and e.seconds <= args.drain_timeout for e in scaler.exits),
+            all(e.drained(args.drain_timeout) for e in scaler.exits),
     }
     print(f"\n{result.tasks} tasks, {result.executions} executions; replica counts seen: "
           f"{' '.join(str(n) for i, n in enumerate(replicas) if i == 0 or n != replicas[i - 1])}; "

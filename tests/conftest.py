@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
+from process_state import died_of_early_sigterm, terminate
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgflow.db.embedded import start_server
@@ -141,7 +142,6 @@ class Engine:
 
     def _spawn(self, cmd: list[str]) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        proc.started_at = time.monotonic()
         self.procs.append(proc)
         return proc
 
@@ -151,7 +151,7 @@ class Engine:
             self.worker(concurrency=concurrency)
         return self
 
-    def worker_children(self, proc: subprocess.Popen, count: int, timeout: float = 20.0) -> list[psutil.Process]:
+    def worker_children(self, proc: subprocess.Popen, count: int, timeout: float = 60.0) -> list[psutil.Process]:
         """The worker's child processes, once ``count`` of them run."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -171,10 +171,9 @@ class Engine:
                 descendants += psutil.Process(proc.pid).children(recursive=True)
         for proc in running:
             if proc.poll() is None:
-                proc.terminate()
+                terminate(proc)
         problems = []
         for proc in running:
-            young = time.monotonic() - proc.started_at < 3.0  # SIGTERM before its handlers were installed
             try:
                 _, err = proc.communicate(timeout=60)
             except subprocess.TimeoutExpired:
@@ -185,7 +184,7 @@ class Engine:
                         problems.append(f"process {child.pid} outlived its supervisor")
                 _, err = proc.communicate(timeout=30)
             proc.stderr_text = err.decode(errors="replace")
-            if proc.returncode not in (0, -9) and not (young and proc.returncode == -15):
+            if proc.returncode not in (0, -9) and not died_of_early_sigterm(proc):  # -15: SIGTERMed at start-up
                 problems.append(f"{' '.join(proc.args[:6 + len(self.options)])} exited {proc.returncode}: "
                                 f"{proc.stderr_text[-2000:]}")
         return problems

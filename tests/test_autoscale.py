@@ -88,7 +88,7 @@ def test_scaler_goes_1_to_4_and_back_while_a_fan_out_runs(dsn, engine_factory, a
     try:
         scaler.start()
         ids = autoscale.start_workload(dsn, INSTANCES, TASKS, (0.02, 0.05))
-        settled = scaler.run(lambda: autoscale.all_finished(dsn, ids), timeout=50)
+        settled = scaler.run(lambda: autoscale.all_finished(dsn, ids), timeout=240)  # a deadline, not a pace
     finally:
         scaler.close()  # SIGTERM the rest (engine_factory's teardown would too, and checks their exit codes)
     print("\n".join(f"{t:5.1f}s depth {d:4d} replicas {n}" for t, d, n in scaler.history))
@@ -106,12 +106,14 @@ def test_scaler_goes_1_to_4_and_back_while_a_fan_out_runs(dsn, engine_factory, a
     assert result.over_run == [], result.over_run[:10]         # at least once, never more than its attempts
     assert result.running == 0                                 # nothing left 'running'
     # scale-in: 3 replicas removed during the run (and the last one at close), each drained and exited 0 in time
+    # (the drain time is measured from SIGTERM to the process's exit, not to when the scaler noticed it)
     scaled_in = scaler.exits[:-1]
     assert len(scaled_in) >= 3, scaler.exits
     # KEDA's depth leaves out messages being processed, so replicas go while they still hold claimed work
     # (batches of 50): those drains gave work back, and the checks above show none of it was lost
     assert any(in_flight for _, _, in_flight in scaler.scale_ins), scaler.scale_ins
-    assert all(e.code == 0 and e.seconds <= DRAIN_TIMEOUT for e in scaler.exits), scaler.exits
+    assert all(e.drained(DRAIN_TIMEOUT) for e in scaler.exits), scaler.exits
+    assert sum(e.ready for e in scaled_in) >= 2, scaler.exits  # most replicas were up, so drains were judged
     with psycopg.connect(dsn) as conn:
         outputs = conn.execute("SELECT output FROM pgflow.instances WHERE id = ANY(%s)", (ids,)).fetchall()
     assert [o for (o,) in outputs] == [{"count": TASKS, "sum": TASKS * (TASKS - 1) // 2}] * INSTANCES

@@ -2,7 +2,7 @@
 and Python+SQL effect flows run, kill -9 worker processes, worker supervisors and coordinators at random
 (seeded: the seed is printed; set PGFLOW_CHAOS_SEED to replay one) and restart PostgreSQL once or twice,
 restarting what was killed. Then let everything settle and check that nothing was lost, duplicated or left
-in flight, and that the engine is still up. Bounded at about three minutes."""
+in flight, and that the engine is still up. About two minutes on an idle machine; every wait has a deadline."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 SEED = int(os.environ.get("PGFLOW_CHAOS_SEED", "6061"))
 CHAOS_SECONDS = 55.0
-SETTLE_SECONDS = 70.0
+SETTLE_SECONDS = 300.0  # a deadline, not a pace: settling takes well under a minute on an idle machine
 PIPELINE_ITEMS, TASK_SECONDS = 200, 0.1  # about 7 s of work per pipeline for 3 worker processes
 EFFECTS_PER_WAVE = 5
 CHAINS_PER_WAVE = 10
@@ -63,7 +63,6 @@ class Chaos:
         self.waves = 0
 
     def _worker(self):
-        self.last_spawn = time.monotonic()
         return self.engine.worker("--import", "poison_flows", concurrency=3)
 
     def note(self, text):
@@ -87,7 +86,7 @@ class Chaos:
     def kill_supervisor(self):
         old = self.worker
         old.send_signal(signal.SIGKILL)
-        old.wait(10)
+        old.wait(60)
         self.worker = self._worker()
         self.counts["supervisor"] += 1
         self.note(f"kill -9 worker supervisor {old.pid}; started {self.worker.pid} (its children drain)")
@@ -96,9 +95,8 @@ class Chaos:
         index = self.rng.randrange(len(self.coordinators))
         old = self.coordinators[index]
         old.send_signal(signal.SIGKILL)
-        old.wait(10)
+        old.wait(60)
         self.coordinators[index] = self.engine.coordinator()
-        self.last_spawn = time.monotonic()
         self.counts["coordinator"] += 1
         self.note(f"kill -9 coordinator {old.pid}; started {self.coordinators[index].pid}")
 
@@ -202,7 +200,7 @@ def test_chaos(chaos_db, engine_factory, server):
         due = run_sql(dsn, "SELECT count(*) FROM pgflow.wakeups WHERE due_at <= now()")[0][0]
         return {"live messages": {q: n for q, n in live.items() if n}, "open steps": open_steps, "due wakeups": due}
 
-    flight_deadline = time.monotonic() + 30
+    flight_deadline = time.monotonic() + 120
     while any((state := in_flight()).values()) and time.monotonic() < flight_deadline:
         time.sleep(0.5)
     assert not any(state.values()), f"still in flight after settling: {state}"
@@ -253,11 +251,9 @@ def test_chaos(chaos_db, engine_factory, server):
     # the engine is still up, and still works
     chaos.engine_alive()
     final = pgflow.start(sf.chain, {"n": 1, "label": "after"}, dsn=dsn)
-    st = pgflow.wait(final, 30, dsn=dsn)
+    st = pgflow.wait(final, 60, dsn=dsn)
     assert st.status == "completed", st.error
     chaos.note(f"done: {chaos.counts}")
-    # a process SIGTERMed (at teardown) before it has set up its handlers dies of the signal: let them start
-    time.sleep(max(0.0, chaos.last_spawn + 3.0 - time.monotonic()))
     assert chaos.counts["child"] + chaos.counts["supervisor"] + chaos.counts["coordinator"] >= 5, chaos.counts
     if chaos.can_restart:
         assert chaos.counts["postgres"] >= 1

@@ -43,7 +43,7 @@ def test_start_status_result_list_cancel(dsn, engine):
     iid = int(started.stdout)
     subprocess.run(pgflow_command("status", str(iid), "--dsn", dsn), env=subprocess_env(), check=True,
                    capture_output=True)
-    pgflow.wait(iid, 30, dsn=dsn)
+    pgflow.wait(iid, 60, dsn=dsn)
     result = cli("result", str(iid), "--dsn", dsn)
     assert result.returncode == 0 and json.loads(result.stdout) == [14, 21]
     status = cli("status", str(iid), "--json", "--dsn", dsn)
@@ -108,7 +108,7 @@ def test_explain_watch_and_signal_a_control_flow_workflow(dsn, engine):
     started = cli("start", "sample_trees:approval", "--dsn", dsn)
     assert started.returncode == 0, started.stderr
     iid = started.stdout.strip()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60
     while "[waiting] wait for signal go" not in (shown := cli("explain", iid, "--dsn", dsn).stdout):
         assert time.monotonic() < deadline, shown
     bad = cli("signal", iid, "go", "--data", "{oops", "--dsn", dsn)

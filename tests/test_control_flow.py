@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler
 
 import psycopg
 import pytest
 from conftest import run_sql as sql
-from conftest import serve_http
+from conftest import serve_http, wait_until
 
 import pgflow
 from pgflow import FlowDefinitionError, InstanceNotFound, PgflowError
@@ -120,7 +119,7 @@ def test_named_results_whole_value_column_null_safe_and_row_set(dsn, fast_engine
     assert finish(dsn, start(dsn, door, expr, node)) == [{"doubled": 200, "name": "Alice", "v": "fallback",
                                                          "none": None}]
     strict = t.sql(steps[2][0]).named("x") >> "SELECT $x.val AS v"
-    failed = pgflow.wait(pgflow.start(strict, dsn=dsn), 30, dsn=dsn)
+    failed = pgflow.wait(pgflow.start(strict, dsn=dsn), 60, dsn=dsn)
     assert failed.status == "failed" and "$x.val: x returned no rows (write $x.val? to get NULL)" in failed.error
 
 
@@ -204,7 +203,13 @@ def test_loop_on_a_cron_schedule_with_break(dsn, fast_engine, door):
     expr = ("@> (pgflow.wait_for_schedule('* * * * *') ~> 'INSERT INTO ticks DEFAULT VALUES' ~> "
             "('SELECT count(*) >= 3 FROM ticks' ?> pgflow.break_loop('SELECT count(*) AS ticks FROM ticks')))")
     iid = start(dsn, door, expr, t.loop(body))
-    assert finish(dsn, iid, timeout=30) == [{"ticks": 3}]  # every minute, at 60x: about a second apart
+    assert finish(dsn, iid) == [{"ticks": 3}]  # every minute, at 60x: about a second apart
+
+
+def waiting_for(dsn, iid, name):
+    """Wait until the instance is waiting for signal ``name`` (its wait node reached: the state, not a pause)."""
+    wait_until(lambda: f"[waiting] wait for signal {name}" in pgflow.explain(iid, dsn=dsn), 60,
+               f"instance {iid} to wait for signal {name}")
 
 
 @pytest.mark.parametrize("door", FRONT_DOORS)
@@ -213,31 +218,37 @@ def test_order_approval_waits_for_a_signal_with_a_timeout(dsn, fast_engine, door
     sql(dsn, "CREATE TABLE orders (id int, status text); INSERT INTO orders VALUES (1, 'new')")
     decide = ("SELECT coalesce(($decision.approved?)::boolean, false)", "UPDATE orders SET status = 'approved'",
               "UPDATE orders SET status = $decision.reason?::text")
-    node = t.wait_for_signal("approval", timeout=120).named("decision") >> t.if_(*decide)
+    # no signal: the 2-minute timeout fires (2 s at 60x). A signal is sent while an hour's timeout (a minute
+    # at 60x) is pending, so that it arrives first however slow the machine: the signal must win.
+    timeout = 120 if approve is None else 3600
+    node = t.wait_for_signal("approval", timeout=timeout).named("decision") >> t.if_(*decide)
     q = "''"
-    expr = (f"(pgflow.wait_for_signal('approval', 120) |=> 'decision') ~> "
+    expr = (f"(pgflow.wait_for_signal('approval', {timeout}) |=> 'decision') ~> "
             f"('{decide[0]}' ?> '{decide[1].replace(chr(39), q)}' !> '{decide[2]}')")
     iid = start(dsn, door, expr, node)
-    if approve is not None:  # otherwise the 2-minute timeout fires (2 s at 60x)
-        time.sleep(0.3)
+    if approve is not None:
+        waiting_for(dsn, iid, "approval")
         pgflow.signal(iid, "approval", {"approved": approve, "reason": "rejected: too big"}, dsn=dsn)
-    finish(dsn, iid, timeout=30)
+    finish(dsn, iid)
     expected = {True: "approved", False: "rejected: too big", None: None}[approve]
     assert sql(dsn, "SELECT status FROM orders") == [(expected,)]
 
 
 @pytest.mark.parametrize("door", FRONT_DOORS)
-def test_two_party_approval_joins_two_signal_waits_and_keeps_early_signals(dsn, fast_engine, door):
+def test_two_party_approval_joins_two_signal_waits_and_keeps_early_signals(dsn, engine_factory, door):
     sql(dsn, "CREATE TABLE approvals (alice boolean, bob boolean)")
     insert = "INSERT INTO approvals VALUES ($a.ok, $b.ok) RETURNING *"
     node = (t.wait_for_signal("alice").named("a") & t.wait_for_signal("bob").named("b")) >> insert
     expr = f"((pgflow.wait_for_signal('alice') |=> 'a') & (pgflow.wait_for_signal('bob') |=> 'b')) ~> '{insert}'"
     iid = start(dsn, door, expr, node)
-    # bob answers before the instance has even reached its waits: the signal is kept, not lost
+    # bob answers before the instance has even reached its waits (no coordinator runs yet): the signal is
+    # kept, not lost
     pgflow.signal(iid, "bob", {"ok": True}, dsn=dsn)
-    time.sleep(0.5)
+    assert pgflow.status(iid, dsn=dsn).status == "pending"
+    engine_factory().start(concurrency=2)
+    waiting_for(dsn, iid, "alice")
     assert pgflow.status(iid, dsn=dsn).status == "running"
-    assert "[waiting] wait for signal alice" in pgflow.explain(iid, dsn=dsn)
+    assert "[done]    wait for signal bob" in pgflow.explain(iid, dsn=dsn)  # the early signal was consumed
     pgflow.signal(iid, "alice", {"ok": False}, dsn=dsn)
     assert finish(dsn, iid) == [{"alice": False, "bob": True}]
 
@@ -290,14 +301,16 @@ def test_http_retries_on_5xx_and_encodes_binary(dsn, fast_engine, web):
 @pytest.mark.parametrize("door", FRONT_DOORS)
 def test_race_of_a_slow_step_against_a_timer(dsn, engine_factory, door):
     engine_factory().start(concurrency=2)  # real time here: the timer is 0.5 s
-    slow = "SELECT pg_sleep(4), 'slow' AS winner"
-    iid = start(dsn, door, f"'{slow.replace(chr(39), chr(39) * 2)}' | pgflow.sleep(0.5)",
-                t.race(slow, t.sleep(0.5)))
-    started = time.monotonic()
-    assert finish(dsn, iid) == {"slept": 0.5}
-    assert time.monotonic() - started < 3.5
-    explained = pgflow.explain(iid, dsn=dsn)
-    assert "[skipped] sql: SELECT pg_sleep(4)" in explained and "[done]    sleep 0.5 s" in explained
+    # the slow branch cannot finish while this test holds the lock it waits for: the race is decided by the
+    # timer without waiting for the slow branch, however long anything takes on this machine
+    slow = "SELECT 'slow' AS winner FROM pg_advisory_xact_lock(4242)"
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(4242)")
+        iid = start(dsn, door, f"'{slow.replace(chr(39), chr(39) * 2)}' | pgflow.sleep(0.5)",
+                    t.race(slow, t.sleep(0.5)))
+        assert finish(dsn, iid) == {"slept": 0.5}
+        explained = pgflow.explain(iid, dsn=dsn)
+    assert f"[skipped] sql: {slow}" in explained and "[done]    sleep 0.5 s" in explained
 
 
 @pytest.mark.parametrize("door", FRONT_DOORS)
@@ -315,7 +328,7 @@ def test_sql_start_joins_the_callers_transaction(dsn, fast_engine):
         conn.rollback()
         kept = conn.execute("SELECT pgflow.start('SELECT 1 AS one')").fetchone()[0]
         conn.commit()
-        awaited = conn.execute("SELECT pgflow.await_instance(%s, 30)", (kept,)).fetchone()[0]
+        awaited = conn.execute("SELECT pgflow.await_instance(%s, 60)", (kept,)).fetchone()[0]
     assert awaited["status"] == "completed" and awaited["output"] == [{"one": 1}]
     with pytest.raises(InstanceNotFound):
         pgflow.status(rolled_back, dsn=dsn)
@@ -337,7 +350,7 @@ def test_sql_read_api(dsn, fast_engine):
         nodes = conn.execute("SELECT path, node_type, status FROM pgflow.instance_nodes(%s)", (iid,)).fetchall()
         assert nodes == [("r", "sql", "completed")]
         waiting = conn.execute("SELECT pgflow.start(pgflow.wait_for_signal('never'))").fetchone()[0]
-        time.sleep(0.5)
+        waiting_for(dsn, waiting, "never")
         assert conn.execute("SELECT pgflow.cancel(%s, 'enough')", (waiting,)).fetchone()[0] == "cancelled"
         with pytest.raises(psycopg.errors.RaiseException, match="cancelled: enough"):
             conn.execute("SELECT pgflow.result(%s)", (waiting,))

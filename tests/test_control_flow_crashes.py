@@ -7,6 +7,7 @@ import os
 import signal
 import time
 
+import psycopg
 import pytest
 from conftest import run_sql as sql
 from conftest import wait_until
@@ -71,7 +72,7 @@ def test_signal_wait_survives_kill_9_of_everything(dsn, engine_factory):
     worker.send_signal(signal.SIGKILL)
     pgflow.signal(iid, "go", {"v": "after the crash"}, dsn=dsn)
     engine.start(concurrency=1)
-    st = pgflow.wait(iid, 30, dsn=dsn)
+    st = pgflow.wait(iid, 60, dsn=dsn)
     assert st.status == "completed" and st.output == [{"v": "after the crash"}]
     assert sql(dsn, "SELECT v FROM decided") == [("after the crash",)]
 
@@ -81,11 +82,22 @@ def test_race_is_decided_once_when_the_slow_branch_s_worker_dies(dsn, engine_fac
     engine = engine_factory()
     engine.coordinator()
     worker = engine.worker(concurrency=1)
-    iid = pgflow.start(t.race(t.sql("INSERT INTO slow_effect SELECT 1 FROM pg_sleep(3) RETURNING v"),
-                              t.sleep(1.5) >> "SELECT 'timer' AS winner"), dsn=dsn)
-    wait_until(lambda: "[running] sql: INSERT INTO slow_effect" in pgflow.explain(iid, dsn=dsn), what="slow step")
-    kill_worker_processes(engine, worker)
-    st = pgflow.wait(iid, 30, dsn=dsn)
+    # the slow step waits for a lock this test holds: it is surely in the middle of its SQL when its worker
+    # process is killed, and cannot finish before the timer, however slow the machine
+    slow = "INSERT INTO slow_effect SELECT 1 FROM pg_advisory_xact_lock(4242) RETURNING v"
+    with psycopg.connect(dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(4242)")
+        iid = pgflow.start(t.race(t.sql(slow), t.sleep(1.5) >> "SELECT 'timer' AS winner"), dsn=dsn)
+        wait_until(lambda: sql(dsn, "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                                    " WHERE d.datname = current_database() AND l.locktype = 'advisory'"
+                                    " AND l.objid = 4242 AND NOT l.granted") == [(1,)],
+                   what="the slow step to wait for the lock")
+        kill_worker_processes(engine, worker)
+        st = pgflow.wait(iid, 60, dsn=dsn)
     assert st.status == "completed" and st.output == [{"winner": "timer"}]
-    time.sleep(4.5)  # the killed slow step's message comes back: it must not run (its branch lost)
+    # the killed slow step's message comes back (after its visibility timeout) and leaves the queue: it must
+    # not run (its branch lost). Its SQL would commit with the message's deletion, so once the queue is empty
+    # an effect of it would be there
+    wait_until(lambda: sql(dsn, "SELECT count(*) FROM pgmq.q_pgflow") == [(0,)], 60,
+               "the killed slow step's message to be handled")
     assert sql(dsn, "SELECT count(*) FROM slow_effect") == [(0,)]

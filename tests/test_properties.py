@@ -638,7 +638,7 @@ def _alive(engine):
     assert not dead, f"engine processes died: {dead}"
 
 
-def _settled(dsn, engine, iid, timeout=30.0):
+def _settled(dsn, engine, iid, timeout=90.0):
     """Wait for a terminal state, then for the queue to hold no live message and the instance no open step."""
     deadline = time.monotonic() + timeout
     while True:
@@ -652,7 +652,7 @@ def _settled(dsn, engine, iid, timeout=30.0):
     assert st_.status in ("completed", "failed"), st_.status
     if st_.status == "failed":
         assert st_.error and st_.error.strip(), "failed without a stated error"
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
             queued = conn.execute("SELECT count(*) FROM pgmq.q_pgflow").fetchone()[0]

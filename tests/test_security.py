@@ -71,7 +71,7 @@ def test_users_see_and_control_only_their_own_instances(dsn, roles, engine):
     a_sql = as_role(alice, "SELECT pgflow.start(pgflow.wait_for_signal('go') ~> 'SELECT $vars.greeting AS g')")[0][0]
     a_py = pgflow.start(t.wait_for_signal("go"), label="alice-py", dsn=alice)
     b_own = pgflow.start(t.sql("SELECT 1 AS one"), dsn=bob)
-    assert pgflow.wait(b_own, 30, dsn=bob).status == "completed"
+    assert pgflow.wait(b_own, 60, dsn=bob).status == "completed"
     for other in (a_sql, a_py):
         with pytest.raises(InstanceNotFound):
             pgflow.status(other, dsn=bob)
@@ -98,7 +98,7 @@ def test_users_see_and_control_only_their_own_instances(dsn, roles, engine):
     # the admin role sees everyone's; alice controls her own
     assert {r["id"] for r in pgflow.list_instances(dsn=boss)} >= {a_sql, a_py, b_own}
     pgflow.signal(a_sql, "go", dsn=alice)
-    assert pgflow.wait(a_sql, 30, dsn=alice).output == [{"g": "hi from alice"}]
+    assert pgflow.wait(a_sql, 60, dsn=alice).output == [{"g": "hi from alice"}]
     assert pgflow.cancel(a_py, dsn=alice) == "cancelled"
 
 
@@ -108,19 +108,19 @@ def test_sql_steps_run_as_the_submitting_role(dsn, roles, engine):
             >> t.sql("INSERT INTO shared VALUES ($me.who) RETURNING v, length(v) AS n").named("ins")
             >> "SELECT count(*) AS shared_rows, $ins.n AS n FROM $ins.*")
     iid = pgflow.start(node, {"x": "it's; -- data"}, dsn=alice)
-    st = pgflow.wait(iid, 30, dsn=alice)
+    st = pgflow.wait(iid, 60, dsn=alice)
     assert st.status == "completed", st.error
     assert st.output == [{"shared_rows": 1, "n": len(names["alice"])}]
     assert as_role(dsn, "SELECT v FROM shared") == [(names["alice"],)]
     for attempt in ("SELECT v FROM private",  # no privilege: the worker's would have sufficed
                     "SELECT set_config('role', 'postgres', false)",  # no way back to the worker's role
                     "SELECT set_config('session_authorization', 'postgres', false)"):
-        failed = pgflow.wait(pgflow.start(t.sql(attempt), dsn=alice), 30, dsn=alice)
+        failed = pgflow.wait(pgflow.start(t.sql(attempt), dsn=alice), 60, dsn=alice)
         assert failed.status == "failed", attempt
         assert any(m in failed.error for m in ("permission denied", "cannot set parameter")), failed.error
     # the same through the SQL front door, and DAG flows started by the user take the same path
     sql_iid = as_role(alice, "SELECT pgflow.start('SELECT current_user::text AS who')")[0][0]
-    assert pgflow.wait(sql_iid, 30, dsn=alice).output == [{"who": names["alice"]}]
+    assert pgflow.wait(sql_iid, 60, dsn=alice).output == [{"who": names["alice"]}]
 
 
 def test_starting_as_superuser_is_refused_unless_allowed(dsn, server):
@@ -156,7 +156,7 @@ def test_http_and_python_steps_need_their_grant(dsn, roles):
 
 
 def test_workflows_call_only_functions_marked_as_tasks(dsn, roles, engine):
-    st = pgflow.wait(pgflow.start(t.python("os:getcwd"), dsn=roles["alice"]), 30, dsn=roles["alice"])
+    st = pgflow.wait(pgflow.start(t.python("os:getcwd"), dsn=roles["alice"]), 60, dsn=roles["alice"])
     assert st.status == "failed" and "not marked with @pgflow.tree.task" in st.error
 
 
@@ -188,7 +188,7 @@ def test_http_egress_policy_and_secrets(dsn, roles, engine_factory, web):
         pgflow.set_secret("raw", "hunter2", dsn=alice)
     ok = pgflow.start(t.http(f"{url}/ok?t=$secrets.token", headers={"Authorization": "Bearer $secrets.token"})
                       .named("r") >> "SELECT $r.status AS status", dsn=alice)
-    assert pgflow.wait(ok, 30, dsn=alice).output == [{"status": 200}]
+    assert pgflow.wait(ok, 60, dsn=alice).output == [{"status": 200}]
     assert seen[-1] == (f"/ok?t={token}", f"Bearer {token}")
     # the value is nowhere in the database: not in variables, instances, step outputs or queue archives
     dump = as_role(dsn, "SELECT concat((SELECT string_agg(t::text, '') FROM pgflow.variables t),"

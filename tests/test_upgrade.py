@@ -44,7 +44,7 @@ def test_old_pods_keep_completing_steps_against_a_compatible_newer_schema(server
     engine = engine_factory()
     engine.coordinator()
     engine.worker("--metrics-port", str(port))
-    wait_for(lambda: endpoint_up(port), 30, "the worker's /healthz")
+    wait_for(lambda: endpoint_up(port), 60, "the worker's /healthz")
     first = pgflow.wait(pgflow.start(sf.chain, {"n": 1, "label": "old"}, dsn=dsn), 60, dsn=dsn)
     assert first.status == "completed", first
 
