@@ -541,6 +541,12 @@ def test_prometheus_evaluates_every_dashboard_query_and_alert(dsn, engine_factor
         wait_for(prometheus.ready, 60, "prometheus to be ready")
         for port in (worker_port, coordinator_port):
             wait_for(lambda port=port: endpoint_up(port), 60, f"/healthz on {port}")
+        # Prometheus holds a sample of the queue's dead-letter count from before the workload: the alert on its
+        # growth compares with it (without it, a busy machine whose first scrapes come late would see the
+        # count only once it has stopped growing)
+        run_sql(dsn, "SELECT pgflow.ensure_queue('pgflow')")
+        wait_for(lambda: prometheus.query('pgflow_dead_letters_stored{queue="pgflow"} == 0'), 60,
+                 "prometheus to scrape the queue's dead-letter count before any dead letter")
 
         # a workload spread over several scrapes, so that rates (completions, failures, retries) are non-zero
         started: list[tuple[int, str]] = []
