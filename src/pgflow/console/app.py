@@ -127,6 +127,7 @@ def serve(dsn: str, *, host: str = "127.0.0.1", port: int = 8080, read_only: boo
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(128)  # connections made from now on wait for uvicorn to accept them
     bound_host, bound_port = sock.getsockname()[:2]
     app = create_app(dsn, read_only=read_only)
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)
