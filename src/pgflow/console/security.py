@@ -19,7 +19,7 @@ HEADERS = {
     "content-security-policy": ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                 "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
     "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # with no-referrer, Chromium sends "Origin: null" on form posts
     "x-frame-options": "DENY",
     "cache-control": "no-store",
 }
