@@ -316,16 +316,16 @@ class Client:
         return InstanceStatus(outcome)
 
     def retry(self, instance_id: int, *, conn: psycopg.Connection | None = None) -> InstanceStatus:
-        """Retry a failed instance from its failed steps (``pgflow.retry_instance``): it becomes pending,
-        its failed and cancelled steps run again with fresh attempts, completed steps keep their outputs.
-        InstanceNotFound for an unknown id; PgflowError when the instance is not failed."""
+        """Retry a failed instance from its failed steps (``pgflow.retry_instance``): it runs again, its
+        failed and cancelled steps with fresh attempts, its completed steps keep their outputs; its status
+        afterwards. InstanceNotFound for an unknown id; PgflowError when the instance is not failed."""
         with self._connection(conn) as c:
             outcome = Q.value(c, "retry_instance", {"id": instance_id})
-        if outcome is None:
-            raise InstanceNotFound(f"no instance with id {instance_id}")
-        if outcome != InstanceStatus.PENDING:
-            raise PgflowError(f"instance {instance_id} is {outcome}; only a failed instance can be retried")
-        return InstanceStatus(outcome)
+            if outcome is None:
+                raise InstanceNotFound(f"no instance with id {instance_id}")
+            if outcome != "retried":
+                raise PgflowError(f"instance {instance_id} is {outcome}; only a failed instance can be retried")
+            return _read_status(c, instance_id).status
 
     def requeue_dead_letter(self, dead_letter_id: int, *, conn: psycopg.Connection | None = None) -> int:
         """Put a dead letter's message back on its queue (operators: the pgflow owner or pgflow_admin); the

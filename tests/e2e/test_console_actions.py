@@ -43,7 +43,7 @@ def test_retry_a_failed_dag_runs_only_its_failed_step_again(dsn, engine_factory,
     before = _steps(dsn, iid)
     assert before[("guarded", -1)][:2] == ("failed", 2)
     flag.write_text("")
-    assert pgflow.retry(iid, dsn=dsn) == "pending"
+    assert pgflow.retry(iid, dsn=dsn) == "running"
     done = pgflow.wait(iid, 60, dsn=dsn)
     assert done.status == "completed", done.error
     assert done.output == {"doubled": 42, "attempt": 1}  # fresh attempts: the first one after the retry
@@ -69,7 +69,7 @@ def test_retry_a_map_requeues_only_its_failed_task_with_the_engines_message(dsn,
     assert engine.stop() == []  # no worker: the requeued message stays on the queue for us to read
     before = _steps(dsn, iid)
     flag.write_text("")
-    assert pgflow.retry(iid, dsn=dsn) == "pending"
+    assert pgflow.retry(iid, dsn=dsn) == "running"  # its queued tasks can be claimed before a coordinator looks
     reopened = {k: v for k, v in _steps(dsn, iid).items() if v[0] == "queued"}
     rerun = {k for k, v in before.items() if k[0] == "check" and k[1] >= 0 and v[0] != "completed"}
     assert set(reopened) == rerun and ("check", 7) in rerun
@@ -78,7 +78,11 @@ def test_retry_a_map_requeues_only_its_failed_task_with_the_engines_message(dsn,
     version = console_flows.gated_map.version
     assert [m for (m,) in queued] == [task_message("console_map", version, iid, "check", k[1],
                                                    {"i": k[1], "flag": str(flag)}) for k in sorted(rerun)]
-    engine = _engine(engine_factory)
+    engine = engine_factory()
+    engine.worker("--import", "console_flows")  # the worker first: it claims the tasks of the running instance
+    wait_until(lambda: run_sql(dsn, "SELECT count(*) FROM pgflow.steps WHERE instance_id = %s AND task_index >= 0"
+                                    " AND status <> 'completed'", (iid,)) == [(0,)], what="re-run tasks done")
+    engine.coordinator()
     done = pgflow.wait(iid, 60, dsn=dsn)
     assert done.status == "completed" and done.output == sum(range(30))
     after = _steps(dsn, iid)
@@ -95,7 +99,7 @@ def test_retry_a_control_flow_instance_keeps_its_completed_nodes(dsn, engine_fac
     assert failed.status == "failed" and "division by zero" in failed.error
     first = _steps(dsn, iid)[("r.0.0", -1)]
     run_sql(dsn, "INSERT INTO gate VALUES (true)")
-    assert run_sql(dsn, "SELECT pgflow.retry(%s)", (iid,)) == [("pending",)]
+    assert run_sql(dsn, "SELECT pgflow.retry(%s)", (iid,)) == [("retried",)]
     done = pgflow.wait(iid, 60, dsn=dsn)
     assert done.status == "completed" and done.output == [{"b": 5}]
     assert _steps(dsn, iid)[("r.0.0", -1)] == first

@@ -4,11 +4,12 @@
 -- pgflow.instances (18_roles_and_rls.sql). Definer functions below check what they may do themselves, and
 -- say how.
 
--- Retrying a failed instance: the transition 'failed' -> 'pending', after which its failed steps run again
+-- Retrying a failed instance: the transition 'failed' -> 'running', after which its failed steps run again
 -- with fresh attempts and its completed steps are kept. The instance row is changed as the caller (its
--- row-level security decides: another user's instance is "not found"); the steps are reopened by the definer
--- function below, which only acts on an instance in the state this function has just put it in. Returns NULL
--- for an unknown (or invisible) instance, its status when it is not failed (nothing changes), else 'pending'.
+-- row-level security decides: another user's instance is "not found"), to 'pending' first; the steps are
+-- reopened by the definer function below, which only acts on an instance in that state and makes it
+-- 'running' (so that the tasks it queues again can be claimed at once). Returns 'retried', NULL for an unknown
+-- (or invisible) instance, or its status when it is not failed (nothing changes).
 CREATE FUNCTION pgflow.retry_instance(p_id bigint) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     st text;
@@ -20,7 +21,7 @@ BEGIN
         RETURN st;
     END IF;
     PERFORM pgflow._reopen_failed_steps(p_id);
-    RETURN 'pending';
+    RETURN 'retried';
 END $$;
 REVOKE ALL ON FUNCTION pgflow.retry_instance(bigint) FROM PUBLIC;
 
@@ -32,7 +33,7 @@ BEGIN
     IF outcome IS NULL THEN
         RAISE EXCEPTION 'pgflow: no instance with id %', p_id USING ERRCODE = 'P0002';
     END IF;
-    IF outcome <> 'pending' THEN
+    IF outcome <> 'retried' THEN
         RAISE EXCEPTION 'pgflow: instance % is %; only a failed instance can be retried', p_id, outcome
             USING ERRCODE = '55000';
     END IF;
@@ -43,7 +44,9 @@ REVOKE ALL ON FUNCTION pgflow.retry(bigint) FROM PUBLIC;
 -- The steps' half of a retry (a definer: users may not rewrite step rows or send messages). It acts only on
 -- a 'pending' instance that has step rows: a pending instance has none until a coordinator first looks at it
 -- (it marks it running in the same transaction), so such an instance is one whose owner's retry_instance has
--- just run in this very transaction; for any other instance it only wakes the coordinator (harmless).
+-- just run in this very transaction; for any other instance it only wakes the coordinator (harmless). The
+-- instance becomes 'running' again (keeping its first start time): workers claim tasks of running instances
+-- only, and the map tasks queued here may be read before a coordinator looks at the instance.
 --   * messages still queued for the instance (tasks cancelled before a worker read them) are archived, so
 --     that they cannot claim the reopened rows a second time;
 --   * DAG: failed or cancelled steps lose their row (the coordinator queues them again, attempt 1); a map
@@ -70,9 +73,10 @@ BEGIN
     END IF;
     INSERT INTO pgflow.wakeups (instance_id) VALUES (p_id);
     PERFORM pg_notify('pgflow_coordinator', '');
-    IF NOT EXISTS (SELECT 1 FROM pgflow.steps WHERE instance_id = p_id AND status IN ('failed', 'cancelled')) THEN
+    IF NOT EXISTS (SELECT 1 FROM pgflow.steps WHERE instance_id = p_id) THEN
         RETURN 0;
     END IF;
+    UPDATE pgflow.instances SET status = 'running' WHERE id = p_id;
     FOR q IN SELECT DISTINCT s.queue FROM pgflow.steps s
              WHERE s.instance_id = p_id AND s.queue IS NOT NULL
                AND EXISTS (SELECT 1 FROM pgflow.queues WHERE queue_name = s.queue) LOOP
