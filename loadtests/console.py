@@ -38,14 +38,14 @@ FLOWS = ["ingest", "embed_docs", "reports", "billing", "cleanup"]
 FILL = """
 INSERT INTO pgflow.instances (flow_name, flow_version, status, label, input, created_at, started_at, finished_at,
                               error, owner)
-SELECT f.name, 'v1', s.status, CASE WHEN g % 10 = 0 THEN 'nightly' END, jsonb_build_object('n', g),
+SELECT f.name, 'v1', s.status, CASE WHEN g %% 10 = 0 THEN 'nightly' END, jsonb_build_object('n', g),
        t.at, t.at, CASE WHEN s.status <> 'running' THEN t.at + interval '2 seconds' END,
        CASE WHEN s.status = 'failed' THEN 'step load failed: boom ' || g END,
-       CASE WHEN g % 1000 = 7 THEN %(user)s ELSE current_user END
+       CASE WHEN g %% 1000 = 7 THEN %(user)s ELSE current_user END
 FROM generate_series(1, %(n)s) AS g
-CROSS JOIN LATERAL (SELECT (%(names)s::text[])[1 + g % 5] AS name) f
-CROSS JOIN LATERAL (SELECT CASE WHEN g % 100 < 90 THEN 'completed' WHEN g % 100 < 95 THEN 'failed'
-                               WHEN g % 100 < 98 THEN 'cancelled' ELSE 'running' END AS status) s
+CROSS JOIN LATERAL (SELECT (%(names)s::text[])[1 + g %% 5] AS name) f
+CROSS JOIN LATERAL (SELECT CASE WHEN g %% 100 < 90 THEN 'completed' WHEN g %% 100 < 95 THEN 'failed'
+                               WHEN g %% 100 < 98 THEN 'cancelled' ELSE 'running' END AS status) s
 CROSS JOIN LATERAL (SELECT now() - make_interval(secs => %(n)s - g) AS at) t
 """
 

@@ -109,9 +109,10 @@ def instances(request: Request) -> Response:
         if until:
             until_id = _id_at(conn, until, None)
             before = until_id if before is None or (until_id is not None and until_id < before) else before
+        who = Who(*Q.one(conn, "whoami"))
         rows = _rows(conn, "list_instances", {"status": filters["status"], "flow": filters["flow"],
                                               "label": filters["label"], "before": before, "from_id": from_id,
-                                              "limit": limit + 1})
+                                              "mine": None if who.sees_all else who.role, "limit": limit + 1})
         flows = [r["flow_name"] for r in _rows(conn, "flow_names")]
     more = len(rows) > limit
     rows = rows[:limit]
@@ -119,7 +120,7 @@ def instances(request: Request) -> Response:
     if more:
         next_page = "/?" + urlencode({**{k: v for k, v in filters.items() if v}, "before": rows[-1]["id"],
                                       "limit": limit})
-    context = {"rows": rows, "filters": filters, "flows": flows, "statuses": list(InstanceStatus),
+    context = {"who": who, "rows": rows, "filters": filters, "flows": flows, "statuses": list(InstanceStatus),
                "next_page": next_page, "paged": before is not None and not filters["until"]}
     if p.get("partial") == "rows":
         return render(request, "_instance_rows.html", context)

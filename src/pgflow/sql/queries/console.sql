@@ -21,6 +21,8 @@ WHERE (%(status)s::text IS NULL OR status = %(status)s)
   AND (%(label)s::text IS NULL OR label = %(label)s)
   AND (%(before)s::bigint IS NULL OR id < %(before)s)
   AND (%(from_id)s::bigint IS NULL OR id >= %(from_id)s)
+  -- a role that sees only its own rows says so, and the scan uses instances_owner_id
+  AND (%(mine)s::name IS NULL OR owner = %(mine)s)
 ORDER BY id DESC
 LIMIT %(limit)s;
 
