@@ -1,4 +1,5 @@
-"""The ``pgflow`` command line: init | demo | coordinator | worker | start | status | result | cancel | list.
+"""The ``pgflow`` command line: init | demo | coordinator | worker | start | status | result | cancel | list |
+console.
 
 Every command takes ``--dsn`` (or ``PGFLOW_DSN``); without one it uses the embedded PostgreSQL under
 ``PGFLOW_HOME``. Errors are one clear line on stderr and a non-zero exit status.
@@ -7,7 +8,9 @@ Every command takes ``--dsn`` (or ``PGFLOW_DSN``); without one it uses the embed
 from __future__ import annotations
 
 import functools
+import os
 import signal
+import socket
 import sys
 from typing import Any
 
@@ -55,6 +58,13 @@ def _json_argument(ctx: click.Context, param: click.Parameter, value: str | None
         return orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise click.BadParameter(f"not valid JSON: {exc}") from None
+
+
+def _name_sessions(kind: str) -> None:
+    """Name this process's (and its children's) database sessions ``pgflow <kind> <host>:<pid>`` through
+    libpq's PGAPPNAME, unless the user named them: ``pgflow.engine_processes()`` (the console's "workers
+    alive") counts them from the server's own pg_stat_activity."""
+    os.environ.setdefault("PGAPPNAME", f"pgflow {kind} {socket.gethostname()}:{os.getpid()}"[:63])
 
 
 def _echo_json(value: Any) -> None:
@@ -129,6 +139,7 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
     from .metrics import disable_multiprocess, serve
 
     disable_multiprocess()  # one process: export its own values, never files another process left behind
+    _name_sessions("coordinator")
     dsn = resolve_dsn(dsn, setup=True)
     health = Health()
     serve(metrics_port, health, readiness(dsn))
@@ -160,6 +171,7 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
 
     if concurrency < 1 or batch_size < 1 or visibility_timeout < 1:
         raise click.BadParameter("--concurrency, --batch-size and --visibility-timeout must be >= 1")
+    _name_sessions("worker")
     # before --import (user modules may import prometheus_client): children's samples go to a fresh directory
     # that /metrics aggregates; without /metrics, none is needed (and an inherited one must not be written to)
     if metrics_port:
@@ -304,6 +316,29 @@ def list_(dsn: str | None, status: str | None, flow: str | None, label: str | No
                    f"{r['created_at']:%Y-%m-%d %H:%M:%S}")
     if len(rows) == limit:
         click.echo(f"(more: pgflow list --before {rows[-1]['id']})", err=True)
+
+
+@main.command()
+@dsn_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (anything but loopback exposes the console to the network).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--read-only", is_flag=True, help="Show everything, change nothing: no action forms, POSTs refused.")
+@click.option("--import", "imports", multiple=True, metavar="MODULE",
+              help="Import this module first: its DAG flows can be started from the console (repeatable).")
+@_friendly_errors
+def console(dsn: str | None, host: str, port: int, read_only: bool, imports: tuple[str, ...]) -> None:
+    """Serve the web console: instances, their graphs and steps, flows, queues and dead letters, and actions
+    (cancel, retry, signal, start, requeue). It acts as the database role of its DSN: row-level security
+    decides what it shows and what succeeds."""
+    from .console import serve
+
+    for module in imports:
+        try:
+            import_module(module)
+        except ImportError as exc:
+            raise click.ClickException(f"cannot import {module!r}: {exc}") from exc
+    serve(resolve_dsn(dsn), host=host, port=port, read_only=read_only)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -107,6 +107,9 @@ class InstanceHandle:
     def cancel(self, reason: str | None = None, *, conn: psycopg.Connection | None = None) -> InstanceStatus:
         return self.client.cancel(self.id, reason, conn=conn)
 
+    def retry(self, *, conn: psycopg.Connection | None = None) -> InstanceStatus:
+        return self.client.retry(self.id, conn=conn)
+
 
 # ---------------------------------------------------------------------------------------------- the client
 
@@ -190,6 +193,23 @@ class Client:
             return ids
 
         return [self.handle(i) for i in self._starting(run, conn, flow.name)]
+
+    def start_registered(self, flow: str, input: Any = None, *, version: str | None = None,
+                         label: str | None = None, conn: psycopg.Connection | None = None) -> InstanceHandle:
+        """Start a flow version registered earlier (by a start, from any client), by name: the newest version
+        of ``flow`` unless ``version`` is given (``pgflow.start_registered``). No code is needed here: workers
+        that can import the flow's code run it. InstanceNotFound when no such version is registered."""
+        payload = dumps(input, "flow input")
+
+        def run(c: psycopg.Connection, traced: tracing.StartSpan) -> int:
+            try:
+                with c.transaction():
+                    return Q.value(c, "start_registered", {"flow": flow, "version": version, "input": payload,
+                                                           "label": label, "trace_context": traced.traceparent})
+            except psycopg.errors.NoDataFound as exc:
+                raise InstanceNotFound(_sql_message(exc)) from None
+
+        return self.handle(self._starting(run, conn, flow))
 
     def handle(self, instance_id: int) -> InstanceHandle:
         """The handle of an instance started earlier."""
@@ -294,6 +314,36 @@ class Client:
         if outcome is None:
             raise InstanceNotFound(f"no instance with id {instance_id}")
         return InstanceStatus(outcome)
+
+    def retry(self, instance_id: int, *, conn: psycopg.Connection | None = None) -> InstanceStatus:
+        """Retry a failed instance from its failed steps (``pgflow.retry_instance``): it runs again, its
+        failed and cancelled steps with fresh attempts, its completed steps keep their outputs; its status
+        afterwards. InstanceNotFound for an unknown id; PgflowError when the instance is not failed."""
+        with self._connection(conn) as c:
+            outcome = Q.value(c, "retry_instance", {"id": instance_id})
+            if outcome is None:
+                raise InstanceNotFound(f"no instance with id {instance_id}")
+            if outcome != "retried":
+                raise PgflowError(f"instance {instance_id} is {outcome}; only a failed instance can be retried")
+            return _read_status(c, instance_id).status
+
+    def requeue_dead_letter(self, dead_letter_id: int, *, conn: psycopg.Connection | None = None) -> int:
+        """Put a dead letter's message back on its queue (operators: the pgflow owner or pgflow_admin); the
+        new message id. PgflowError when it does not exist, cannot be requeued or the role may not."""
+        return self._dead_letter_action("requeue_dead_letter", dead_letter_id, conn)
+
+    def discard_dead_letter(self, dead_letter_id: int, *, conn: psycopg.Connection | None = None) -> None:
+        """Delete a dead letter for good (operators only, like :meth:`requeue_dead_letter`)."""
+        self._dead_letter_action("discard_dead_letter", dead_letter_id, conn)
+
+    def _dead_letter_action(self, name: str, dead_letter_id: int, conn: psycopg.Connection | None) -> Any:
+        with self._connection(conn) as c:
+            try:
+                with c.transaction():
+                    return Q.value(c, name, {"id": dead_letter_id})
+            except (psycopg.errors.NoDataFound, psycopg.errors.ObjectNotInPrerequisiteState,
+                    psycopg.errors.InsufficientPrivilege) as exc:
+                raise PgflowError(_sql_message(exc)) from None
 
     def signal(self, instance_id: int, name: str, data: Any = None, *, conn: psycopg.Connection | None = None
                ) -> int:
@@ -484,3 +534,25 @@ def set_variable(name: str, value: Any, *, dsn: str | None = None, conn: psycopg
 def set_secret(name: str, ref: str, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:
     """Declare a secret by reference (see :meth:`Client.set_secret`)."""
     _client(dsn).set_secret(name, ref, conn=conn)
+
+
+def retry(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> InstanceStatus:
+    """Retry a failed instance from its failed steps (see :meth:`Client.retry`)."""
+    return _client(dsn).retry(instance_id, conn=conn)
+
+
+def start_registered(flow: str, input: Any = None, *, version: str | None = None, label: str | None = None,
+                     dsn: str | None = None, conn: psycopg.Connection | None = None) -> int:
+    """Start a registered flow version by name (see :meth:`Client.start_registered`); its id."""
+    return _client(dsn).start_registered(flow, input, version=version, label=label, conn=conn).id
+
+
+def requeue_dead_letter(dead_letter_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> int:
+    """Put a dead letter back on its queue (see :meth:`Client.requeue_dead_letter`)."""
+    return _client(dsn).requeue_dead_letter(dead_letter_id, conn=conn)
+
+
+def discard_dead_letter(dead_letter_id: int, *, dsn: str | None = None,
+                        conn: psycopg.Connection | None = None) -> None:
+    """Delete a dead letter (see :meth:`Client.discard_dead_letter`)."""
+    _client(dsn).discard_dead_letter(dead_letter_id, conn=conn)

@@ -69,3 +69,16 @@ SELECT pgflow.set_variable(%(name)s, %(value)s::jsonb);
 
 -- name: set_secret
 SELECT pgflow.set_secret(%(name)s, %(ref)s);
+
+-- name: retry_instance
+SELECT pgflow.retry_instance(%(id)s);
+
+-- name: start_registered
+WITH traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true))
+SELECT pgflow.start_registered(%(flow)s, %(input)s::jsonb, %(label)s, %(version)s) FROM traced;
+
+-- name: requeue_dead_letter
+SELECT pgflow.requeue_dead_letter(%(id)s);
+
+-- name: discard_dead_letter
+SELECT pgflow.discard_dead_letter(%(id)s);

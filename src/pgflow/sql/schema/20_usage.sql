@@ -3,10 +3,12 @@
 -- HTTP and Python steps. The internal functions workers and coordinators call (they are the owner) are
 -- never granted.
 
--- Internal: what workers and coordinators call (they are the owner); never granted.
+-- Internal: what workers and coordinators call (they are the owner), and the operators' dead-letter actions
+-- (granted to pgflow_admin in 23_console.sql); never granted by grant_usage.
 CREATE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['claim_tasks', 'read_tasks', 'complete_tasks', 'fail_task', 'release_tasks', 'enqueue_tasks',
-                 '_executor_sql', 'grant_usage', 'revoke_usage', '_internal_functions']
+                 '_executor_sql', 'grant_usage', 'revoke_usage', '_internal_functions',
+                 'requeue_dead_letter', 'discard_dead_letter']
 $$;
 REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
 
