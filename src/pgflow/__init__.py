@@ -38,14 +38,16 @@ from .errors import (
     StepTimeout,
 )
 from .flow import INPUT, Flow, Step
+from .hooks import worker_init
+from .limits import Limit, RateLimited
 from .registry import load_flow
 from .statuses import InstanceStatus, StepStatus
 
 __all__ = [
     "INPUT", "Client", "DatabaseUnavailable", "Flow", "FlowDefinitionError", "InstanceFailed", "InstanceHandle",
-    "InstanceInfo", "InstanceNotFinished", "InstanceNotFound", "InstanceStatus", "NonRetryableError",
-    "NotSerializable", "PayloadTooLarge", "PgflowError", "Step", "StepContext", "StepInfo", "StepStatus",
+    "InstanceInfo", "InstanceNotFinished", "InstanceNotFound", "InstanceStatus", "Limit", "NonRetryableError",
+    "NotSerializable", "PayloadTooLarge", "PgflowError", "RateLimited", "Step", "StepContext", "StepInfo", "StepStatus",
     "StepTimeout", "cancel", "explain", "init_schema", "list_instances", "load_flow", "resolve_dsn", "result",
-    "set_secret", "set_variable", "signal", "start", "start_many", "status", "tree", "wait",
+    "set_secret", "set_variable", "signal", "start", "start_many", "status", "tree", "wait", "worker_init",
 ]
 __version__ = "0.1.0"

@@ -151,11 +151,19 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
 @click.option("--drain-timeout", default=45.0, show_default=True,
               help="On SIGTERM, seconds to let in-flight steps finish before killing.")
 @click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
+@click.option("--init", "inits", multiple=True, metavar="MODULE:FUNCTION",
+              help="Run this function once in each worker process before it takes work (load a model, open a "
+                   "client; repeatable).")
+@click.option("--compute-threads", default=1, show_default=True, type=click.IntRange(0),
+              help="Threads per worker process for numeric libraries (OMP/MKL/OpenBLAS, torch); 0: leave them "
+                   "as they are. One process per core with one thread each avoids oversubscribing the cores.")
 @_friendly_errors
 def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_size: int, visibility_timeout: int,
-           imports: tuple[str, ...], drain_timeout: float, metrics_port: int) -> None:
+           imports: tuple[str, ...], drain_timeout: float, metrics_port: int, inits: tuple[str, ...],
+           compute_threads: int) -> None:
     """Run worker processes that pop steps from pgmq, execute them and checkpoint their results."""
     from .engine.supervisor import run_workers
+    from .hooks import init_functions, limit_compute_threads
     from .metrics import disable_multiprocess, enable_multiprocess
 
     if concurrency < 1 or batch_size < 1 or visibility_timeout < 1:
@@ -169,16 +177,22 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
             raise click.ClickException(str(exc)) from exc
     else:
         disable_multiprocess()
+    limit_compute_threads(compute_threads)  # before --import: a numeric library reads them when imported
     for module in imports:
         try:
             import_module(module)
         except ImportError as exc:
             raise click.ClickException(f"cannot import {module!r}: {exc}") from exc
+    try:
+        init = init_functions(inits)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise click.ClickException(f"--init: {exc}") from exc
     dsn = resolve_dsn(dsn, setup=True)
     with connect(dsn) as conn:
         require_schema(conn)
     sys.exit(run_workers(dsn, queues=list(queues) or None, concurrency=concurrency, drain_timeout=drain_timeout,
-                         metrics_port=metrics_port, batch_size=batch_size, visibility_timeout=visibility_timeout))
+                         metrics_port=metrics_port, batch_size=batch_size, visibility_timeout=visibility_timeout,
+                         init=tuple(init), compute_threads=compute_threads))
 
 
 @main.command()

@@ -8,7 +8,7 @@ CREATE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTAB
     SELECT ARRAY['claim_tasks', 'read_tasks', 'complete_tasks', 'fail_task', 'release_tasks', 'enqueue_tasks',
                  '_executor_sql', 'grant_usage', 'revoke_usage', '_internal_functions',
                  'read_queue', 'queue_head', 'ensure_queue_order', 'admit_tasks', 'park_task', 'charge_limit',
-                 'define_limit', 'define_limits', 'split_task']
+                 'define_limit', 'define_limits', 'split_task', 'next_parked_in']
 $$;
 REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
 

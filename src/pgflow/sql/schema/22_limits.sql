@@ -5,11 +5,13 @@
 -- messages' headers. Rates are paced with GCRA (the "virtual scheduling" form of a token bucket): each
 -- admitted task moves the limit's next free time on by per/requests seconds (and by its estimated cost
 -- times per/cost); a task is admitted when that time has come, up to `burst` requests early. So a window
--- of `per` seconds never sees more than requests + burst - 1 starts, and with plenty of work the rate is
--- the limit itself. A task that is not admitted is not claimed and spends no attempt: its message is
--- parked (hidden until its turn) with its turn reserved, so each waiting task is read about once instead of
--- polling. Concurrency is counted from the step rows of the tasks holding the limit: a holder whose step
--- is no longer running (completed, failed, parked back, or redelivered after a crash) frees its slot.
+-- of `per` seconds never sees more than requests + burst - 1 admissions, and with plenty of work the rate
+-- is the limit itself. A task that is not admitted is not claimed and spends no attempt: its message is
+-- parked (hidden until its turn). Turns are reserved on a second schedule (request_reserved, cost_reserved)
+-- so that each waiting task is read about once instead of polling; the admission itself always checks the
+-- real clock (request_at, cost_at), so a task that comes back late never makes a burst. Concurrency is
+-- counted from the step rows of the tasks holding the limit: a holder whose step is no longer running
+-- (completed, failed, parked back, or redelivered after a crash) frees its slot.
 
 CREATE TABLE pgflow.limits (
     name         text        PRIMARY KEY CHECK (name ~ '^[A-Za-z_][A-Za-z0-9_.:-]{0,62}$'),
@@ -26,8 +28,10 @@ CREATE TABLE pgflow.limits (
 CREATE TABLE pgflow.limit_state (
     name           text        NOT NULL REFERENCES pgflow.limits ON DELETE CASCADE,
     key            text        NOT NULL DEFAULT '',
-    request_at     timestamptz NOT NULL DEFAULT '-infinity',  -- when the next request is due (GCRA)
+    request_at     timestamptz NOT NULL DEFAULT '-infinity',  -- when the next request may start (GCRA)
     cost_at        timestamptz NOT NULL DEFAULT '-infinity',  -- when the cost budget is paid up (GCRA)
+    request_reserved timestamptz NOT NULL DEFAULT '-infinity', -- the same, counting parked tasks' turns
+    cost_reserved  timestamptz NOT NULL DEFAULT '-infinity',
     blocked_until  timestamptz,                                -- a step was told to wait (RateLimited, 429)
     avg_cost       double precision,                           -- of recent tasks: the estimate reserved
     PRIMARY KEY (name, key)
@@ -103,7 +107,9 @@ BEGIN
         SELECT * INTO st FROM pgflow.limit_state WHERE name = lim.name AND key = lim.key FOR UPDATE;
         step_r := make_interval(secs => lim.per / lim.requests);
         early := (lim.burst - 1) * step_r;
-        est := coalesce(st.avg_cost, lim.cost / lim.requests, 0);
+        -- until real costs are known (charge_limit), a task is assumed to cost a request's share of the
+        -- budget, or 5% of it
+        est := coalesce(st.avg_cost, lim.cost / lim.requests, lim.cost * 0.05);
         step_c := make_interval(secs => est * lim.per / lim.cost);
         IF lim.concurrency IS NOT NULL THEN
             DELETE FROM pgflow.limit_holders h
@@ -121,47 +127,59 @@ BEGIN
               AND pgflow.is_task_message(r.message)
             ORDER BY ordinality
         LOOP
-            -- a task parked with its turn reserved has paid for its rates (unless a block came since)
+            -- its turn: reserved when it was parked (unless a block came since), else the next free one
             paid := task.headers ? 'slot' AND (st.blocked_until IS NULL OR st.blocked_until <= now_);
-            due := greatest(now_, st.blocked_until);
             IF NOT paid THEN
-                due := greatest(due, CASE WHEN lim.requests IS NOT NULL THEN st.request_at - early END,
-                                CASE WHEN lim.cost IS NOT NULL THEN st.cost_at END);
+                due := greatest(now_, st.blocked_until,
+                                CASE WHEN lim.requests IS NOT NULL THEN st.request_reserved - early END,
+                                CASE WHEN lim.cost IS NOT NULL THEN st.cost_reserved END);
                 IF lim.requests IS NOT NULL THEN
-                    st.request_at := greatest(st.request_at, due) + step_r;
+                    st.request_reserved := greatest(st.request_reserved, due) + step_r;
                 END IF;
                 IF lim.cost IS NOT NULL THEN
-                    st.cost_at := greatest(st.cost_at, due) + step_c;
+                    st.cost_reserved := greatest(st.cost_reserved, due) + step_c;
+                END IF;
+                IF due > now_ THEN  -- parked until its turn, which is reserved for it
+                    ids := ids || task.msg_id;
+                    vts := vts || due;
+                    hdrs := hdrs || jsonb_build_object('parked', true, 'slot', extract(epoch FROM due));
+                    CONTINUE;
                 END IF;
             END IF;
-            IF due > now_ THEN  -- its turn is later: reserved, parked until then
-                ids := ids || task.msg_id;
-                vts := vts || due;
-                hdrs := hdrs || jsonb_build_object('parked', true, 'slot', extract(epoch FROM due));
-            ELSIF lim.concurrency IS NOT NULL AND running >= lim.concurrency THEN
-                -- no slot free: look again shortly (keeping any turn already paid for), spread out
+            -- the real clock: never more than the limit at once, even when turns come back late together
+            due := greatest(CASE WHEN lim.requests IS NOT NULL THEN st.request_at - early END,
+                            CASE WHEN lim.cost IS NOT NULL THEN st.cost_at END);
+            IF due > now_ OR (lim.concurrency IS NOT NULL AND running >= lim.concurrency) THEN
+                -- look again at the next free moment, or shortly for a concurrency slot (spread out)
                 waiting := waiting + 1;
                 ids := ids || task.msg_id;
-                vts := vts || (now_ + make_interval(secs => least(2.0, 0.05 * waiting) + random() * 0.05));
-                hdrs := hdrs || CASE WHEN paid OR lim.requests IS NOT NULL OR lim.cost IS NOT NULL
-                                     THEN jsonb_build_object('parked', true, 'slot', extract(epoch FROM now_))
-                                     ELSE jsonb_build_object('parked', true) END;
-            ELSE
-                IF lim.concurrency IS NOT NULL THEN
-                    running := running + 1;
-                    holders := holders || jsonb_build_object(
-                        'instance_id', task.message->'instance', 'step_name', task.message->'step',
-                        'task_index', task.message->'task', 'name', lim.name, 'key', lim.key);
-                END IF;
-                IF task.headers ? 'slot' THEN  -- its reserved turn is used: a retry pays again
-                    ids := ids || task.msg_id;
-                    vts := vts || NULL::timestamptz;
-                    hdrs := hdrs || NULL::jsonb;
-                END IF;
+                vts := vts || greatest(due, now_ + make_interval(
+                    secs => CASE WHEN lim.concurrency IS NOT NULL AND running >= lim.concurrency
+                                 THEN least(2.0, 0.05 * waiting) + random() * 0.05 ELSE 0 END));
+                hdrs := hdrs || jsonb_build_object('parked', true, 'slot', extract(epoch FROM now_));
+                CONTINUE;
+            END IF;
+            IF lim.requests IS NOT NULL THEN
+                st.request_at := greatest(st.request_at, now_) + step_r;
+            END IF;
+            IF lim.cost IS NOT NULL THEN
+                st.cost_at := greatest(st.cost_at, now_) + step_c;
+            END IF;
+            IF lim.concurrency IS NOT NULL THEN
+                running := running + 1;
+                holders := holders || jsonb_build_object(
+                    'instance_id', task.message->'instance', 'step_name', task.message->'step',
+                    'task_index', task.message->'task', 'name', lim.name, 'key', lim.key);
+            END IF;
+            IF task.headers ? 'slot' THEN  -- its reserved turn is used: a retry waits for a new one
+                ids := ids || task.msg_id;
+                vts := vts || NULL::timestamptz;
+                hdrs := hdrs || NULL::jsonb;
             END IF;
         END LOOP;
         UPDATE pgflow.limit_state
-        SET request_at = st.request_at, cost_at = st.cost_at
+        SET request_at = st.request_at, cost_at = st.cost_at, request_reserved = st.request_reserved,
+            cost_reserved = st.cost_reserved
         WHERE name = lim.name AND key = lim.key;
     END LOOP;
     IF jsonb_array_length(holders) > 0 THEN
@@ -216,9 +234,23 @@ REVOKE ALL ON FUNCTION pgflow.park_task(text, bigint, bigint, text, integer, int
 CREATE FUNCTION pgflow.charge_limit(p_name text, p_key text, p_cost double precision) RETURNS void
 LANGUAGE sql AS $$
     UPDATE pgflow.limit_state s
-    SET cost_at = s.cost_at + make_interval(secs => (p_cost - coalesce(s.avg_cost, l.cost / l.requests, 0)) * l.per / l.cost),
+    SET cost_at = s.cost_at + make_interval(secs => (p_cost - coalesce(s.avg_cost, l.cost / l.requests, l.cost * 0.05)) * l.per / l.cost),
+        cost_reserved = s.cost_reserved
+                        + make_interval(secs => (p_cost - coalesce(s.avg_cost, l.cost / l.requests, l.cost * 0.05)) * l.per / l.cost),
         avg_cost = coalesce(0.8 * s.avg_cost + 0.2 * p_cost, p_cost)
     FROM pgflow.limits l
     WHERE l.name = s.name AND s.name = p_name AND s.key = coalesce(p_key, '') AND l.cost IS NOT NULL;
 $$;
 REVOKE ALL ON FUNCTION pgflow.charge_limit(text, text, double precision) FROM PUBLIC;
+
+-- When a worker with nothing to do should look again: the first parked message of a queue to come due (in
+-- seconds, NULL when none is parked), so tasks a limit held back start on time, not at the next poll.
+CREATE FUNCTION pgflow.next_parked_in(p_queue text) RETURNS double precision
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    due timestamptz;
+BEGIN
+    EXECUTE format('SELECT min(vt) FROM pgmq.%I WHERE (headers->>''parked'') IS NOT NULL', 'q_' || p_queue) INTO due;
+    RETURN greatest(0, extract(epoch FROM due - clock_timestamp()));
+END $$;
+REVOKE ALL ON FUNCTION pgflow.next_parked_in(text) FROM PUBLIC;
