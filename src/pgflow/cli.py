@@ -94,8 +94,11 @@ def init(dsn: str | None, queues: tuple[str, ...]) -> None:
 @click.option("--batches", default=20, show_default=True, help="Instances to split the documents into.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@click.option("--embedder", type=click.Choice(["hashing", "minilm"]), default="hashing", show_default=True,
+              help="hashing: a deterministic function, nothing to install; minilm: the real all-MiniLM-L6-v2, "
+                   "64 chunks per task (needs the embed extra).")
 @_friendly_errors
-def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progress: bool) -> None:
+def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progress: bool, embedder: str) -> None:
     """Run the fan-out embedding pipeline (load -> chunk -> embed -> upsert into pgvector -> mark done)
     with a coordinator and worker processes, then print a summary."""
     from .demo import format_summary, run_demo
@@ -103,7 +106,8 @@ def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progres
     if documents < 1 or not 1 <= batches <= documents or workers < 1:
         raise click.BadParameter("need documents >= 1, 1 <= batches <= documents, workers >= 1")
     dsn = resolve_dsn(dsn, setup=True)
-    summary = run_demo(dsn, documents=documents, batches=batches, workers=workers, progress=not no_progress)
+    summary = run_demo(dsn, documents=documents, batches=batches, workers=workers, progress=not no_progress,
+                       embedder=embedder)
     click.echo(format_summary(summary))
     if not summary.ok:
         raise click.ClickException("the demo did not complete every instance (see the summary above)")
