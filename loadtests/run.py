@@ -466,8 +466,11 @@ def scenario_fanout_embed(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]
     # each worker process loads the model before it takes work, and runs one compute thread (pgflow.hooks)
     engine.worker_options.update(init=(bench_flows.load_model,), compute_threads=1)
     with engine:
-        monitor = h.Monitor(dsn, engine, "SELECT count(*) FROM pgflow.steps WHERE step_name = 'embed' "
-                            "AND task_index >= 0 AND status = 'completed'", server_pid=h.postmaster_pid(dsn))
+        # chunks embedded: one per task, or the length of a batched task's output list
+        monitor = h.Monitor(dsn, engine, "SELECT coalesce(sum(CASE WHEN jsonb_typeof(output) = 'array' "
+                            "THEN jsonb_array_length(output) ELSE 1 END), 0) FROM pgflow.steps "
+                            "WHERE step_name = 'embed' AND task_index >= 0 AND status = 'completed'",
+                            server_pid=h.postmaster_pid(dsn))
         monitor.start()
         try:
             with transaction(dsn) as conn:
