@@ -112,6 +112,44 @@ mark_done = embed_flow.sql("mark_done", "UPDATE bench_embed.documents SET proces
                            after=[upsert])
 
 
+_BATCHED: dict[int, pgflow.Flow] = {}
+
+
+def embed_batched_flow(size: int) -> pgflow.Flow:
+    """The same pipeline with ``embed`` as a batched map of ``size`` chunks per task (--embed-batch)."""
+    if size not in _BATCHED:
+        flow = pgflow.Flow(f"bench_embed_b{size}", queue="embed", max_attempts=5, backoff_base=0.2, backoff_cap=5.0)
+        flow_load = flow.sql("load", load.sql.source)
+        flow.map(chunk.fn, over=flow_load, name="chunk")
+
+        def embed(ctx, pieces: list[dict]) -> list[dict]:
+            """Embed a batch in one call; each chunk's useful CPU is its share of the batch's thread CPU."""
+            cpu0 = time.thread_time()
+            vectors = embed_texts([p["body"] for p in pieces])
+            share = (time.thread_time() - cpu0) / len(pieces)
+            return [{**p, "embedding": v, "cpu": share} for p, v in zip(pieces, vectors, strict=True)]
+
+        flow.map(embed, over="chunk", flatten=True, batch_size=size, name="embed")
+        flow_upsert = flow.sql("upsert", upsert.sql.source, after=["embed"])
+        flow.sql("mark_done", mark_done.sql.source, after=[flow_upsert])
+        _BATCHED[size] = flow
+    return _BATCHED[size]
+
+
+def embed_texts(texts: list[str]) -> list[list[float]]:
+    """The configured embedder over a batch: one model call for MiniLM, else each text in turn."""
+    if EMBEDDER["mode"] == "minilm":
+        vectors = _minilm().encode(texts, batch_size=len(texts), normalize_embeddings=True)
+        return [[round(float(v), 6) for v in vector] for vector in vectors]
+    return [embed_text(text) for text in texts]
+
+
+def load_model() -> None:
+    """Worker init hook (--embedder minilm): load the model before the process takes work."""
+    if EMBEDDER["mode"] == "minilm":
+        _minilm()
+
+
 def burn_cpu(seconds: float, seed: bytes) -> bytes:
     """Deterministic CPU work: chained blake2b digests until this thread has used ``seconds`` of CPU
     (thread CPU time, so contention from other processes does not change how much work is counted)."""

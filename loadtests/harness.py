@@ -407,8 +407,9 @@ class Engine:
         self.wait_ready()
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Until every worker process and the coordinator hold their database connections."""
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until every worker process and the coordinator hold their database connections (worker init hooks,
+        such as loading a model, run first)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(self.worker_pids()) >= self.workers:

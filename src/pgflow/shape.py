@@ -30,6 +30,12 @@ class StepShape:
     timeout: float | None
     sql: str | None
     spec: dict[str, Any] | None = None  # a control-flow leaf's node (python function, http request...)
+    batch_size: int | None = None  # a batched map (pgflow.flow.Step.batch_size)
+    split_on_failure: bool = False
+    priority: int = 0
+    limit: dict[str, Any] | None = None  # {"name", ...definition} of the limit its tasks consume
+    limit_key: str | None = None
+    cost: float | str | None = None  # a number, or "function" (the step's code computes it)
 
     @property
     def is_map(self) -> bool:
@@ -54,7 +60,9 @@ class FlowShape:
                 name=s["name"], kind=s["kind"], deps=tuple(s["deps"]), over=s.get("over"),
                 flatten=bool(s.get("flatten")), queue=s["queue"], max_attempts=s["max_attempts"],
                 backoff_base=s["backoff_base"], backoff_cap=s["backoff_cap"], timeout=s.get("timeout"),
-                sql=s.get("sql"), spec=s.get("spec"),
+                sql=s.get("sql"), spec=s.get("spec"), batch_size=s.get("batch_size"),
+                split_on_failure=bool(s.get("split_on_failure")), priority=s.get("priority") or 0,
+                limit=s.get("limit"), limit_key=s.get("limit_key"), cost=s.get("cost"),
             )
         return cls(name, version, ref, steps, shape.get("tree"))
 

@@ -18,7 +18,6 @@ from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from psycopg.rows import dict_row
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -60,12 +59,9 @@ class Console:
             conn.prepare_threshold = None
             yield conn
 
-    def rows(self, name: str, params: Any = None) -> list[dict[str, Any]]:
-        with self.connection() as conn:
-            return Q.all(conn, name, params, row_factory=dict_row)
-
     def sample_queues(self) -> list[dict[str, Any]]:
-        return self.rows("queue_stats")
+        with self.connection() as conn:
+            return Q.all_dicts(conn, "queue_stats")
 
 
 class Headers(BaseHTTPMiddleware):

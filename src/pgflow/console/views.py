@@ -16,7 +16,6 @@ from urllib.parse import urlencode
 import orjson
 import psycopg
 from jinja2 import Environment
-from psycopg.rows import dict_row
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -110,10 +109,10 @@ def instances(request: Request) -> Response:
             until_id = _id_at(conn, until, None)
             before = until_id if before is None or (until_id is not None and until_id < before) else before
         who = Who(*Q.one(conn, "whoami"))
-        rows = _rows(conn, "list_instances", {"status": filters["status"], "flow": filters["flow"],
+        rows = Q.all_dicts(conn, "list_instances", {"status": filters["status"], "flow": filters["flow"],
                                               "label": filters["label"], "before": before, "from_id": from_id,
                                               "mine": None if who.sees_all else who.role, "limit": limit + 1})
-        flows = [r["flow_name"] for r in _rows(conn, "flow_names")]
+        flows = [r["flow_name"] for r in Q.all_dicts(conn, "flow_names")]
     more = len(rows) > limit
     rows = rows[:limit]
     next_page = None
@@ -143,24 +142,20 @@ def _id_at(conn: psycopg.Connection, at: datetime, none: int | None) -> int | No
     return none if found is None else found
 
 
-def _rows(conn: psycopg.Connection, name: str, params: Any = None) -> list[dict[str, Any]]:
-    return Q.all(conn, name, params, row_factory=dict_row)
-
-
 def instance(request: Request) -> Response:
     """One instance: graph, timeline, steps with errors and tracebacks, map progress, signals, timers,
     input and output, and the actions that apply. ``partial=live`` returns the part that live updates swap."""
     instance_id = int(request.path_params["id"])
     console = console_of(request)
     with console.connection() as conn:
-        found = _rows(conn, "instance", {"id": instance_id})
+        found = Q.all_dicts(conn, "instance", {"id": instance_id})
         if not found:
             return error_page(request, 404, f"no instance with id {instance_id}")
         inst = found[0]
-        rows = {r["step_name"]: r for r in _rows(conn, "step_rows", {"id": instance_id})}
+        rows = {r["step_name"]: r for r in Q.all_dicts(conn, "step_rows", {"id": instance_id})}
         is_tree = "tree" in inst["shape"]
-        nodes = _rows(conn, "tree_nodes", {"id": instance_id}) if is_tree else []
-        signals = _rows(conn, "signals", {"id": instance_id})
+        nodes = Q.all_dicts(conn, "tree_nodes", {"id": instance_id}) if is_tree else []
+        signals = Q.all_dicts(conn, "signals", {"id": instance_id})
     is_open = inst["status"] in OPEN_INSTANCE_STATUSES
     now = datetime.now(UTC)
     drawn = graph.tree_graph(nodes) if is_tree else graph.dag_graph(inst["shape"], rows, is_open)
@@ -208,7 +203,7 @@ def _dag_step(step: dict[str, Any], row: dict[str, Any] | None, is_open: bool) -
 def flows(request: Request) -> Response:
     console = console_of(request)
     with console.connection() as conn:
-        versions = _rows(conn, "flows")
+        versions = Q.all_dicts(conn, "flows")
     by_name: dict[str, list[dict[str, Any]]] = {}
     for v in versions:
         by_name.setdefault(v["flow_name"], []).append(v)
@@ -220,7 +215,7 @@ def flow(request: Request) -> Response:
     console = console_of(request)
     name, version = request.path_params["name"], request.path_params["version"]
     with console.connection() as conn:
-        found = _rows(conn, "flow", {"flow": name, "version": version})
+        found = Q.all_dicts(conn, "flow", {"flow": name, "version": version})
     if not found:
         return error_page(request, 404, f"no flow {name!r} version {version!r}")
     f = found[0]
@@ -236,9 +231,9 @@ def queues(request: Request) -> Response:
     console = console_of(request)
     who = whoami(console)
     with console.connection() as conn:
-        stats = _rows(conn, "queue_stats")
-        processes = _rows(conn, "engine_processes")
-        letters = {r["queue"]: r for r in _rows(conn, "dead_letter_counts")} if who.dead_letters else None
+        stats = Q.all_dicts(conn, "queue_stats")
+        processes = Q.all_dicts(conn, "engine_processes")
+        letters = {r["queue"]: r for r in Q.all_dicts(conn, "dead_letter_counts")} if who.dead_letters else None
     for s in stats:
         s["rates"] = console.throughput.rates(s["queue"])[-36:]
         s["per_minute"] = console.throughput.per_minute(s["queue"])
@@ -264,7 +259,7 @@ def dead_letters(request: Request) -> Response:
         return render(request, "dead_letters.html", {"who": who, "allowed": False, "letters": []})
     before = request.query_params.get("before")
     with console.connection() as conn:
-        letters = _rows(conn, "dead_letters", {"before": int(before) if before and before.isdigit() else None,
+        letters = Q.all_dicts(conn, "dead_letters", {"before": int(before) if before and before.isdigit() else None,
                                                "limit": PAGE_SIZE + 1})
     more = len(letters) > PAGE_SIZE
     letters = letters[:PAGE_SIZE]

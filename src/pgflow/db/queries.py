@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import dict_row
 
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -60,6 +61,10 @@ class Queries:
 
     def all(self, conn: psycopg.Connection, name: str, params: Any = None, *, row_factory: Any = None) -> list:
         return self.execute(conn, name, params, row_factory=row_factory).fetchall()
+
+    def all_dicts(self, conn: psycopg.Connection, name: str, params: Any = None) -> list[dict[str, Any]]:
+        """Every row, as a dict keyed by column name."""
+        return self.all(conn, name, params, row_factory=dict_row)
 
     def one(self, conn: psycopg.Connection, name: str, params: Any = None, *, row_factory: Any = None) -> Any:
         """The first row, or None."""

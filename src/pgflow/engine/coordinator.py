@@ -28,6 +28,7 @@ from ..db.codec import dumps, json_arrays
 from ..db.queries import Queries
 from ..flow import INPUT
 from ..health import Health
+from ..limits import task_headers
 from ..metrics import metrics
 from ..shape import FlowShape, ShapeCache, StepShape
 from ..statuses import InstanceStatus, StepStatus
@@ -110,11 +111,14 @@ def completion(instance: DagInstance) -> dict[str, Any]:
 class Writes:
     """The tasks and map rows one evaluation round decided, written with one statement per kind."""
 
-    tasks: dict[str, list[tuple[int, str, int, dict]]] = field(default_factory=lambda: defaultdict(list))
+    tasks: dict[str, list[tuple[int, str, int, dict, dict | None]]] = field(
+        default_factory=lambda: defaultdict(list))
     map_parents: list[tuple[int, str, str, str]] = field(default_factory=list)
+    limits: dict[str, dict] = field(default_factory=dict)  # limits declared in code that tasks consume
 
-    def enqueue(self, queue: str, instance_id: int, step: str, task_index: int, message: dict) -> None:
-        self.tasks[queue].append((instance_id, step, task_index, message))
+    def enqueue(self, queue: str, instance_id: int, step: str, task_index: int, message: dict,
+                headers: dict | None = None) -> None:
+        self.tasks[queue].append((instance_id, step, task_index, message, headers))
 
     def drop_instances(self, instance_ids: Iterable[int]) -> None:
         """Forget what was decided for instances that have just failed."""
@@ -124,6 +128,7 @@ class Writes:
         self.map_parents = [m for m in self.map_parents if m[0] not in gone]
 
     def flush(self, conn: psycopg.Connection) -> None:
+        define_limits(conn, self.limits)
         if self.map_parents:
             ids, steps, statuses, queues = zip(*self.map_parents, strict=True)
             Q.execute(conn, "insert_map_parents", {"ids": list(ids), "steps": list(steps),
@@ -132,15 +137,48 @@ class Writes:
             if not tasks:
                 continue
             for part, messages in json_arrays([dumps(t[3]) for t in tasks]):
+                headers = [t[4] for t in tasks[part]]
                 Q.execute(conn, "enqueue_tasks", {
                     "queue": queue,
                     "instance_ids": [t[0] for t in tasks[part]],
                     "steps": [t[1] for t in tasks[part]],
                     "tasks": [t[2] for t in tasks[part]],
                     "messages": messages,
+                    "headers": dumps([h or {} for h in headers]) if any(headers) else None,
                 })
         self.tasks.clear()
         self.map_parents.clear()
+
+
+_DEFINED_LIMITS: dict[str, dict] = {}  # limits this process has written to pgflow.limits (as declared)
+
+
+def define_limits(conn: psycopg.Connection, limits: dict[str, dict]) -> None:
+    """Write the limits that steps declare in code before their first tasks are enqueued (once per
+    process and definition; a limit named by a string only is defined in SQL)."""
+    new = [spec for name, spec in limits.items() if len(spec) > 1 and _DEFINED_LIMITS.get(name) != spec]
+    if new:
+        Q.execute(conn, "define_limits", {"limits": dumps(new)})
+        _DEFINED_LIMITS.update((spec["name"], spec) for spec in new)
+    limits.clear()
+
+
+def claim_headers(writes: Writes, step: StepShape, inst: DagInstance, item: Any = None) -> dict | None:
+    """The headers of one task of ``step``: its priority and the limit it consumes (and its key)."""
+    if step.limit is not None:
+        writes.limits[step.limit["name"]] = step.limit
+    elif not step.priority:
+        return None
+    return task_headers(step.limit, step.limit_key, step.priority, {INPUT: inst.input, "item": item})
+
+
+def map_tasks(step: StepShape, items: list[Any]) -> list[tuple[int, Any]]:
+    """(task index, element) of a map's tasks; a batched map's task holds a slice, indexed by the position
+    of its first element (so the fan-in orders outputs by task index)."""
+    if not step.batch_size:
+        return list(enumerate(items))
+    size = step.batch_size
+    return [(start, items[start:start + size]) for start in range(0, len(items), size)]
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -246,7 +284,9 @@ class Coordinator(ConnectedLoop):
         """Fan-in: a map whose tasks all completed gets the ordered list of their outputs."""
         if not finished:
             return
-        Q.execute(conn, "finish_maps", {"ids": [f[0] for f in finished], "steps": [f[1] for f in finished]})
+        Q.execute(conn, "finish_maps", {"ids": [f[0] for f in finished], "steps": [f[1] for f in finished],
+                                        "batched": [bool(instances[f[0]].shape.steps[f[1]].batch_size)
+                                                    for f in finished]})
         for iid, step in finished:
             instances[iid].states[step] = StepStatus.COMPLETED
 
@@ -262,7 +302,8 @@ class Coordinator(ConnectedLoop):
                         maps.append((inst, step))
                         continue
                     writes.enqueue(step.queue, inst.id, step.name, -1,
-                                   task_message(inst.shape.name, inst.shape.version, inst.id, step.name))
+                                   task_message(inst.shape.name, inst.shape.version, inst.id, step.name),
+                                   claim_headers(writes, step, inst))
                     inst.states[step.name] = StepStatus.QUEUED
                     log.debug("instance %s: step %s queued", inst.id, step.name, extra={
                         "instance_id": inst.id, "flow": inst.shape.name, "step": step.name, "queue": step.queue})
@@ -298,9 +339,10 @@ class Coordinator(ConnectedLoop):
             inst.states[step.name] = StepStatus.MAPPING
             log.debug("instance %s: map step %s fans out into %d tasks", inst.id, step.name, len(items), extra={
                 "instance_id": inst.id, "flow": inst.shape.name, "step": step.name, "queue": step.queue})
-            for index, item in enumerate(items):
+            for index, item in map_tasks(step, items):
                 writes.enqueue(step.queue, inst.id, step.name, index,
-                               task_message(inst.shape.name, inst.shape.version, inst.id, step.name, index, item))
+                               task_message(inst.shape.name, inst.shape.version, inst.id, step.name, index, item),
+                               claim_headers(writes, step, inst, item[0] if step.batch_size else item))
         if failures:
             self._fail(conn, failures)
             for iid in failures:

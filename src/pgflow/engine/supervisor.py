@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..health import Health, readiness
+from ..hooks import start_worker_process
 from ..metrics import ALL_QUEUES, enable_multiprocess, metrics, multiprocess_active, serve
 from .worker import Worker
 
@@ -27,7 +28,7 @@ def _die_with_parent() -> None:
 
 
 def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any], inherited: tuple = (),
-                supervisor: int | None = None) -> None:
+                supervisor: int | None = None, init: tuple = (), compute_threads: int = 1) -> None:
     """A worker child (forked): close what it inherited but must not hold (the supervisor's metrics socket,
     so a child draining after its supervisor died never keeps the port), then work until SIGTERM.
 
@@ -45,6 +46,7 @@ def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any], inh
     for resource in inherited:
         with contextlib.suppress(OSError):
             resource.close()
+    start_worker_process(init, compute_threads)  # before it takes work: model loads, one compute thread
     worker = Worker(dsn, queues, **options)
     worker.stop_event = stop
     log.info("worker process %d working", os.getpid())
@@ -53,9 +55,11 @@ def _child_main(dsn: str, queues: list[str] | None, options: dict[str, Any], inh
 
 
 def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int = 2, drain_timeout: float = 45.0,
-                metrics_port: int = 0, stop_event: threading.Event | None = None, **options: Any) -> int:
+                metrics_port: int = 0, stop_event: threading.Event | None = None, init: tuple = (),
+                compute_threads: int = 1, **options: Any) -> int:
     """Supervise ``concurrency`` worker processes until SIGTERM/SIGINT (or ``stop_event``); restart any
     that dies; on stop, let them drain for up to ``drain_timeout`` seconds. Returns the exit code (0).
+    Each process first runs the ``init`` functions and sets ``compute_threads`` (:mod:`pgflow.hooks`).
 
     With ``metrics_port`` the supervisor serves /metrics (the children's samples, aggregated through
     prometheus-client's multiprocess mode: call :func:`pgflow.metrics.enable_multiprocess` before
@@ -89,7 +93,8 @@ def run_workers(dsn: str, *, queues: list[str] | None = None, concurrency: int =
     restart_counters = [metrics().restarts.labels(name) for name in queue_labels]
 
     def spawn(index: int):
-        process = context.Process(target=_child_main, args=(dsn, queues, options, inherited, os.getpid()),
+        process = context.Process(target=_child_main, args=(dsn, queues, options, inherited, os.getpid(),
+                                                            tuple(init), compute_threads),
                                   name=f"pgflow-worker-{index}")
         process.start()
         log.info("started worker process %d (slot %d)", process.pid, index)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..context import StepContext
+from ..context import StepContext, idempotency_key
 from ..flow import INPUT, ITEM, VARS
 from ..shape import StepShape
 from .messages import TaskMessage
@@ -61,9 +61,15 @@ class ClaimedTask:
 
     def context(self, step: StepShape, scope: dict[str, Any]) -> StepContext:
         """The ``ctx`` a Python step receives."""
+        batched = bool(step.batch_size) and self.task_index >= 0 and isinstance(self.item, list)
         return StepContext(instance_id=self.instance_id, flow=self.flow, step=step.name, task_index=self.task_index,
                            attempt=self.attempt, max_attempts=step.max_attempts, input=scope.get(INPUT),
-                           vars=scope.get(VARS) or {}, secret_refs=self.secret_refs or {})
+                           vars=scope.get(VARS) or {}, secret_refs=self.secret_refs or {},
+                           indices=range(self.task_index, self.task_index + len(self.item)) if batched else None)
+
+    def context_values(self) -> tuple[int, str, int, str]:
+        """(instance id, step, attempt, idempotency key): what a SQL step sees of its task."""
+        return self.instance_id, self.step, self.attempt, idempotency_key(self.instance_id, self.step, self.task_index)
 
     def log_fields(self) -> tuple[Any, ...]:
         """The engine fields of this task's log lines (pgflow.logs.FIELDS order)."""

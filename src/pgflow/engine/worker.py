@@ -32,9 +32,11 @@ from ..db.codec import dumps, json_arrays
 from ..db.connection import connect
 from ..db.queries import Queries
 from ..errors import NonRetryableError, NotSerializable, PayloadTooLarge
+from ..limits import RateLimited
 from ..metrics import Health, metrics
 from ..queues import channel, ensure_queue, queue_names
 from ..shape import FlowShape, ShapeCache, StepShape
+from . import batches
 from .loop import ConnectedLoop
 from .messages import TaskMessage, decode, log_fields
 from .runners import http, python
@@ -214,10 +216,16 @@ class Worker(ConnectedLoop):
                     got += len(messages)
                     self.process(name, messages, claimed)
             if got == 0 and not self.stop_event.is_set():
-                self.wait_for_notify(self.poll_interval)
+                self.wait_for_notify(self._idle_seconds())
 
     def waiting_for_database(self) -> None:
         self.health.beat()
+
+    def _idle_seconds(self) -> float:
+        """How long to wait for a notification: the poll interval, or less when a task that a limit parked
+        comes due sooner (nothing announces that moment)."""
+        due = Q.value(self._conn, "next_parked_in", {"queues": self.queues.names(self._conn, self._listen)})
+        return self.poll_interval if due is None else min(self.poll_interval, float(due))
 
     def on_connect(self) -> None:
         self.sql.on_connect(self._conn)
@@ -374,7 +382,8 @@ class Worker(ConnectedLoop):
         except Exception as exc:
             if isinstance(exc, psycopg.Error) and (self._conn.broken or self._conn.closed):
                 raise  # the connection is gone: the loop reconnects; the message comes back after its vt
-            self._record_failure(task, step, exc, labels)
+            if not self._put_back(task, step, exc, labels):
+                self._record_failure(task, step, exc, labels)
         finally:
             in_flight.dec()
             m.step_duration.labels(*labels).observe(time.perf_counter() - started)
@@ -382,13 +391,19 @@ class Worker(ConnectedLoop):
     def _dispatch(self, shape: FlowShape, step: StepShape, task: ClaimedTask, acks: _Acks, labels: Labels) -> None:
         """Run the task with the runner of its kind of step, and acknowledge it."""
         scope, columns = task.values()
+        batched = batches.is_batch(step, task)
+        if step.limit is not None and step.cost is not None:
+            cost = self.python.dag_step(task.flow, shape.ref, step.name).cost if step.cost == "function" else step.cost
+            batches.charge(self._conn, step, cost, task, scope)
         if step.kind == "sql":
             acks.flush(self._conn)  # keep acknowledgements in order with the SQL step's transaction
 
             def acknowledge(output: str, types: str | None) -> None:
+                if batched:
+                    batches.check_batch_sql_output(step, task, output)
                 complete(self._conn, task.queue, [task], f"[{output}]", [types])
 
-            self.sql.run(self._conn, task, step, scope, columns, acknowledge)
+            self.sql.run(self._conn, task, step, batches.task_values(task, scope), columns, acknowledge)
             metrics().completed.labels(*labels).inc()
             return
         try:
@@ -396,10 +411,27 @@ class Worker(ConnectedLoop):
                 output = http.run(step, task, scope)
             else:
                 output = self.python.run(shape.ref, step, task, scope)
+                if batched:
+                    batches.check_batch_output(step, task, output)
             payload = dumps(output, f"output of step {step.name}")
         except (PayloadTooLarge, NotSerializable) as exc:
             raise NonRetryableError(str(exc)) from exc
         acks.add(task, payload, labels)
+
+    def _put_back(self, task: ClaimedTask, step: StepShape | None, exc: BaseException, labels: Labels) -> bool:
+        """A task told to wait (RateLimited, an HTTP 429) is parked without spending its attempt; a failing
+        batch of a map with split_on_failure is bisected. True when the task was handled so."""
+        if isinstance(exc, RateLimited):
+            log.info("%s: rate limited, parked for %.3g s: %s", task.describe(), exc.retry_after, exc)
+            batches.park(self._conn, task, exc.retry_after)
+            return True
+        if step is not None and step.split_on_failure and batches.is_batch(step, task) and \
+                batches.split(self._conn, step, task):
+            log.warning("%s: batch of %d failed (%s: %s); split in two", task.describe(), len(task.item),
+                        type(exc).__name__, exc)
+            metrics().retried.labels(*labels).inc()
+            return True
+        return False
 
     def _record_failure(self, task: ClaimedTask, step: StepShape | None, exc: BaseException, labels: Labels) -> None:
         permanent = step is None or isinstance(exc, NonRetryableError) or task.attempt >= step.max_attempts

@@ -25,6 +25,7 @@ from ... import settings
 from ...context import resolve_secrets
 from ...errors import NonRetryableError
 from ...flow import SECRETS
+from ...limits import RateLimited, retry_after_seconds
 from ...references import compile_text, value_of
 from ...shape import StepShape
 from ..task import ClaimedTask
@@ -165,6 +166,9 @@ def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attem
     except httpx.HTTPError as exc:
         raise HttpError(_redacted(f"{type(exc).__name__}: {exc} ({spec['url']})", redact)) from None
     envelope = envelope_of(response, content, (time.perf_counter() - started) * 1000)
+    if response.status_code == 429 and "retry-after" in response.headers:  # park it, spending no attempt
+        raise RateLimited(f"HTTP 429 from {spec['url']}",
+                          retry_after=retry_after_seconds(response.headers["retry-after"]))
     if response.status_code in retry_on:
         raise RetryableStatus(f"HTTP {response.status_code} from {spec['url']} (attempt {attempt} of {max_attempts})")
     return envelope

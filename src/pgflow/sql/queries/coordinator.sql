@@ -55,16 +55,22 @@ FROM unnest(%(ids)s::bigint[], %(steps)s::text[], %(statuses)s::text[], %(queues
     AS u(instance_id, step_name, status, queue);
 
 -- name: enqueue_tasks
+-- %(headers)s: a JSON list of each task's claim headers (priority, limit), or NULL when none has any
 SELECT pgflow.enqueue_tasks(%(queue)s, %(instance_ids)s, %(steps)s, %(tasks)s,
-                             pgflow.jsonb_list(%(messages)s::jsonb));
+                             pgflow.jsonb_list(%(messages)s::jsonb), pgflow.jsonb_list(%(headers)s::jsonb));
 
 -- name: finish_maps
+-- a batched map's tasks each output a list (one output per element of their slice): flattened in order
 UPDATE pgflow.steps p
 SET status = 'completed', finished_at = now(),
-    output = (SELECT coalesce(jsonb_agg(c.output ORDER BY c.task_index), '[]'::jsonb)
-              FROM pgflow.steps c
+    output = CASE WHEN u.batched
+        THEN (SELECT coalesce(jsonb_agg(e.value ORDER BY c.task_index, e.n), '[]'::jsonb)
+              FROM pgflow.steps c CROSS JOIN LATERAL jsonb_array_elements(c.output) WITH ORDINALITY AS e(value, n)
               WHERE c.instance_id = p.instance_id AND c.step_name = p.step_name AND c.task_index >= 0)
-FROM unnest(%(ids)s::bigint[], %(steps)s::text[]) AS u(instance_id, step_name)
+        ELSE (SELECT coalesce(jsonb_agg(c.output ORDER BY c.task_index), '[]'::jsonb)
+              FROM pgflow.steps c
+              WHERE c.instance_id = p.instance_id AND c.step_name = p.step_name AND c.task_index >= 0) END
+FROM unnest(%(ids)s::bigint[], %(steps)s::text[], %(batched)s::boolean[]) AS u(instance_id, step_name, batched)
 WHERE p.instance_id = u.instance_id AND p.step_name = u.step_name AND p.task_index = -1;
 
 -- name: complete_instances
@@ -107,3 +113,7 @@ WHERE instance_id = ANY(%(ids)s) AND status = ANY (pgflow.open_step_statuses());
 
 -- name: notify_done
 SELECT pg_notify('pgflow_instance_done', id::text) FROM unnest(%(ids)s::bigint[]) AS id;
+
+-- name: define_limits
+-- limits declared in flow code, written before their first tasks are enqueued
+SELECT pgflow.define_limits(%(limits)s::jsonb);

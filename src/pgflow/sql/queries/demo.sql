@@ -37,8 +37,27 @@ CREATE TABLE IF NOT EXISTS pgflow_demo.chunks (
 CREATE OR REPLACE FUNCTION pgflow_demo.to_embedding(v jsonb) RETURNS real[]
     LANGUAGE sql IMMUTABLE AS $$ SELECT ARRAY(SELECT jsonb_array_elements_text(v)::real) $$;
 
+-- name: demo_minilm_vector
+-- (--embedder minilm: all-MiniLM-L6-v2's 384 dimensions)
+CREATE TABLE IF NOT EXISTS pgflow_demo.chunks_minilm (
+    doc_id     integer NOT NULL,
+    chunk_no   integer NOT NULL,
+    body       text    NOT NULL,
+    embedding  vector(384) NOT NULL,
+    PRIMARY KEY (doc_id, chunk_no)
+);
+
+-- name: demo_minilm_array
+CREATE TABLE IF NOT EXISTS pgflow_demo.chunks_minilm (
+    doc_id     integer NOT NULL,
+    chunk_no   integer NOT NULL,
+    body       text    NOT NULL,
+    embedding  real[]  NOT NULL,
+    PRIMARY KEY (doc_id, chunk_no)
+);
+
 -- name: demo_reset
-TRUNCATE pgflow_demo.chunks;
+TRUNCATE pgflow_demo.chunks, pgflow_demo.chunks_minilm;
 UPDATE pgflow_demo.documents SET processed = false WHERE processed;
 
 -- name: demo_document_count
@@ -68,4 +87,8 @@ FROM pgflow.steps WHERE instance_id = ANY(%(ids)s);
 
 -- name: demo_check
 SELECT (SELECT count(*) FROM pgflow_demo.chunks),
+       (SELECT count(*) FROM pgflow_demo.documents WHERE NOT processed);
+
+-- name: demo_check_minilm
+SELECT (SELECT count(*) FROM pgflow_demo.chunks_minilm),
        (SELECT count(*) FROM pgflow_demo.documents WHERE NOT processed);

@@ -8,9 +8,13 @@ LISTEN {channel};
 -- one round trip: read a batch and claim the tasks of its well-formed messages
 SELECT * FROM pgflow.read_tasks(%(queue)s, %(vt)s, %(qty)s);
 
+-- name: next_parked_in
+-- seconds until the first parked message of the served queues comes due (NULL: none parked)
+SELECT min(pgflow.next_parked_in(q)) FROM unnest(%(queues)s::text[]) AS q;
+
 -- name: read_messages
--- (when the batch cannot be claimed as a whole: read alone, then claim one by one)
-SELECT msg_id, message FROM pgmq.read(%(queue)s, %(vt)s, %(qty)s);
+-- (when the batch cannot be claimed as a whole: read alone, in the same fair order, then claim one by one)
+SELECT msg_id, message FROM pgflow.read_queue(%(queue)s, %(vt)s, %(qty)s);
 
 -- name: claim_tasks
 SELECT * FROM pgflow.claim_tasks(%(msg_ids)s, %(instance_ids)s, %(steps)s, %(tasks)s, %(flows)s, %(versions)s);

@@ -57,12 +57,19 @@ CREATE TABLE pgflow.instances (
     trace_context text DEFAULT (
         CASE WHEN current_setting('pgflow.trace_context', true) ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
              THEN current_setting('pgflow.trace_context', true) END),
+    -- The start's priority (higher runs first, 08_read_and_claim.sql), from the transaction-local setting
+    -- pgflow.priority like the trace context: the start functions keep their signatures. Out of range: 0.
+    priority      smallint    NOT NULL DEFAULT (
+        CASE WHEN current_setting('pgflow.priority', true) ~ '^-?[0-9]{1,4}$'
+             THEN current_setting('pgflow.priority', true)::smallint ELSE 0 END),
     FOREIGN KEY (flow_name, flow_version) REFERENCES pgflow.flows (flow_name, version)
 );
 CREATE INDEX instances_status_id ON pgflow.instances (status, id);
 CREATE INDEX instances_flow_id ON pgflow.instances (flow_name, id);
 CREATE INDEX instances_label_id ON pgflow.instances (label, id) WHERE label IS NOT NULL;
 CREATE INDEX instances_finished_at ON pgflow.instances (finished_at) WHERE finished_at IS NOT NULL;
+-- the few instances started with a priority: enqueue_tasks looks them up here, not among every instance
+CREATE INDEX instances_prioritized ON pgflow.instances (id) INCLUDE (priority) WHERE priority <> 0;
 
 -- A step row exists once the coordinator has scheduled the step (no row = not reached yet).
 -- task_index = -1 is the step itself; a map step additionally has one row per element (0..n-1).

@@ -17,6 +17,44 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION pgflow.check_queue_name(text) FROM PUBLIC;
 
+-- Fair claiming (08_read_and_claim.sql reads in this order). pgmq reads strictly by msg_id (FIFO): every
+-- later step of every instance waits behind every task enqueued before it, so a 20,000-wide fan-out delays
+-- a new 3-step chain by tens of seconds. pgflow instead reads each queue in start-time fair-queueing order:
+-- priority (higher first), then a virtual-time tag given at enqueue (07_enqueue.sql: the queue's head tag
+-- plus the task's rank within its instance's enqueue), then the instance (older first), then msg_id. These
+-- live in the message's pgmq headers (never in the message body, which stays what the worker decodes).
+-- The functions are total: a header that is absent or not a small number counts as 0, so a message from
+-- older code or from someone else's send can never make its insert fail.
+CREATE FUNCTION pgflow.task_priority(h jsonb) RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN h->>'priority' ~ '^-?[0-9]{1,5}$' THEN (h->>'priority')::integer ELSE 0 END
+$$;
+REVOKE ALL ON FUNCTION pgflow.task_priority(jsonb) FROM PUBLIC;
+
+CREATE FUNCTION pgflow.task_tag(h jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN h->>'tag' ~ '^[0-9]{1,18}$' THEN (h->>'tag')::bigint ELSE 0 END
+$$;
+REVOKE ALL ON FUNCTION pgflow.task_tag(jsonb) FROM PUBLIC;
+
+CREATE FUNCTION pgflow.task_instance(m jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN m->>'instance' ~ '^[0-9]{1,18}$' THEN (m->>'instance')::bigint ELSE 0 END
+$$;
+REVOKE ALL ON FUNCTION pgflow.task_instance(jsonb) FROM PUBLIC;
+
+-- The indexes of that order on a queue table: ready messages in fair order (parked ones excluded: a task
+-- held back by a rate limit may wait minutes, and thousands of them must not be scanned past on every
+-- read), and parked messages by the time they are due.
+CREATE FUNCTION pgflow.ensure_queue_order(p_queue text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pgflow, pg_temp AS $$
+BEGIN
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgmq.%I (pgflow.task_priority(headers) DESC, '
+                   'pgflow.task_tag(headers), pgflow.task_instance(message), msg_id) '
+                   'WHERE (headers->>''parked'') IS NULL',
+                   'q_' || p_queue || '_fair', 'q_' || pgflow.check_queue_name(p_queue));
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON pgmq.%I (vt) WHERE (headers->>''parked'') IS NOT NULL',
+                   'q_' || p_queue || '_parked', 'q_' || p_queue);
+END $$;
+REVOKE ALL ON FUNCTION pgflow.ensure_queue_order(text) FROM PUBLIC;
+
 -- Idempotent and safe between replicas that start at once: the first INSERT of the name wins the unique
 -- index, concurrent ones wait for it to commit and then insert nothing, so pgmq.create runs once. A definer
 -- function: queues are shared, users need no write access to create one.
@@ -27,6 +65,7 @@ BEGIN
     INSERT INTO pgflow.queues (queue_name) VALUES (p_queue) ON CONFLICT DO NOTHING;
     IF FOUND THEN
         PERFORM pgmq.create(p_queue);
+        PERFORM pgflow.ensure_queue_order(p_queue);
     END IF;
 END $$;
 REVOKE ALL ON FUNCTION pgflow.ensure_queue(text) FROM PUBLIC;

@@ -78,20 +78,67 @@ CREATE FUNCTION pgflow.claim_tasks(
 $$;
 REVOKE ALL ON FUNCTION pgflow.claim_tasks(bigint[], bigint[], text[], integer[], text[], text[]) FROM PUBLIC;
 
+-- pgflow reads its queues with its own function instead of pgmq.read (pgmq still sends, archives, deletes
+-- and sets visibility timeouts): pgmq.read takes messages by msg_id, strict FIFO, and pgmq's grouped
+-- round-robin read (read_grouped_rr) holds a whole group back while its head message is in flight and scans
+-- the queue on each read, which does not suit a 20,000-wide fan-out. This is pgmq.read's statement (hide
+-- the messages for p_vt seconds, read_ct + 1, SKIP LOCKED between readers) in fair order (04_queues.sql):
+-- first parked messages that are due (tasks a limit held back, 22_limits.sql; oldest due first), then
+-- ready messages by priority, virtual-time tag, instance and msg_id, each through its own index.
+CREATE FUNCTION pgflow.read_queue(p_queue text, p_vt integer, p_qty integer)
+RETURNS SETOF pgmq.message_record
+LANGUAGE plpgsql SET search_path = pg_catalog, pgflow, pg_temp AS $$
+BEGIN
+    RETURN QUERY EXECUTE format($q$
+        WITH due AS MATERIALIZED (
+            SELECT msg_id FROM pgmq.%1$I
+            WHERE vt <= clock_timestamp() AND (headers->>'parked') IS NOT NULL
+            ORDER BY vt LIMIT $1 FOR UPDATE SKIP LOCKED
+        ), fair AS MATERIALIZED (
+            SELECT msg_id FROM pgmq.%1$I
+            WHERE vt <= clock_timestamp() AND (headers->>'parked') IS NULL
+            ORDER BY pgflow.task_priority(headers) DESC, pgflow.task_tag(headers), pgflow.task_instance(message),
+                     msg_id
+            LIMIT greatest($1 - (SELECT count(*) FROM due), 0) FOR UPDATE SKIP LOCKED
+        )
+        UPDATE pgmq.%1$I m
+        SET last_read_at = clock_timestamp(), vt = clock_timestamp() + make_interval(secs => $2),
+            read_ct = read_ct + 1
+        FROM (SELECT msg_id FROM due UNION ALL SELECT msg_id FROM fair) AS picked
+        WHERE m.msg_id = picked.msg_id
+        RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, m.message, m.headers
+        $q$, 'q_' || p_queue) USING p_qty, p_vt;
+END $$;
+REVOKE ALL ON FUNCTION pgflow.read_queue(text, integer, integer) FROM PUBLIC;
+
 -- A worker also learns how long each task waited in its queue (for a message read for the first time; a
 -- redelivery's waiting is its backoff or the visibility timeout, not the queue): operators scale workers
 -- on the time from enqueue to start, since depth alone does not say whether the workers keep up.
+-- Messages of tasks that consume a limit pass its admission first (22_limits.sql): those it holds back are
+-- parked (hidden until their turn) and neither claimed nor returned. Rows come in fair order.
 CREATE FUNCTION pgflow.read_tasks(p_queue text, p_vt integer, p_qty integer)
 RETURNS TABLE (
     msg_id bigint, message jsonb, instance_id bigint, step_name text, task_index integer, attempt integer,
     flow_name text, flow_version text, input jsonb, variables jsonb, deps jsonb, dep_columns jsonb,
     owner name, secret_refs jsonb, trace_context text, queue_wait double precision
-) LANGUAGE sql AS $$
+) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    msgs pgmq.message_record[] := ARRAY(SELECT r FROM pgflow.read_queue(p_queue, p_vt, p_qty) r);
+    held bigint[] := '{}';
+BEGIN
+    IF EXISTS (SELECT 1 FROM unnest(msgs) r WHERE r.headers ? 'limit') THEN
+        held := pgflow.admit_tasks(p_queue, msgs);
+    END IF;
+    RETURN QUERY
     WITH m AS MATERIALIZED (
         SELECT r.msg_id, r.message, pgflow.is_task_message(r.message) AS ok,
                CASE WHEN r.read_ct = 1 THEN extract(epoch FROM clock_timestamp() - r.enqueued_at)::float8
-               END AS queue_wait
-        FROM pgmq.read(p_queue, p_vt, p_qty) r
+               END AS queue_wait,
+               row_number() OVER (ORDER BY (r.headers->>'parked') IS NULL, pgflow.task_priority(r.headers) DESC,
+                                           pgflow.task_tag(r.headers), pgflow.task_instance(r.message), r.msg_id) AS n
+        FROM unnest(msgs) r
+        WHERE r.msg_id <> ALL (held)
     ), t AS MATERIALIZED (
         SELECT m.msg_id,
                CASE WHEN m.ok THEN (m.message->>'instance')::bigint END AS instance_id,
@@ -112,6 +159,6 @@ RETURNS TABLE (
            c.flow_version, c.input, c.variables, c.deps, c.dep_columns, c.owner, c.secret_refs, c.trace_context,
            m.queue_wait
     FROM m LEFT JOIN c ON c.msg_id = m.msg_id
-    ORDER BY m.msg_id;
-$$;
+    ORDER BY m.n;
+END $$;
 REVOKE ALL ON FUNCTION pgflow.read_tasks(text, integer, integer) FROM PUBLIC;

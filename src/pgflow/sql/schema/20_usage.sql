@@ -8,7 +8,9 @@
 CREATE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
     SELECT ARRAY['claim_tasks', 'read_tasks', 'complete_tasks', 'fail_task', 'release_tasks', 'enqueue_tasks',
                  '_executor_sql', 'grant_usage', 'revoke_usage', '_internal_functions',
-                 'requeue_dead_letter', 'discard_dead_letter']
+                 'requeue_dead_letter', 'discard_dead_letter',
+                 'read_queue', 'queue_head', 'ensure_queue_order', 'admit_tasks', 'park_task', 'charge_limit',
+                 'define_limit', 'define_limits', 'split_task', 'next_parked_in']
 $$;
 REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
 

@@ -1,0 +1,98 @@
+"""Fair claiming and priorities, at the database: a coordinator (in this process) enqueues, and the test
+reads batches with pgflow.read_tasks as a worker would (no worker runs, so nothing moves but the reads)."""
+
+from __future__ import annotations
+
+import claim_flows as cf
+import pytest
+from conftest import run_sql
+
+import pgflow
+from pgflow.engine.coordinator import Coordinator
+
+
+@pytest.fixture
+def coordinator(dsn):
+    c = Coordinator(dsn, maintenance_every=3600, vacuum_every=0)
+    c._connect()
+    yield c
+    c._close()
+
+
+def schedule(coordinator: Coordinator) -> None:
+    while coordinator.process_batch():
+        pass
+
+
+def read(dsn: str, qty: int = 20) -> list[tuple[int, str, int]]:
+    """(instance, step, task) of a batch read and claimed from the 'fair' queue, in the order returned."""
+    return [(r[0], r[1], r[2]) for r in run_sql(
+        dsn, "SELECT instance_id, step_name, task_index FROM pgflow.read_tasks('fair', 30, %s)", (qty,))]
+
+
+def complete(dsn: str, claimed: list[tuple[int, str, int]]) -> None:
+    run_sql(dsn, """SELECT pgflow.complete_tasks('fair', array_agg(s.msg_id), array_agg(s.instance_id),
+                        array_agg(s.step_name), array_agg(s.task_index), array_agg(s.attempt),
+                        array_agg('1'::jsonb))
+                    FROM pgflow.steps s JOIN unnest(%s::bigint[], %s::text[], %s::int[]) AS u(i, n, t)
+                      ON s.instance_id = u.i AND s.step_name = u.n AND s.task_index = u.t""",
+            ([c[0] for c in claimed], [c[1] for c in claimed], [c[2] for c in claimed]))
+
+
+def test_a_new_chain_is_claimed_among_the_first_tasks_of_a_wide_fan_out(dsn, coordinator):
+    fan = pgflow.start(cf.fan, list(range(500)), dsn=dsn)
+    schedule(coordinator)
+    first = read(dsn)
+    assert {c[0] for c in first} == {fan} and [c[2] for c in first] == list(range(20))
+    chain = pgflow.start(cf.small_chain, None, dsn=dsn)
+    schedule(coordinator)
+    second = read(dsn)  # FIFO would give the chain's step after the 480 fan-out tasks still queued
+    assert (chain, "c1", -1) in second[:2]
+    complete(dsn, [c for c in second if c[0] == chain])
+    schedule(coordinator)
+    assert (chain, "c2", -1) in read(dsn)[:2]
+
+
+def test_older_instances_win_ties_so_chains_complete_progressively(dsn, coordinator):
+    ids = pgflow.start_many(cf.small_chain, [None] * 50, dsn=dsn)
+    schedule(coordinator)
+    first = read(dsn, 5)
+    assert first == [(i, "c1", -1) for i in ids[:5]]
+    complete(dsn, first)
+    schedule(coordinator)
+    # the second steps of the first chains come before the first steps of the later chains
+    assert read(dsn, 5) == [(i, "c2", -1) for i in ids[:5]]
+
+
+def test_priorities_per_step_and_per_start(dsn, coordinator):
+    fan = pgflow.start(cf.fan, list(range(100)), dsn=dsn)
+    plain = pgflow.start(cf.small_chain, None, dsn=dsn)
+    urgent = pgflow.start(cf.urgent, None, dsn=dsn)  # its step has priority 10
+    favoured = pgflow.start(cf.small_chain, None, dsn=dsn, priority=5)
+    schedule(coordinator)
+    batch = read(dsn, 3)
+    assert batch[:2] == [(urgent, "now", -1), (favoured, "c1", -1)]
+    assert fan not in [c[0] for c in batch[:2]] and plain not in [c[0] for c in batch[:2]]
+    headers = run_sql(dsn, "SELECT headers FROM pgmq.q_fair WHERE (message->>'instance')::bigint = %s", (favoured,))
+    assert headers[0][0]["priority"] == 5
+
+
+def test_the_fair_read_uses_its_index(dsn, coordinator):
+    pgflow.start(cf.fan, list(range(2000)), dsn=dsn)
+    schedule(coordinator)
+    run_sql(dsn, "ANALYZE pgmq.q_fair")
+    plan = "\n".join(r[0] for r in run_sql(dsn, """
+        EXPLAIN SELECT msg_id FROM pgmq.q_fair
+        WHERE vt <= clock_timestamp() AND (headers->>'parked') IS NULL
+        ORDER BY pgflow.task_priority(headers) DESC, pgflow.task_tag(headers), pgflow.task_instance(message), msg_id
+        LIMIT 20 FOR UPDATE SKIP LOCKED"""))
+    assert "q_fair_fair" in plan and "Sort" not in plan
+
+
+def test_queues_created_before_the_migration_get_the_fair_indexes(dsn):
+    """What migration 0005 runs for every existing queue."""
+    run_sql(dsn, "SELECT pgmq.create('legacy')")
+    run_sql(dsn, "INSERT INTO pgflow.queues (queue_name) VALUES ('legacy')")
+    run_sql(dsn, "SELECT pgflow.ensure_queue_order(queue_name) FROM pgflow.queues ORDER BY queue_name")
+    names = {r[0] for r in run_sql(dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'q_legacy'")}
+    assert {"q_legacy_fair", "q_legacy_parked"} <= names
