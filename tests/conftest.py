@@ -12,15 +12,16 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
 import pytest
-from process_state import died_of_early_sigterm, terminate
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from support.process_state import died_of_early_sigterm, terminate
 
 from pgflow.db.embedded import start_server
 from pgflow.db.migrations import init_schema
@@ -97,14 +98,36 @@ def run_sql(dsn: str, statement: str, params: tuple | list = ()) -> list[tuple] 
         return cur.fetchall() if cur.description else None
 
 
-def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll ``predicate`` every 50 ms; fail the test after ``timeout`` seconds."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition", *,
+               interval: float = 0.05, retry_on: tuple[type[BaseException], ...] = (),
+               detail: Callable[[], str] | None = None) -> Any:
+    """The tests' one way to wait for a state (never a fixed sleep): poll ``predicate`` every ``interval`` s
+    until it returns something truthy, and return that; after ``timeout`` s fail naming ``what``, the last
+    value seen and ``detail()``. Exceptions in ``retry_on`` mean "not yet" (a server still starting)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    last: Any = None
+    while True:
+        try:
+            last = predicate()
+        except retry_on as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            extra = f"\n{detail()}" if detail else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}"[:3000] + extra)
+        time.sleep(interval)
+
+
+@pytest.fixture
+def effects_db(dsn):
+    """The test database with the tables steps record their effects in (support.sample_flows: py_runs,
+    sql_effects); give workers ``PGFLOW_TEST_EFFECTS_DSN=effects_db``."""
+    from support.sample_flows import create_effect_tables  # not at import: unit tests register no flows
+
+    create_effect_tables(dsn)
+    return dsn
 
 
 def pgflow_command(*args: str) -> list[str]:
@@ -133,7 +156,8 @@ class Engine:
         return self._spawn(pgflow_command(*self.options, "coordinator", "--dsn", self.dsn, *args))
 
     def worker(self, *args: str, concurrency: int = 2) -> subprocess.Popen:
-        return self._spawn(pgflow_command(*self.options, "worker", "--dsn", self.dsn, "--import", "sample_flows",
+        return self._spawn(pgflow_command(*self.options, "worker", "--dsn", self.dsn,
+                                          "--import", "support.sample_flows",
                                           "--concurrency", str(concurrency), "--visibility-timeout", "3", *args))
 
     def spawn(self, cmd: list[str]) -> subprocess.Popen:
@@ -153,13 +177,11 @@ class Engine:
 
     def worker_children(self, proc: subprocess.Popen, count: int, timeout: float = 60.0) -> list[psutil.Process]:
         """The worker's child processes, once ``count`` of them run."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def enough() -> list[psutil.Process] | None:
             children = psutil.Process(proc.pid).children()
-            if len(children) >= count:
-                return children
-            time.sleep(0.05)
-        raise AssertionError(f"worker {proc.pid} has fewer than {count} children")
+            return children if len(children) >= count else None
+
+        return wait_until(enough, timeout, f"worker {proc.pid} to have {count} children")
 
     def stop(self) -> list[str]:
         """SIGTERM everything; return stderr of processes that did not exit cleanly. Each process's stderr

@@ -1,4 +1,4 @@
--- What tests/test_schema.py compares between a database built from src/pgflow/sql/schema/ and one built
+-- What tests/db/test_schema.py compares between a database built from src/pgflow/sql/schema/ and one built
 -- from src/pgflow/sql/migrations/. Each block ("-- name: <what>") returns (key, detail as jsonb) rows for
 -- pgflow's own objects: everything in the schemas pgflow and pgflow_exec, plus pgflow's operators (which
 -- may live in public). Nothing here depends on OIDs, creation order or the name of the role that ran init.

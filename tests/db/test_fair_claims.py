@@ -3,9 +3,9 @@ reads batches with pgflow.read_tasks as a worker would (no worker runs, so nothi
 
 from __future__ import annotations
 
-import claim_flows as cf
 import pytest
 from conftest import run_sql
+from support import claim_flows as cf
 
 import pgflow
 from pgflow.engine.coordinator import Coordinator

@@ -3,9 +3,9 @@ hooks, with a real coordinator and real worker processes (issue 14)."""
 
 from __future__ import annotations
 
-import claim_flows as cf
 import pytest
 from conftest import run_sql, wait_until
+from support import claim_flows as cf
 
 import pgflow
 from pgflow import InstanceFailed
@@ -17,7 +17,7 @@ def claims(dsn, engine_factory):
     run_sql(dsn, cf.LOG_TABLE)
     engine = engine_factory(CLAIM_TEST_DSN=dsn)
     engine.coordinator()
-    engine.worker("--import", "claim_flows")
+    engine.worker("--import", "support.claim_flows")
     return engine
 
 
@@ -140,7 +140,7 @@ def test_worker_init_hook_and_one_compute_thread_per_process(dsn, engine_factory
     run_sql(dsn, cf.LOG_TABLE)
     engine = engine_factory(CLAIM_TEST_DSN=dsn)
     engine.coordinator()
-    engine.worker("--import", "claim_flows", "--init", "claim_flows:init_hook")
+    engine.worker("--import", "support.claim_flows", "--init", "support.claim_flows:init_hook")
     outputs = [pgflow.result(i, dsn=dsn) for i in [pgflow.start(cf.hooks_flow, k, dsn=dsn) for k in range(6)]
                if finished(dsn, i)]
     for out in outputs:
@@ -151,7 +151,7 @@ def test_worker_init_hook_and_one_compute_thread_per_process(dsn, engine_factory
 def test_the_environment_wins_over_the_default_thread_count(dsn, engine_factory):
     engine = engine_factory(CLAIM_TEST_DSN=dsn, OMP_NUM_THREADS="3")
     engine.coordinator()
-    engine.worker("--import", "claim_flows")
+    engine.worker("--import", "support.claim_flows")
     iid = pgflow.start(cf.hooks_flow, 0, dsn=dsn)
     finished(dsn, iid)
     out = pgflow.result(iid, dsn=dsn)
@@ -160,7 +160,7 @@ def test_the_environment_wins_over_the_default_thread_count(dsn, engine_factory)
 
 def test_a_bad_init_hook_is_refused_at_start(dsn, engine_factory):
     engine = engine_factory()
-    proc = engine.worker("--import", "claim_flows", "--init", "claim_flows:no_such_hook")
+    proc = engine.worker("--import", "support.claim_flows", "--init", "support.claim_flows:no_such_hook")
     wait_until(lambda: proc.poll() is not None, 30, "the worker to refuse its --init")
     assert proc.returncode != 0
     engine.procs.remove(proc)

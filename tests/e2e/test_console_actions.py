@@ -9,8 +9,8 @@ import uuid
 import psycopg
 import pytest
 from conftest import run_sql, wait_until
-from console_helpers import Browserless, console_process
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from support.console_helpers import Browserless, console_process
 
 import pgflow
 from pgflow import InstanceNotFound, PgflowError
@@ -21,7 +21,7 @@ from pgflow.engine.messages import task_message
 def _engine(engine_factory):
     engine = engine_factory()
     engine.coordinator()
-    engine.worker("--import", "console_flows")
+    engine.worker("--import", "support.console_flows")
     return engine
 
 
@@ -79,7 +79,7 @@ def test_retry_a_map_requeues_only_its_failed_task_with_the_engines_message(dsn,
     assert [m for (m,) in queued] == [task_message("console_map", version, iid, "check", k[1],
                                                    {"i": k[1], "flag": str(flag)}) for k in sorted(rerun)]
     engine = engine_factory()
-    engine.worker("--import", "console_flows")  # the worker first: it claims the tasks of the running instance
+    engine.worker("--import", "support.console_flows")  # the worker first: it claims the tasks of the running instance
     wait_until(lambda: run_sql(dsn, "SELECT count(*) FROM pgflow.steps WHERE instance_id = %s AND task_index >= 0"
                                     " AND status <> 'completed'", (iid,)) == [(0,)], what="re-run tasks done")
     engine.coordinator()

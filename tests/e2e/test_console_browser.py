@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from console_helpers import console_process
+from support.console_helpers import console_process
 
 import pgflow
 from pgflow import tree as t
@@ -54,7 +54,7 @@ def test_the_console_in_a_browser(dsn, engine_factory, browser, tmp_path):
 
     engine = engine_factory()
     engine.coordinator()
-    engine.worker("--import", "console_flows")
+    engine.worker("--import", "support.console_flows")
     flag = tmp_path / "open"
     failed = pgflow.start(console_flows.gate, {"n": 4, "flag": str(flag)}, label="nightly", dsn=dsn)
     wide = pgflow.start(sample_flows.wide, 1000, dsn=dsn)

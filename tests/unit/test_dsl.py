@@ -96,12 +96,12 @@ def test_parameters_adapt_structures_to_jsonb_and_keep_scalars():
     assert params[1:] == ["'; DROP TABLE x; --", 3]
 
 
-TEXT_VECTORS = json.loads((Path(__file__).parent / "data" / "text_references.json").read_text())["vectors"]
+TEXT_VECTORS = json.loads((Path(__file__).parents[1] / "data" / "text_references.json").read_text())["vectors"]
 
 
 @pytest.mark.parametrize("vector", TEXT_VECTORS, ids=[v["text"][:40] for v in TEXT_VECTORS])
 def test_the_reference_grammar_of_http_text(vector):
-    """HTTP text uses the same reference grammar as SQL steps (tests/test_grammar.py checks those), but every
+    """HTTP text uses the same reference grammar as SQL steps (tests/db/test_grammar.py checks those), but every
     ``$name...`` is a reference and any other ``$`` is text."""
     if "error" in vector:
         with pytest.raises(FlowDefinitionError, match=re.escape(vector["error"])):

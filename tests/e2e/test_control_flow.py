@@ -147,9 +147,9 @@ def test_fan_out_of_three_counts_joined_into_a_report(dsn, fast_engine, door):
     counts = [f"SELECT count(*) AS n FROM {x}" for x in "abc"]
     insert = "INSERT INTO report VALUES ($a.n, $b.n, $c.n, $total) RETURNING *"
     node = (t.sql(counts[0]).named("a") & t.sql(counts[1]).named("b") & t.sql(counts[2]).named("c")).named("counts") \
-        >> t.python("sample_trees:total").named("total") >> t.sql(insert)
+        >> t.python("support.sample_trees:total").named("total") >> t.sql(insert)
     expr = (f"(('{counts[0]}' |=> 'a') & ('{counts[1]}' |=> 'b') & ('{counts[2]}' |=> 'c')) |=> 'counts'"
-            f" ~> (pgflow.python('sample_trees:total') |=> 'total') ~> '{insert}'")
+            f" ~> (pgflow.python('support.sample_trees:total') |=> 'total') ~> '{insert}'")
     assert finish(dsn, start(dsn, door, expr, node)) == [{"a": 1, "b": 2, "c": 3, "total": 6}]
 
 
@@ -316,8 +316,8 @@ def test_race_of_a_slow_step_against_a_timer(dsn, engine_factory, door):
 @pytest.mark.parametrize("door", FRONT_DOORS)
 def test_variables_are_visible_to_steps(dsn, fast_engine, door):
     pgflow.set_variable("greeting", "bonjour", dsn=dsn)
-    node = t.python("sample_trees:greet").named("g") >> "SELECT $g AS text, $vars.greeting AS v"
-    expr = "(pgflow.python('sample_trees:greet') |=> 'g') ~> 'SELECT $g AS text, $vars.greeting AS v'"
+    node = t.python("support.sample_trees:greet").named("g") >> "SELECT $g AS text, $vars.greeting AS v"
+    expr = "(pgflow.python('support.sample_trees:greet') |=> 'g') ~> 'SELECT $g AS text, $vars.greeting AS v'"
     out = finish(dsn, start(dsn, door, expr, node, input={"who": "Ada"}))
     assert out == [{"text": "bonjour, Ada (attempt 1)", "v": "bonjour"}]
 

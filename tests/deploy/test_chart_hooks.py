@@ -8,22 +8,16 @@ import contextlib
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import pgflow_command, subprocess_env
 from psycopg.conninfo import make_conninfo
+from support import deploy_helpers as h
 
 from pgflow.health import Health, readiness
 from pgflow.metrics import serve
 from pgflow.queues import queue_names
-
-try:  # tests/ as a package
-    from . import deploy_helpers as h
-except ImportError:  # tests/ as a plain directory
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import deploy_helpers as h
 
 COMPONENT = "app.kubernetes.io/component"
 

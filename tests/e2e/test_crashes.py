@@ -9,22 +9,14 @@ import signal
 
 import psycopg
 import pytest
-import sample_flows as sf
 from conftest import restart_postgres, run_sql, wait_until
+from support import sample_flows as sf
 
 import pgflow
 
 pytestmark = pytest.mark.slow
 
 INSTANCES = 24
-
-
-@pytest.fixture
-def effects_db(dsn):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE py_runs (key text NOT NULL, attempt int NOT NULL)")
-        conn.execute("CREATE TABLE sql_effects (instance_id int NOT NULL, value int NOT NULL)")
-    return dsn
 
 
 def start_all(dsn, sleep=0.2):

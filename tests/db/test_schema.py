@@ -18,7 +18,7 @@ from pgflow import PgflowError, statuses
 from pgflow.db import migrations as store
 from pgflow.db.connection import connect
 
-CATALOG_SQL = Path(__file__).parent / "data" / "catalog.sql"
+CATALOG_SQL = Path(__file__).parents[1] / "data" / "catalog.sql"
 SCHEMA_DIR = Path(statuses.__file__).parent / "sql" / "schema"
 SECTIONS = ("schemas", "default_privileges", "functions", "operators", "relations", "columns", "constraints",
             "indexes", "policies", "triggers", "sequences", "types", "comments")

@@ -1,4 +1,4 @@
-"""Flows for tests/test_logs_tracing.py (workers import this module: ``--import log_flows``)."""
+"""Flows for tests/e2e/test_logs_tracing.py (workers import this module: ``--import log_flows``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ chatty = Flow("chatty", max_attempts=2, backoff_base=0.05, backoff_cap=0.1)
 
 @chatty.step()
 def speak(ctx, input):
-    logging.getLogger("log_flows").warning("speaking for %s", input)  # a step's own line
+    logging.getLogger("support.log_flows").warning("speaking for %s", input)  # a step's own line
     return input
 
 

@@ -1,11 +1,10 @@
-"""Autoscaling on queue depth, proven locally: the scaler of loadtests/autoscale.py reads the queue depth with
+"""Autoscaling on queue depth, proven locally: the scaler of tests/support/autoscaler.py (which
+`python loadtests/run.py autoscale` runs as a demo) reads the queue depth with
 exactly KEDA's query and adds/removes `pgflow worker --queue scale --concurrency 1` processes (one per
 replica; SIGTERM on scale-in) while a fan-out pipeline runs on a real PostgreSQL."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import psycopg
@@ -15,23 +14,20 @@ import yaml
 from pgflow.metrics import KEDA_DEPTH_QUERY_TEMPLATE
 from pgflow.queues import ensure_queue
 
-LOADTEST = Path(__file__).resolve().parents[1] / "loadtests" / "autoscale.py"
-KEDA_MANIFEST = Path(__file__).resolve().parents[1] / "deploy" / "k8s" / "keda-scaledobject.yaml"
+KEDA_MANIFEST = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "keda-scaledobject.yaml"
 DRAIN_TIMEOUT = 10.0
 INSTANCES, TASKS = 3, 200
 
 
 @pytest.fixture(scope="module")
 def autoscale():
-    spec = importlib.util.spec_from_file_location("pgflow_loadtest_autoscale", LOADTEST)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    from support import autoscaler
+
+    return autoscaler
 
 
 def test_depth_is_read_with_the_keda_query(dsn, autoscale):
-    import sample_flows as sf
+    from support import sample_flows as sf
 
     import pgflow
 
@@ -73,9 +69,7 @@ def test_keda_keeps_the_workers_while_a_message_is_in_flight(dsn):
         assert not active()  # done: KEDA may scale to zero after its cooldown
 
 
-def test_scaler_goes_1_to_4_and_back_while_a_fan_out_runs(dsn, engine_factory, autoscale):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE py_runs (key text, attempt int)")
+def test_scaler_goes_1_to_4_and_back_while_a_fan_out_runs(dsn, effects_db, engine_factory, autoscale):
     engine = engine_factory(PGFLOW_TEST_EFFECTS_DSN=dsn)
     engine.coordinator()
     lines: list[str] = []

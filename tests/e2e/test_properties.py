@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
+from conftest import wait_until
 from hypothesis import HealthCheck, Phase, assume, event, example, given, note, settings
 from hypothesis import strategies as st
 
@@ -288,7 +289,7 @@ LEAF_OPTIONS = st.dictionaries(st.sampled_from(["max_attempts", "timeout", "queu
 
 
 _PLAIN_LEAVES = st.sampled_from([
-    t.sql("SELECT 1 AS n"), t.sql("SELECT $input AS v"), t.python("poison_flows:echo"), t.sleep(1),
+    t.sql("SELECT 1 AS n"), t.sql("SELECT $input AS v"), t.python("support.poison_flows:echo"), t.sleep(1),
     t.wait_for_schedule("* * * * *"), t.wait_for_signal("go", 5), t.http("http://127.0.0.1:9/x"), "SELECT 2 AS n",
 ])
 # option values the validator might mishandle, on otherwise plain leaves
@@ -303,7 +304,7 @@ def _leaf_builders():
         _PLAIN_LEAVES, _PLAIN_LEAVES, _PLAIN_LEAVES,
         st.tuples(_PLAIN_LEAVES, _ODD_OPTIONS).map(lambda p: t.as_node(p[0]).options(**p[1])),
         SQL_TEXTS.map(t.sql),
-        st.sampled_from(["poison_flows:echo", "m:f", "not a ref", "", "os:system"]).map(t.python),
+        st.sampled_from(["support.poison_flows:echo", "m:f", "not a ref", "", "os:system"]).map(t.python),
         st.builds(t.http, st.sampled_from(["http://127.0.0.1:9/x", "", "not a url"]),
                   st.sampled_from(["GET", "post", "BREW", ""])),
         NUMBERS.map(t.sleep),
@@ -629,7 +630,7 @@ def e2e(dsn, engine_factory):
     """Coordinator (timers 60x faster) and a worker that can import poison_flows."""
     engine = engine_factory(PGFLOW_TIME_SCALE="60", PGFLOW_LOG_LEVEL="ERROR")
     engine.coordinator()
-    engine.worker("--import", "poison_flows", concurrency=2)
+    engine.worker("--import", "support.poison_flows", concurrency=2)
     return engine
 
 
@@ -640,30 +641,26 @@ def _alive(engine):
 
 def _settled(dsn, engine, iid, timeout=90.0):
     """Wait for a terminal state, then for the queue to hold no live message and the instance no open step."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def finished():
         _alive(engine)
-        st_ = pgflow.status(iid, dsn=dsn)
-        if st_.finished:
-            break
-        assert time.monotonic() < deadline, f"instance {iid} still {st_.status} after {timeout} s:\n" + \
-            pgflow.explain(iid, dsn=dsn)
-        time.sleep(0.1)
+        return (st := pgflow.status(iid, dsn=dsn)).finished and st
+
+    st_ = wait_until(finished, timeout, f"instance {iid} to finish", interval=0.1,
+                     detail=lambda: pgflow.explain(iid, dsn=dsn))
     assert st_.status in ("completed", "failed"), st_.status
     if st_.status == "failed":
         assert st_.error and st_.error.strip(), "failed without a stated error"
-    deadline = time.monotonic() + 30
     with psycopg.connect(dsn, autocommit=True) as conn:
-        while True:
+        def live():
             queued = conn.execute("SELECT count(*) FROM pgmq.q_pgflow").fetchone()[0]
             open_steps = conn.execute(
                 "SELECT step_name, task_index, status FROM pgflow.steps WHERE instance_id = %s"
                 " AND status IN ('queued', 'running', 'retrying')", (iid,)).fetchall()
-            if queued == 0 and not open_steps:
-                break
-            assert time.monotonic() < deadline, (f"instance {iid} is {st_.status} but {queued} message(s) are live "
-                                                 f"and steps are open: {open_steps}")
-            time.sleep(0.1)
+            return {"live messages": queued, "open steps": open_steps}
+
+        wait_until(lambda: live() == {"live messages": 0, "open steps": []}, 30,
+                   f"no live message and no open step of the {st_.status} instance {iid}", interval=0.1,
+                   detail=lambda: str(live()))
     _alive(engine)
     return st_
 
@@ -687,9 +684,10 @@ def runnable_trees(draw, depth=0, names=(), in_loop=False):
     if kind == "sql_fail":
         return t.sql("SELECT 1 / 0 AS n").options(**quick)
     if kind == "python":
-        return t.python(draw(st.sampled_from(["poison_flows:echo", "poison_flows:attempt"]))).options(**quick)
+        fn = draw(st.sampled_from(["support.poison_flows:echo", "support.poison_flows:attempt"]))
+        return t.python(fn).options(**quick)
     if kind == "python_fail":
-        return t.python("poison_flows:fail").options(**quick)
+        return t.python("support.poison_flows:fail").options(**quick)
     if kind == "sleep":
         return t.sleep(draw(st.sampled_from([0, 1, 15, 30])))  # at 60x: at most half a second
     if kind == "schedule":

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import subprocess
 
-import sample_flows as sf
 from conftest import pgflow_command, run_sql, subprocess_env
 from psycopg.conninfo import conninfo_to_dict
+from support import sample_flows as sf
 from test_observability import endpoint_up, free_port, http_get, wait_for
 
 import pgflow

@@ -11,8 +11,8 @@ import subprocess
 
 import psutil
 import pytest
-import sample_flows as sf
 from conftest import pgflow_command, run_sql, subprocess_env, wait_until
+from support import sample_flows as sf
 
 import pgflow
 from pgflow.metrics import KEDA_DEPTH_QUERY_TEMPLATE
@@ -64,7 +64,7 @@ def test_a_worker_running_as_pid_1_runs_steps(dsn, engine_factory):
     engine = engine_factory()
     engine.coordinator()
     supervisor = engine.spawn(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
-                               *pgflow_command("worker", "--dsn", dsn, "--import", "sample_flows",
+                               *pgflow_command("worker", "--dsn", dsn, "--import", "support.sample_flows",
                                                "--concurrency", "2")])
     iid = pgflow.start(sf.on_ops, "pid 1", dsn=dsn)  # its queue is created at start: the worker serves all
     assert pgflow.wait(iid, 60, dsn=dsn).status == "completed"

@@ -11,18 +11,11 @@ import copy
 import json
 import re
 import subprocess
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
-
-try:  # tests/ as a package
-    from . import deploy_helpers as h
-except ImportError:  # tests/ as a plain directory (rootdir-relative import)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import deploy_helpers as h
+from support import deploy_helpers as h
 
 COMPONENT = "app.kubernetes.io/component"
 QUEUE_LABEL = "pgflow.dev/queue"
@@ -921,8 +914,9 @@ def test_keda_scale_to_zero_waits_for_in_flight_messages(k8s_objects, default_re
     """KEDA's postgresql trigger is active while the query's value is above activationTargetQueryValue
     (postgresql_scaler.go: ``num > ActivationTargetQueryValue``); KEDA scales a ScaledObject with
     minReplicaCount 0 to zero only after cooldownPeriod without activity, and leaves the replicas alone while
-    the query fails (no fallback set). pgflow.queue_backlog counts in-flight messages (tests/test_autoscale.py), so
-    with a threshold below 1 one in-flight message keeps the workers of its queue."""
+    the query fails (no fallback set). pgflow.queue_backlog counts in-flight messages
+    (tests/deploy/test_autoscale.py), so with a threshold below 1 one in-flight message keeps the workers of
+    its queue."""
     scaled_objects = [o for objs in (k8s_objects, default_render, multi_render, all_render)
                       for o in h.find(objs, "ScaledObject")]
     assert any(o["spec"]["minReplicaCount"] == 0 for o in scaled_objects), "no scale-to-zero case covered"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import sample_flows as sf
 from conftest import pgflow_command, run_sql, subprocess_env
+from support import sample_flows as sf
 
 import pgflow
 from pgflow import Client, InstanceFailed, InstanceHandle, InstanceInfo, InstanceStatus, StepInfo, StepStatus, settings

@@ -14,10 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import log_flows
 import psycopg
 import pytest
-import sample_flows as sf
 from conftest import run_sql, subprocess_env, wait_until
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -25,6 +23,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from psycopg.conninfo import make_conninfo
+from support import log_flows
+from support import sample_flows as sf
 
 import pgflow
 from pgflow.engine.worker import Worker
@@ -50,7 +50,7 @@ def find(lines: list[dict[str, Any]], text: str, **fields: Any) -> list[dict[str
 def test_json_lines_of_real_processes_carry_the_engine_fields(dsn, engine_factory):
     engine = engine_factory("--log-format", "json", "--log-level", "INFO")
     coordinator = engine.coordinator()
-    worker = engine.worker("--import", "log_flows")
+    worker = engine.worker("--import", "support.log_flows")
     iid = pgflow.start(log_flows.chatty, "hello", dsn=dsn)
     assert pgflow.wait(iid, timeout=60, dsn=dsn).status == "failed"
     assert not engine.stop()
@@ -58,7 +58,7 @@ def test_json_lines_of_real_processes_carry_the_engine_fields(dsn, engine_factor
     lines = json_lines(worker.stderr_text)
     task = {"instance_id": iid, "flow": "chatty", "task_index": -1, "queue": "pgflow"}
     # a step's own line carries the fields of the task it runs in
-    [spoken] = find(lines, "speaking for hello", logger="log_flows", step="speak", attempt=1, **task)
+    [spoken] = find(lines, "speaking for hello", logger="support.log_flows", step="speak", attempt=1, **task)
     assert spoken["level"] == "WARNING" and spoken["pid"] != worker.pid
     # the worker's line for each failed attempt: retried (WARNING), then failed for good (ERROR)
     [retried] = find(lines, "RuntimeError: cannot go on after hello", step="stumble", attempt=1, **task)
@@ -194,7 +194,7 @@ def test_worker_processes_continue_the_trace(dsn, engine_factory, spans, tmp_pat
     exported = tmp_path / "spans.jsonl"
     engine = engine_factory(PGFLOW_TEST_SPANS=str(exported))
     engine.coordinator()
-    engine.worker("--import", "otel_file_export")
+    engine.worker("--import", "support.otel_file_export")
     with trace.get_tracer("test").start_as_current_span("request"):
         iid = pgflow.start(sf.chain, {"n": 1, "label": "x"}, dsn=dsn)
     assert pgflow.wait(iid, timeout=60, dsn=dsn).status == "completed"

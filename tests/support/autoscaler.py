@@ -1,6 +1,6 @@
 """Autoscaling demo: what KEDA does in Kubernetes, done locally with OS processes.
 
-    python loadtests/autoscale.py [--dsn DSN] [--instances 3] [--tasks 200] [--max-replicas 4] [--target 20]
+    python loadtests/run.py autoscale [--dsn DSN] [--instances 3] [--tasks 200] [--max-replicas 4] [--target 20]
 
 A small scaler polls the depth of one pgmq queue with exactly the query KEDA's postgresql trigger runs
 (``pgflow.metrics.KEDA_DEPTH_QUERY_TEMPLATE``: ready and in-flight messages), computes
@@ -11,9 +11,9 @@ as Kubernetes does to a pod it removes: the worker drains (finishes the step in 
 claimed but did not start) and must exit 0 within its ``--drain-timeout`` (a replica still starting up, which
 has not installed its SIGTERM handler yet and has claimed nothing, may instead die of the signal).
 
-The workload is the ``fanout`` flow of tests/sample_flows.py: a map of a few hundred tasks of 20-50 ms each,
-each recording its execution (idempotency key, attempt) in a table. The script prints every scaling
-decision, then checks what tests/test_autoscale.py asserts: 1 -> max -> 1 replicas, every instance
+The workload is the ``fanout`` flow of tests/support/sample_flows.py: a map of a few hundred tasks of 20-50 ms
+each, each recording its execution (idempotency key, attempt) in a table. The script prints every scaling
+decision, then checks what tests/deploy/test_autoscale.py asserts: 1 -> max -> 1 replicas, every instance
 completed, every task's side effect present and never run more often than its attempts, no task left
 running, every scaled-in worker exited 0 within the drain timeout. Without ``--dsn`` it uses the embedded
 PostgreSQL (``PGFLOW_HOME``); it always works in a fresh database of its own (``pgflow_autoscale``).
@@ -42,8 +42,7 @@ from pgflow.db.connection import resolve_dsn
 from pgflow.db.migrations import init_schema
 from pgflow.metrics import KEDA_DEPTH_QUERY_TEMPLATE
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS = REPO / "tests"
+TESTS = Path(__file__).resolve().parents[1]
 QUEUE = "scale"  # the queue of sample_flows.fanout
 
 
@@ -74,7 +73,7 @@ class Drain:
     exit, so the drain time is the process's, not the polling loop's)."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
-        import process_state  # tests/process_state.py (on sys.path, like sample_flows)
+        from support import process_state  # tests/ is on sys.path (see main), like support.sample_flows
 
         self.proc = proc
         self.since = time.monotonic()
@@ -198,7 +197,7 @@ class Outcome:
 
 
 def start_workload(dsn: str, instances: int, tasks: int, sleep: tuple[float, float]) -> list[int]:
-    import sample_flows
+    from support import sample_flows
 
     return [pgflow.start(sample_flows.fanout, {"tasks": tasks, "sleep": list(sleep)}, dsn=dsn)
             for _ in range(instances)]
@@ -232,12 +231,14 @@ def outcome(dsn: str, ids: list[int]) -> Outcome:
 
 def worker_command(dsn: str, queue: str, drain_timeout: float, batch_size: int) -> list[str]:
     return [sys.executable, "-m", "pgflow", "worker", "--dsn", dsn, "--queue", queue, "--concurrency", "1",
-            "--import", "sample_flows", "--drain-timeout", str(drain_timeout), "--batch-size", str(batch_size),
+            "--import", "support.sample_flows", "--drain-timeout", str(drain_timeout),
+            "--batch-size", str(batch_size),
             "--visibility-timeout", "5"]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loadtests/run.py autoscale", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dsn", default=os.environ.get("PGFLOW_DSN"), help="a server (default: embedded)")
     parser.add_argument("--instances", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=200, help="map tasks per instance")
@@ -249,17 +250,18 @@ def main() -> int:
                         help="messages a worker reads at once (a scale-in then has claimed work to give back)")
     parser.add_argument("--stabilization", type=float, default=1.0, help="scale-down stabilization window (s)")
     parser.add_argument("--timeout", type=float, default=120.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(TESTS))  # sample_flows: the workload, for this process and the workers
+    sys.path.insert(0, str(TESTS))  # support.sample_flows: the workload, for this process and the workers
+    from support.sample_flows import create_effect_tables
+
     admin = resolve_dsn(args.dsn)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute('DROP DATABASE IF EXISTS "pgflow_autoscale" WITH (FORCE)')
         conn.execute('CREATE DATABASE "pgflow_autoscale"')
     dsn = make_conninfo(admin, dbname="pgflow_autoscale")
     init_schema(dsn)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE py_runs (key text, attempt int)")
+    create_effect_tables(dsn)
     env = dict(os.environ, PGFLOW_TEST_EFFECTS_DSN=dsn,
                PYTHONPATH=os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
     env.pop("PGFLOW_DSN", None)

@@ -8,6 +8,7 @@ Without prometheus/promtool the tests that need them skip; the others still run.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -23,25 +24,24 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
 import pytest
-import sample_flows as sf
-import sample_trees
 import yaml
-from conftest import run_sql
+from conftest import run_sql, wait_until
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from support import sample_flows as sf
+from support import sample_trees
 
 import pgflow
 from pgflow import metrics as pm
 from pgflow.db.migrations import LATEST_VERSION
 from pgflow.health import Health, readiness
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RULES_FILE = REPO / "deploy" / "prometheus" / "rules.yml"
 DASHBOARD_FILE = REPO / "deploy" / "grafana" / "pgflow.json"
 HOST = "127.0.0.1"
@@ -65,21 +65,8 @@ def http_get(url: str, timeout: float = 30.0, accept: str | None = None) -> tupl
         return exc.code, exc.read().decode()
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
-    """Poll ``check`` until it returns something truthy (returned); fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = check()
-        except (OSError, AssertionError) as exc:  # not up yet / not there yet
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}"[:3000])
-        time.sleep(interval)
+#: wait for an endpoint or a scrape: not up yet (OSError) or not there yet (AssertionError) means "not yet"
+wait_for = functools.partial(wait_until, interval=0.2, retry_on=(OSError, AssertionError))
 
 
 def endpoint_up(port: int) -> bool:

@@ -22,7 +22,7 @@ from pgflow.flow import Flow
 from pgflow.shape import FlowShape, StepShape
 from pgflow.statuses import StepStatus
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "pgflow"
+SRC = Path(__file__).resolve().parents[2] / "src" / "pgflow"
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 

@@ -8,10 +8,9 @@ import ctypes
 import os
 import time
 
-from sample_flows import record_run
-
 from pgflow import Flow
 from pgflow import tree as t
+from support.sample_flows import record_run
 
 # workers only call workflow functions marked with pgflow.tree.task
 _task = t.task
@@ -78,7 +77,7 @@ def summary(ctx, process, mark):
     return {"count": len(process), "sum": sum(p["sq"] for p in process), "marked": len(mark)}
 
 
-# --- functions for control-flow workflows (pgflow.python('poison_flows:...')) --------------------------------
+# --- functions for control-flow workflows (pgflow.python('support.poison_flows:...')) ------------------------
 
 @_task
 def echo(ctx, input):

@@ -7,8 +7,8 @@ import time
 
 import psycopg
 import pytest
-import sample_flows as sf
 from conftest import wait_until
+from support import sample_flows as sf
 
 import pgflow
 from pgflow import FlowDefinitionError, InstanceFailed, InstanceNotFinished, InstanceNotFound, PayloadTooLarge, settings
@@ -132,9 +132,7 @@ def test_oversized_input_is_refused_at_start(dsn, monkeypatch):
     assert pgflow.list_instances(dsn=dsn) == []
 
 
-def test_cancel_stops_later_steps(dsn, engine_factory):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE py_runs (key text, attempt int)")
+def test_cancel_stops_later_steps(dsn, effects_db, engine_factory):
     engine_factory(PGFLOW_TEST_EFFECTS_DSN=dsn).start()
     iid = pgflow.start(sf.pause, 2.0, dsn=dsn)
     wait_until(lambda: pgflow.status(iid, dsn=dsn).steps != [], 60, "the first step to be scheduled")
@@ -190,11 +188,8 @@ def test_list_filters_and_keyset_pagination(dsn):
         pgflow.list_instances(status="bogus", dsn=dsn)
 
 
-def test_long_steps_keep_their_message_invisible(dsn, engine_factory):
+def test_long_steps_keep_their_message_invisible(dsn, effects_db, engine_factory):
     """A step running longer than the visibility timeout (3 s here) is not redelivered meanwhile."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE py_runs (key text, attempt int)")
-        conn.execute("CREATE TABLE sql_effects (instance_id int, value int)")
     engine_factory(PGFLOW_TEST_EFFECTS_DSN=dsn).start(concurrency=2)
     iid, st = run(sf.effects, {"i": 0, "sleep": 7}, dsn)
     assert st.status == "completed", st.error

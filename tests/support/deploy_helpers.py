@@ -39,7 +39,7 @@ from grafana_foundation_sdk.models.dashboard import Dashboard
 from kubernetes_validate.utils import ValidationError as K8sSchemaError
 from pydantic import ValidationError as PydanticValidationError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 K8S_DIR = DEPLOY / "k8s"
 CHART_DIR = DEPLOY / "helm" / "pgflow"

@@ -11,14 +11,15 @@ import os
 import random
 import signal
 import time
+from typing import Any
 
-import poison_flows as pf
 import psutil
 import psycopg
 import pytest
-import sample_flows as sf
-from conftest import restart_postgres, run_sql
+from conftest import restart_postgres, run_sql, wait_until
 from psycopg import sql as pgsql
+from support import poison_flows as pf
+from support import sample_flows as sf
 
 import pgflow
 
@@ -34,15 +35,12 @@ CHAINS_PER_WAVE = 10
 
 def with_database(dsn, fn, what, timeout=30.0):
     """Run ``fn`` once the server answers (it may be coming back from a restart)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            psycopg.connect(dsn, connect_timeout=5).close()
-            return fn()
-        except (psycopg.OperationalError, pgflow.DatabaseUnavailable):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: the database did not come back in {timeout} s") from None
-            time.sleep(0.5)
+    def answer() -> tuple[Any]:
+        psycopg.connect(dsn, connect_timeout=5).close()
+        return (fn(),)  # truthy even when fn's value is not
+
+    return wait_until(answer, timeout, f"the database to come back ({what})", interval=0.5,
+                      retry_on=(psycopg.OperationalError, pgflow.DatabaseUnavailable))[0]
 
 
 class Chaos:
@@ -63,7 +61,7 @@ class Chaos:
         self.waves = 0
 
     def _worker(self):
-        return self.engine.worker("--import", "poison_flows", concurrency=3)
+        return self.engine.worker("--import", "support.poison_flows", concurrency=3)
 
     def note(self, text):
         line = f"{time.monotonic() - self.started:6.1f}s  {text}"
@@ -141,12 +139,9 @@ class Chaos:
 
 
 @pytest.fixture
-def chaos_db(dsn):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE py_runs (key text NOT NULL, attempt int NOT NULL)")
-        conn.execute("CREATE TABLE sql_effects (instance_id int NOT NULL, value int NOT NULL)")
-        conn.execute("CREATE TABLE chaos_marks (run int NOT NULL, item int NOT NULL)")
-    return dsn
+def chaos_db(effects_db):
+    run_sql(effects_db, "CREATE TABLE chaos_marks (run int NOT NULL, item int NOT NULL)")
+    return effects_db
 
 
 def test_chaos(chaos_db, engine_factory, server):
@@ -183,12 +178,12 @@ def test_chaos(chaos_db, engine_factory, server):
     def unfinished():
         return run_sql(dsn, "SELECT id, flow_name, status FROM pgflow.instances WHERE status IN ('pending', 'running')")
 
-    settle_deadline = time.monotonic() + SETTLE_SECONDS
-    while (left := with_database(dsn, unfinished, "settling")) and time.monotonic() < settle_deadline:
+    def settled() -> bool:
         chaos.engine_alive()
-        time.sleep(0.5)
-    assert not left, f"{len(left)} instance(s) not finished {SETTLE_SECONDS} s after the chaos: {left[:10]}\n" + \
-        "\n".join(chaos.log)
+        return not with_database(dsn, unfinished, "settling")
+
+    wait_until(settled, SETTLE_SECONDS, "every instance to finish after the chaos", interval=0.5,
+               detail=lambda: f"unfinished: {unfinished()[:10]}\n" + "\n".join(chaos.log))
     chaos.note("every instance finished")
     queues = [q for (q,) in run_sql(dsn, "SELECT queue_name FROM pgflow.queues")]
 
@@ -200,10 +195,8 @@ def test_chaos(chaos_db, engine_factory, server):
         due = run_sql(dsn, "SELECT count(*) FROM pgflow.wakeups WHERE due_at <= now()")[0][0]
         return {"live messages": {q: n for q, n in live.items() if n}, "open steps": open_steps, "due wakeups": due}
 
-    flight_deadline = time.monotonic() + 120
-    while any((state := in_flight()).values()) and time.monotonic() < flight_deadline:
-        time.sleep(0.5)
-    assert not any(state.values()), f"still in flight after settling: {state}"
+    wait_until(lambda: not any(in_flight().values()), 120, "nothing in flight after settling", interval=0.5,
+               detail=lambda: f"still in flight: {in_flight()}")
 
     # every instance completed, or failed with a stated reason
     instances = run_sql(dsn, "SELECT id, flow_name, status, error, output FROM pgflow.instances ORDER BY id")

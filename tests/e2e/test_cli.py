@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
-from conftest import pgflow_command, subprocess_env
+from conftest import pgflow_command, subprocess_env, wait_until
 
 import pgflow
 
@@ -38,7 +37,7 @@ def test_init_is_idempotent(dsn):
 
 
 def test_start_status_result_list_cancel(dsn, engine):
-    started = cli("start", "sample_flows:diamond", "--input", "7", "--label", "cli", "--dsn", dsn)
+    started = cli("start", "support.sample_flows:diamond", "--input", "7", "--label", "cli", "--dsn", dsn)
     assert started.returncode == 0, started.stderr
     iid = int(started.stdout)
     subprocess.run(pgflow_command("status", str(iid), "--dsn", dsn), env=subprocess_env(), check=True,
@@ -57,7 +56,7 @@ def test_start_status_result_list_cancel(dsn, engine):
 
 
 def test_cancel_a_pending_instance(dsn):
-    iid = cli("start", "sample_flows:diamond", "--input", "1", "--dsn", dsn).stdout.strip()
+    iid = cli("start", "support.sample_flows:diamond", "--input", "1", "--dsn", dsn).stdout.strip()
     done = cli("cancel", iid, "--reason", "not needed", "--dsn", dsn)
     assert done.returncode == 0, done.stderr
     failed = cli("result", iid, "--dsn", dsn)
@@ -69,8 +68,8 @@ def test_cancel_a_pending_instance(dsn):
     (["result", "999999"], 1, "no instance with id 999999"),
     (["cancel", "999999"], 1, "no instance with id 999999"),
     (["status", "abc"], 2, "is not a valid integer"),
-    (["start", "sample_flows:diamond", "--input", "{bad json"], 2, "not valid JSON"),
-    (["start", "sample_flows:nothing_here"], 1, "is not a pgflow Flow"),
+    (["start", "support.sample_flows:diamond", "--input", "{bad json"], 2, "not valid JSON"),
+    (["start", "support.sample_flows:nothing_here"], 1, "is not a pgflow Flow"),
     (["start", "no_such_module:flow"], 1, "cannot import module"),
     (["start", "noколон"], 1, "module:attribute"),
     (["list", "--status", "weird"], 2, "Invalid value"),
@@ -105,12 +104,11 @@ def test_demo_runs_twice(dsn):
 
 
 def test_explain_watch_and_signal_a_control_flow_workflow(dsn, engine):
-    started = cli("start", "sample_trees:approval", "--dsn", dsn)
+    started = cli("start", "support.sample_trees:approval", "--dsn", dsn)
     assert started.returncode == 0, started.stderr
     iid = started.stdout.strip()
-    deadline = time.monotonic() + 60
-    while "[waiting] wait for signal go" not in (shown := cli("explain", iid, "--dsn", dsn).stdout):
-        assert time.monotonic() < deadline, shown
+    wait_until(lambda: "[waiting] wait for signal go" in cli("explain", iid, "--dsn", dsn).stdout, 60,
+               "explain to show the signal wait", detail=lambda: cli("explain", iid, "--dsn", dsn).stdout)
     bad = cli("signal", iid, "go", "--data", "{oops", "--dsn", dsn)
     assert bad.returncode == 2 and "not valid JSON" in bad.stderr
     sent = cli("signal", iid, "go", "--data", '{"v": 5}', "--dsn", dsn)

@@ -28,7 +28,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 import pgflow
 from pgflow import InstanceInfo
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "deploy" / "examples" / "orders"
 RUNTIME_USER = "10001:10001"
 IMAGE_BUDGET_BYTES = 300_000_000  # 228 MB when measured (base 75, Python 47, virtualenv 107 of which 75 PG)

@@ -21,7 +21,7 @@ from pgflow.engine.tree import next_fire
 from pgflow.errors import FlowDefinitionError
 from pgflow.references import compile_sql
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 REFERENCES = json.loads((DATA / "references.json").read_text())["vectors"]
 CRONS = json.loads((DATA / "cron.json").read_text())["vectors"]
 # the coordinator computes fire times from "now": any time of any year must do

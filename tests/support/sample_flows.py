@@ -152,6 +152,14 @@ def gives_set(ctx, input):
 
 # --- long-running, with observable side effects -----------------------------------------------------------
 
+def create_effect_tables(dsn: str) -> None:
+    """The tables the steps below record their effects in: py_runs (each run of a Python step: idempotency
+    key, attempt) and sql_effects (each row a SQL step wrote)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE py_runs (key text NOT NULL, attempt int NOT NULL)")
+        conn.execute("CREATE TABLE sql_effects (instance_id int NOT NULL, value int NOT NULL)")
+
+
 def _effects() -> psycopg.Connection:
     return psycopg.connect(os.environ["PGFLOW_TEST_EFFECTS_DSN"], autocommit=True)
 
@@ -218,7 +226,7 @@ def beta(ctx, alpha):
     return alpha + "+beta"
 
 
-# --- autoscaling (tests/test_autoscale.py, loadtests/autoscale.py) -----------------------------------------
+# --- autoscaling (tests/deploy/test_autoscale.py, loadtests/autoscale.py) -----------------------------------------
 
 fanout = Flow("fanout", queue="scale", max_attempts=5, backoff_base=0.05, backoff_cap=0.2)
 
@@ -243,7 +251,7 @@ def gather(ctx, crunch):
     return {"count": len(crunch), "sum": sum(crunch)}
 
 
-# --- a queue no flow named before its workers started (tests/test_queues.py) --------------------------------
+# --- a queue no flow named before its workers started (tests/e2e/test_queues.py) --------------------------------
 
 on_ops = Flow("on_ops", queue="ops")
 

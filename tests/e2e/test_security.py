@@ -151,7 +151,7 @@ def test_http_and_python_steps_need_their_grant(dsn, roles):
     with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not use HTTP steps"):
         as_role(bob, "SELECT pgflow.start(pgflow.http('http://127.0.0.1:9/x'))")
     with pytest.raises(PgflowError, match="may not use Python steps"):
-        pgflow.start(t.python("sample_trees:total"), dsn=bob)
+        pgflow.start(t.python("support.sample_trees:total"), dsn=bob)
     assert pgflow.list_instances(dsn=bob) == []
 
 

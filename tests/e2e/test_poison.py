@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import time
 
-import poison_flows as pf
 import psutil
-import psycopg
 import pytest
-import sample_flows as sf
 from conftest import run_sql, wait_until
+from support import poison_flows as pf
+from support import sample_flows as sf
 
 import pgflow
 from pgflow import FlowDefinitionError
@@ -25,13 +24,6 @@ QUIET = {"PGFLOW_LOG_LEVEL": "ERROR"}  # the engine's stderr goes to a pipe nobo
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-@pytest.fixture
-def effects_db(dsn):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE py_runs (key text NOT NULL, attempt int NOT NULL)")
-    return dsn
-
 
 def send(dsn, body, queue="pgflow"):
     """Put a raw message on a pgflow queue, as anyone with access to pgmq could; returns its msg_id."""
