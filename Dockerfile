@@ -90,7 +90,7 @@ USER 10001:10001
 # /metrics, /healthz and /readyz (--metrics-port)
 EXPOSE 9100
 
-# OCI annotations. VERSION follows pyproject.toml (tests/test_deploy.py checks); pass REVISION (the commit)
+# OCI annotations. VERSION follows pyproject.toml (tests/deploy/test_deploy.py checks); pass REVISION (the commit)
 # and SOURCE (the repository URL) when building. Last, so a new commit rebuilds nothing but this metadata.
 ARG VERSION=0.1.0
 ARG REVISION=unknown

@@ -1,7 +1,7 @@
 """The status vocabularies of instances and steps: the Python side of ``sql/schema/01_statuses.sql``.
 
 The database defines them (the domains ``pgflow.instance_status`` and ``pgflow.step_status`` and the set
-functions next to them); tests/test_schema.py checks that these enums and sets say the same, so Python code
+functions next to them); tests/db/test_schema.py checks that these enums and sets say the same, so Python code
 can name statuses and sets without spelling them out again.
 """
 

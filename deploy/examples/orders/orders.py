@@ -1,7 +1,7 @@
 """Example flow code shipped in its own image (deploy/README.md, "Your flow code").
 
 The worker image runs ``pgflow worker --import orders``; the same image starts instances with
-``pgflow start orders:fulfil --input '{...}'``. tests/test_image.py builds this image and runs both.
+``pgflow start orders:fulfil --input '{...}'``. tests/deploy/test_image.py builds this image and runs both.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ _SCHEMA_FILE = re.compile(r"^\d{2}_\w+\.sql$")
 
 # sql/schema/ is the current schema, one file per concept: a fresh database is built from it. sql/migrations/
 # holds the steps between releases (0001_baseline.sql is a frozen copy of schema/ at the squash): an existing
-# database gets the ones it has not applied. tests/test_schema.py checks that both paths build the same
+# database gets the ones it has not applied. tests/db/test_schema.py checks that both paths build the same
 # database.
 
 
@@ -131,7 +131,7 @@ def apply_pending_migrations(conn: psycopg.Connection, current: int) -> list[int
 def install_schema(conn: psycopg.Connection) -> list[int]:
     """Build pgflow's schema in a database that has none, from ``sql/schema/``, and record every packaged
     migration as applied: the result is the database the migrations would have built (see
-    tests/test_schema.py), so its recorded history is theirs too. Returns the versions recorded."""
+    tests/db/test_schema.py), so its recorded history is theirs too. Returns the versions recorded."""
     for name in schema_files():
         conn.execute(read_sql(f"schema/{name}"))
     for migration in migrations():

@@ -4,7 +4,7 @@
 -- file-name order, taken when the development migrations 0001-0010 were squashed into one (nothing had
 -- been released). Databases that applied it keep what they applied: to change the schema, edit schema/
 -- (the current truth) and add a migration 0002_<what>.sql that brings a database from here to the same
--- place; tests/test_schema.py checks that a database built from schema/ and one built from the migrations
+-- place; tests/db/test_schema.py checks that a database built from schema/ and one built from the migrations
 -- are the same.
 
 -- ====================================================================================================
@@ -32,7 +32,7 @@ REVOKE ALL ON SCHEMA pgflow_exec FROM PUBLIC;
 
 -- Status vocabularies, defined once. The tables' status columns have these domains, and every function or
 -- named query that needs a *set* of statuses ("still open", "a worker may claim it") calls the functions
--- below instead of spelling the set out. The Python side is src/pgflow/statuses.py; tests/test_schema.py
+-- below instead of spelling the set out. The Python side is src/pgflow/statuses.py; tests/db/test_schema.py
 -- checks that both say the same.
 --
 -- An instance is 'pending' until the coordinator first looks at it, 'running' until it ends 'completed',

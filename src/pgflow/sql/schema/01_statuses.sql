@@ -1,6 +1,6 @@
 -- Status vocabularies, defined once. The tables' status columns have these domains, and every function or
 -- named query that needs a *set* of statuses ("still open", "a worker may claim it") calls the functions
--- below instead of spelling the set out. The Python side is src/pgflow/statuses.py; tests/test_schema.py
+-- below instead of spelling the set out. The Python side is src/pgflow/statuses.py; tests/db/test_schema.py
 -- checks that both say the same.
 --
 -- An instance is 'pending' until the coordinator first looks at it, 'running' until it ends 'completed',
