@@ -1,4 +1,4 @@
-"""The flows the load tests run (imported by loadtests/run.py; worker processes are forked from it, so they
+"""The flows the load tests run (imported by the scenarios; worker processes are forked from the runner, so they
 find these flows in pgflow's in-process registry).
 
 - ``chain(length)``: ``length`` no-op Python steps, one after the other (the ``chain``, ``scale``,

@@ -1,0 +1,1 @@
+"""One module per load-test scenario; each has main(argv) (see loadtests/run.py)."""
