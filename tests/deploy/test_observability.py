@@ -326,7 +326,7 @@ def test_step_labels_of_a_tree_workflow_do_not_grow_with_its_width_or_iterations
         return labels
 
     labels = wait_for(step_labels, 60, "the flows' step series")
-    assert labels[flows[ids[0]]] == {"sql", "python:sample_trees:total"}
+    assert labels[flows[ids[0]]] == {"sql", "python:support.sample_trees:total"}
     assert labels[flows[ids[1]]] == {"sql"}
     assert run_sql(dsn, "SELECT count(*) FROM loop_count")[0][0] == 20
 

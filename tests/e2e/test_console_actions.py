@@ -32,7 +32,7 @@ def _steps(dsn: str, iid: int) -> dict[tuple[str, int], tuple]:
 
 
 def test_retry_a_failed_dag_runs_only_its_failed_step_again(dsn, engine_factory, tmp_path):
-    import console_flows
+    from support import console_flows
 
     _engine(engine_factory)
     flag = tmp_path / "open"
@@ -58,7 +58,7 @@ def test_retry_a_failed_dag_runs_only_its_failed_step_again(dsn, engine_factory,
 
 
 def test_retry_a_map_requeues_only_its_failed_task_with_the_engines_message(dsn, engine_factory, tmp_path):
-    import console_flows
+    from support import console_flows
 
     engine = _engine(engine_factory)
     flag = tmp_path / "seven"
@@ -106,7 +106,7 @@ def test_retry_a_control_flow_instance_keeps_its_completed_nodes(dsn, engine_fac
 
 
 def test_start_a_registered_version_by_name(dsn, engine_factory):
-    import sample_flows
+    from support import sample_flows
 
     _engine(engine_factory)
     first = pgflow.start(sample_flows.chain, {"n": 1, "label": "a"}, dsn=dsn)
@@ -168,7 +168,7 @@ def test_dead_letters_are_requeued_or_discarded_by_operators_only(dsn, roles, en
 
 
 def test_a_users_console_shows_and_acts_on_their_own_instances_only(dsn, roles, engine_factory, tmp_path):
-    import console_flows
+    from support import console_flows
 
     _engine(engine_factory)
     mine = pgflow.start(t.wait_for_signal("go"), label="bobs", dsn=roles["bob"])

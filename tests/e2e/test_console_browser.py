@@ -48,9 +48,8 @@ def _confirm(page) -> None:
 
 
 def test_the_console_in_a_browser(dsn, engine_factory, browser, tmp_path):
-    import console_flows
-    import sample_flows
     from playwright.sync_api import expect
+    from support import console_flows, sample_flows
 
     engine = engine_factory()
     engine.coordinator()

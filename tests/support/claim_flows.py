@@ -1,5 +1,5 @@
 """Flows of the batching, limits, fairness and task-value tests (issue 14). Worker processes import this
-module (``--import claim_flows``). Each function records what it saw in a table of the test database
+module (``--import support.claim_flows``). Each function records what it saw in a table of the test database
 (``claim_log``), so tests check real executions, not return values alone."""
 
 from __future__ import annotations
@@ -181,7 +181,7 @@ HOOK = {"pid": None, "calls": 0}
 
 
 def init_hook() -> None:
-    """--init claim_flows:init_hook: runs once per worker process before it takes work."""
+    """--init support.claim_flows:init_hook: runs once per worker process before it takes work."""
     HOOK["pid"] = os.getpid()
     HOOK["calls"] += 1
 

@@ -1,4 +1,4 @@
-"""Flows of the console tests (workers import this module: ``--import console_flows``). Each fails until a
+"""Flows of the console tests (workers import this module: ``--import support.console_flows``). Each fails until a
 flag file named in its input exists, so a test can fix the cause and then retry."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Flows for tests/e2e/test_logs_tracing.py (workers import this module: ``--import log_flows``)."""
+"""Flows for tests/e2e/test_logs_tracing.py (workers import this module: ``--import support.log_flows``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tracing set-up for `pgflow worker --import otel_file_export` in tests: the OpenTelemetry SDK, with its
+"""Tracing set-up for `pgflow worker --import support.otel_file_export` in tests: the OpenTelemetry SDK, with its
 console exporter writing each finished span as one JSON line to the file named by $PGFLOW_TEST_SPANS, so
 that a test can read the spans of worker processes (the in-memory exporter only works in-process)."""
 

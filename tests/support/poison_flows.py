@@ -1,6 +1,6 @@
 """Flows and workflow functions for the hardening tests (test_poison.py, test_chaos.py, test_properties.py).
-Worker processes import this module (``--import poison_flows``, or through the ``poison_flows:attribute``
-reference recorded when a flow is first started)."""
+Worker processes import this module (``--import support.poison_flows``, or through the
+``support.poison_flows:attribute`` reference recorded when a flow is first started)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What a running OS process is ready for, read from Linux's /proc (for tests and loadtests/autoscale.py, which
+"""What a running OS process is ready for, read from Linux's /proc (for tests and tests/support/autoscaler.py, which
 SIGTERM real pgflow processes and judge how they exit)."""
 
 from __future__ import annotations

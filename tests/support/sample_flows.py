@@ -1,4 +1,4 @@
-"""Flows used by the tests. Worker processes import this module (``--import sample_flows``)."""
+"""Flows used by the tests. Worker processes import this module (``--import support.sample_flows``)."""
 
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def beta(ctx, alpha):
     return alpha + "+beta"
 
 
-# --- autoscaling (tests/deploy/test_autoscale.py, loadtests/autoscale.py) -----------------------------------------
+# --- autoscaling (tests/deploy/test_autoscale.py, tests/support/autoscaler.py) -----------------------------------
 
 fanout = Flow("fanout", queue="scale", max_attempts=5, backoff_base=0.05, backoff_cap=0.2)
 
