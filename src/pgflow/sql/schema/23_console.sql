@@ -6,7 +6,7 @@
 
 -- The console's instance list for a role that sees only its own instances (row-level security): the same
 -- keyset scan, on the owner's rows only (without it, a user owning 1 in 1,000 of 1,000,000 instances waited
--- 0.4-1.9 s for a page: loadtests/console.py).
+-- 0.4-1.9 s for a page: loadtests/scenarios/console.py).
 CREATE INDEX instances_owner_id ON pgflow.instances (owner, id);
 
 -- Retrying a failed instance: the transition 'failed' -> 'running', after which its failed steps run again
