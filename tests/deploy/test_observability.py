@@ -8,14 +8,12 @@ Without prometheus/promtool the tests that need them skip; the others still run.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,10 +29,11 @@ import psutil
 import psycopg
 import pytest
 import yaml
-from conftest import run_sql, wait_until
+from conftest import run_sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from support import sample_flows as sf
 from support import sample_trees
+from support.endpoints import HOST, endpoint_up, free_port, http_get, wait_for
 
 import pgflow
 from pgflow import metrics as pm
@@ -44,33 +43,9 @@ from pgflow.health import Health, readiness
 REPO = Path(__file__).resolve().parents[2]
 RULES_FILE = REPO / "deploy" / "prometheus" / "rules.yml"
 DASHBOARD_FILE = REPO / "deploy" / "grafana" / "pgflow.json"
-HOST = "127.0.0.1"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str, timeout: float = 30.0, accept: str | None = None) -> tuple[int, str]:
-    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-#: wait for an endpoint or a scrape: not up yet (OSError) or not there yet (AssertionError) means "not yet"
-wait_for = functools.partial(wait_until, interval=0.2, retry_on=(OSError, AssertionError))
-
-
-def endpoint_up(port: int) -> bool:
-    return http_get(f"http://{HOST}:{port}/healthz", timeout=2)[0] == 200
 
 
 def samples(text: str) -> dict[tuple[str, frozenset], float]:

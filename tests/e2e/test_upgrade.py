@@ -11,7 +11,7 @@ import subprocess
 from conftest import pgflow_command, run_sql, subprocess_env
 from psycopg.conninfo import conninfo_to_dict
 from support import sample_flows as sf
-from test_observability import endpoint_up, free_port, http_get, wait_for
+from support.endpoints import endpoint_up, free_port, http_get, wait_for
 
 import pgflow
 from pgflow.db import migrations
