@@ -104,14 +104,15 @@ def instances(request: Request) -> Response:
     except ValueError as exc:
         return error_page(request, 400, str(exc))
     with console.connection() as conn:
-        from_id = _id_at(conn, since, NEVER) if since else None
-        if until:
-            until_id = _id_at(conn, until, None)
-            before = until_id if before is None or (until_id is not None and until_id < before) else before
         who = Who(*Q.one(conn, "whoami"))
+        mine = None if who.sees_all else who.role
+        from_id = _id_at(conn, since, mine, NEVER) if since else None
+        if until:
+            until_id = _id_at(conn, until, mine, None)
+            before = until_id if before is None or (until_id is not None and until_id < before) else before
         rows = Q.all_dicts(conn, "list_instances", {"status": filters["status"], "flow": filters["flow"],
                                               "label": filters["label"], "before": before, "from_id": from_id,
-                                              "mine": None if who.sees_all else who.role, "limit": limit + 1})
+                                              "mine": mine, "limit": limit + 1})
         flows = [r["flow_name"] for r in Q.all_dicts(conn, "flow_names")]
     more = len(rows) > limit
     rows = rows[:limit]
@@ -137,8 +138,9 @@ def _parse_time(text: str | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def _id_at(conn: psycopg.Connection, at: datetime, none: int | None) -> int | None:
-    found = Q.value(conn, "first_instance_after", {"at": at})
+def _id_at(conn: psycopg.Connection, at: datetime, mine: str | None, none: int | None) -> int | None:
+    """The id range's bound for a time filter (``none`` when no instance was created since ``at``)."""
+    found = Q.value(conn, "first_instance_after", {"at": at, "mine": mine})
     return none if found is None else found
 
 

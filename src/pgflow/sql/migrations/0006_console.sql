@@ -266,8 +266,10 @@ REVOKE ALL ON FUNCTION pgflow.engine_processes() FROM PUBLIC;
 -- together, so a binary search over the primary key finds it in about log2(n) index probes: the console's
 -- time filter becomes an id range and keeps its keyset pagination on the indexes it has (no index on
 -- created_at to maintain on every start). Concurrent starts may interleave by a few milliseconds. Runs as the
--- caller: it searches the instances the caller can see.
-CREATE FUNCTION pgflow.first_instance_after(p_time timestamptz) RETURNS bigint
+-- caller: it searches the instances the caller can see. A role that sees only its own instances passes
+-- p_owner, and every probe is then one step of instances_owner_id (owner, id): searching the whole key instead
+-- skips other users' rows one by one (250 ms for "until 5 days ago" at 1,000,000 instances, loadtests/run.py console).
+CREATE FUNCTION pgflow.first_instance_after(p_time timestamptz, p_owner name DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     lo bigint;
@@ -276,14 +278,23 @@ DECLARE
     found_id bigint;
     found_at timestamptz;
 BEGIN
-    SELECT min(id), max(id) + 1 INTO lo, hi FROM pgflow.instances;
+    IF p_owner IS NULL THEN
+        SELECT min(id), max(id) + 1 INTO lo, hi FROM pgflow.instances;
+    ELSE
+        SELECT min(id), max(id) + 1 INTO lo, hi FROM pgflow.instances WHERE owner = p_owner;
+    END IF;
     IF lo IS NULL THEN
         RETURN NULL;
     END IF;
     WHILE lo < hi LOOP
         mid := lo + (hi - lo) / 2;
-        SELECT i.id, i.created_at INTO found_id, found_at FROM pgflow.instances i WHERE i.id >= mid
-        ORDER BY i.id LIMIT 1;
+        IF p_owner IS NULL THEN
+            SELECT i.id, i.created_at INTO found_id, found_at FROM pgflow.instances i WHERE i.id >= mid
+            ORDER BY i.id LIMIT 1;
+        ELSE
+            SELECT i.id, i.created_at INTO found_id, found_at FROM pgflow.instances i
+            WHERE i.owner = p_owner AND i.id >= mid ORDER BY i.owner, i.id LIMIT 1;
+        END IF;
         IF NOT FOUND OR found_at >= p_time THEN
             hi := mid;
         ELSE
@@ -292,7 +303,7 @@ BEGIN
     END LOOP;
     RETURN CASE WHEN EXISTS (SELECT 1 FROM pgflow.instances WHERE id >= lo) THEN lo END;
 END $$;
-REVOKE ALL ON FUNCTION pgflow.first_instance_after(timestamptz) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow.first_instance_after(timestamptz, name) FROM PUBLIC;
 
 -- roles granted usage before this migration get the new user-facing functions, as grant_usage would give them
 DO $$

@@ -27,7 +27,8 @@ ORDER BY id DESC
 LIMIT %(limit)s;
 
 -- name: first_instance_after
-SELECT pgflow.first_instance_after(%(at)s);
+-- mine: the role, when it sees only its own rows (the search then walks instances_owner_id)
+SELECT pgflow.first_instance_after(%(at)s, %(mine)s);
 
 -- name: flow_names
 SELECT DISTINCT flow_name FROM pgflow.flows ORDER BY flow_name LIMIT 500;
