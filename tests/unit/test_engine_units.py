@@ -83,6 +83,27 @@ def test_the_first_failure_of_an_instance_is_its_error():
     assert failures == {1: "step m[2]: bad"} and finished == [(2, "m")]
 
 
+def test_a_map_has_a_task_per_element_or_per_slice_indexed_by_its_first_element():
+    step = StepShape("square", "python", ("numbers",), "numbers", False, "pgflow", 3, 1.0, 60.0, None, None)
+    assert c.map_tasks(step, ["a", "b", "c"]) == [(0, "a"), (1, "b"), (2, "c")]
+    batched = StepShape("embed", "python", ("chunk",), "chunk", True, "pgflow", 3, 1.0, 60.0, None, None,
+                        batch_size=3)
+    assert c.map_tasks(batched, list(range(7))) == [(0, [0, 1, 2]), (3, [3, 4, 5]), (6, [6])]
+    assert c.map_tasks(batched, [1, 2]) == [(0, [1, 2])]
+    assert c.map_tasks(batched, []) == [] == c.map_tasks(step, [])
+
+
+def test_an_instance_is_complete_only_when_every_step_completed():
+    inst = dag(diamond())
+    inst.states.update({"top": StepStatus.COMPLETED, "left": StepStatus.COMPLETED, "right": StepStatus.COMPLETED,
+                        "bottom": StepStatus.RUNNING})
+    assert not c.is_complete(inst) and c.ready_steps(inst) == []
+    inst.states["bottom"] = StepStatus.FAILED
+    assert not c.is_complete(inst)
+    inst.states["bottom"] = StepStatus.COMPLETED
+    assert c.is_complete(inst)
+
+
 # ---------------------------------------------------------------------------------------------- tree evaluator
 
 def state(node: t.Node, rows: dict | None = None, signals: list | None = None, now: datetime = NOW,
