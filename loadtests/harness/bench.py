@@ -56,7 +56,6 @@ def show(label: str, value: str, verdict: str = "") -> None:
     h.log(f"  {label:<34} {value:<44} {verdict}")
 
 
-
 def _strip_private(value: Any) -> Any:
     """Keep plot series out of the figures' top level: keys starting with _ go under "series"."""
     if isinstance(value, dict):
@@ -64,7 +63,6 @@ def _strip_private(value: Any) -> Any:
     if isinstance(value, list):
         return [_strip_private(v) for v in value]
     return value
-
 
 
 def _rel(path: Path) -> str:

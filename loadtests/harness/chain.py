@@ -1,5 +1,6 @@
-"""The chain workload the chain, scale and linear scenarios share: register flows, start instances,
-run a load on a running engine and read its figures from the database's own timestamps."""
+"""The chain workload the chain and linear scenarios share (start instances, run a load on a running engine,
+read its figures from the database's own timestamps, scheduling latency), and the flow registration every
+engine scenario does before anything is timed."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ def register(dsn: str, *flows: pgflow.Flow) -> None:
         for flow in flows:
             conn.execute("SELECT pgflow.register_flow(%s, %s, %s, %s::jsonb)",
                          (flow.name, flow.version, flow.ref, flow.shape_json))
-
 
 
 def start_instances(dsn: str, flow: pgflow.Flow, count: int, bar: tqdm | None = None, per_txn: int = 500,

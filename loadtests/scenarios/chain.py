@@ -41,7 +41,6 @@ def compare_dbos(run: Run, workflows: int, deadline: float) -> dict[str, Any]:
         h.drop_database(run.admin_dsn, name)
 
 
-
 def measure(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     a = run.args
     instances = a.instances or 20_000
