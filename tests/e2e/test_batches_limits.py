@@ -13,7 +13,7 @@ from pgflow import InstanceFailed
 
 @pytest.fixture
 def claims(dsn, engine_factory):
-    """A coordinator and a worker (2 processes) that import claim_flows, logging into claim_log."""
+    """A coordinator and a worker (2 processes) that import support.claim_flows, logging into claim_log."""
     run_sql(dsn, cf.LOG_TABLE)
     engine = engine_factory(CLAIM_TEST_DSN=dsn)
     engine.coordinator()

@@ -254,7 +254,8 @@ def test_without_opentelemetry_nothing_is_imported_or_stored(dsn, engine_factory
     script.write_text(textwrap.dedent(f"""
         import sys, threading
         sys.modules["opentelemetry"] = None  # as if the [otel] extra were not installed
-        import pgflow, sample_flows as sf
+        import pgflow
+        from support import sample_flows as sf
         from pgflow.engine.worker import Worker
 
         dsn = {dsn!r}

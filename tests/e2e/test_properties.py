@@ -627,7 +627,7 @@ def check_expression(conn, expr):
 
 @pytest.fixture
 def e2e(dsn, engine_factory):
-    """Coordinator (timers 60x faster) and a worker that can import poison_flows."""
+    """Coordinator (timers 60x faster) and a worker that can import support.poison_flows."""
     engine = engine_factory(PGFLOW_TIME_SCALE="60", PGFLOW_LOG_LEVEL="ERROR")
     engine.coordinator()
     engine.worker("--import", "support.poison_flows", concurrency=2)
