@@ -24,10 +24,11 @@ import traceback
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from .. import logs, tracing
+from .. import logs, settings, tracing
 from ..db.codec import dumps, json_arrays
 from ..db.connection import connect
 from ..db.queries import Queries
@@ -68,6 +69,15 @@ def step_label(shape: FlowShape, step: StepShape | None, name: str) -> str:
     if step.kind == "python" and step.spec:
         return f"python:{step.spec.get('fn')}"
     return step.kind
+
+
+def step_session_options(dsn: str) -> str:
+    """The startup options of the SQL step session: the DSN's own plus the engine's session settings (set
+    at startup, so the reset after each step (RESET ALL) returns to them)."""
+    own = conninfo_to_dict(dsn).get("options") or ""
+    engine = (f"-c synchronous_commit={settings.current().synchronous_commit} "
+              "-c plan_cache_mode=force_custom_plan")
+    return f"{own} {engine}".strip()
 
 
 def complete(conn: psycopg.Connection, queue: str, tasks: list[ClaimedTask], outputs: str,
@@ -190,7 +200,7 @@ class Worker(ConnectedLoop):
         self.health = health or Health()
         self.shapes = ShapeCache()
         self.python = python.PythonRunner()
-        self.sql = SqlRunner()
+        self.sql = SqlRunner(dsn, step_session_options(dsn))
         self.tracer = tracing.step_tracer()  # None unless OpenTelemetry is set up in this process
         self.heartbeat = Heartbeat(dsn, visibility_timeout)
 
@@ -230,6 +240,10 @@ class Worker(ConnectedLoop):
     def on_connect(self) -> None:
         self.sql.on_connect(self._conn)
         self.queues.on_connect(self._conn)
+
+    def _close(self) -> None:
+        super()._close()
+        self.sql.close()
 
     # ------------------------------------------------------------------------------------------ batch
 
@@ -398,10 +412,10 @@ class Worker(ConnectedLoop):
         if step.kind == "sql":
             acks.flush(self._conn)  # keep acknowledgements in order with the SQL step's transaction
 
-            def acknowledge(output: str, types: str | None) -> None:
+            def acknowledge(session: psycopg.Connection, output: str, types: str | None) -> None:
                 if batched:
                     batches.check_batch_sql_output(step, task, output)
-                complete(self._conn, task.queue, [task], f"[{output}]", [types])
+                complete(session, task.queue, [task], f"[{output}]", [types])
 
             self.sql.run(self._conn, task, step, batches.task_values(task, scope), columns, acknowledge)
             metrics().completed.labels(*labels).inc()

@@ -1,0 +1,106 @@
+"""Attacks on the worker by a hostile but legitimately granted role (issue 12): each test is the attack,
+with real login roles, a real coordinator and a real worker. The worker runs everyone's steps, so nothing a
+step leaves in a session may reach another user's step or pgflow's own statements."""
+
+from __future__ import annotations
+
+import psycopg
+from conftest import run_sql as as_role
+from conftest import wait_until
+from test_security import roles  # noqa: F401  (the fixture: alice, bob, boss, stranger)
+
+import pgflow
+from pgflow import tree as t
+
+
+def one_worker(engine_factory, **env: str):
+    """A coordinator and one worker process: every step runs on the same worker session."""
+    return engine_factory(**env).start(workers=1, concurrency=1)
+
+
+def run(node, role_dsn: str, timeout: float = 60):
+    return pgflow.wait(pgflow.start(node, dsn=role_dsn), timeout, dsn=role_dsn)
+
+
+def test_a_steps_search_path_never_reaches_pgflows_statements(dsn, roles, engine_factory):  # noqa: F811
+    """Bob's step sets the session's search_path to a schema of his whose clock_timestamp() and now()
+    record who calls them; pgflow's own statements (run as the pgflow owner) must never call them."""
+    bob, names = roles["bob"], roles["names"]
+    as_role(dsn, f'CREATE SCHEMA b AUTHORIZATION "{names["bob"]}"')
+    as_role(bob, "CREATE TABLE b.calls (who text); GRANT INSERT ON b.calls TO PUBLIC;"
+                 "CREATE FUNCTION b.clock_timestamp() RETURNS timestamptz LANGUAGE sql AS"
+                 " $$ INSERT INTO b.calls VALUES (current_user); SELECT pg_catalog.clock_timestamp() $$;"
+                 "CREATE FUNCTION b.now() RETURNS timestamptz LANGUAGE sql AS"
+                 " $$ INSERT INTO b.calls VALUES (current_user); SELECT pg_catalog.now() $$;"
+                 "GRANT USAGE ON SCHEMA b TO PUBLIC")
+    one_worker(engine_factory)
+    hijack = "SELECT set_config('search_path', 'b, pg_catalog, public', false) AS path"
+    st = run(t.sql(hijack) >> t.sql(hijack) >> "SELECT 1 AS one", bob)
+    assert st.status == "completed", st.error
+    st = run(t.sql("SELECT 2 AS two") >> "SELECT 3 AS three", roles["alice"])
+    assert st.status == "completed", st.error
+    callers = {r[0] for r in as_role(dsn, "SELECT who FROM b.calls")}
+    assert callers <= {names["bob"]}, callers
+
+
+def test_a_temp_table_never_captures_another_users_statement(dsn, roles, engine_factory):  # noqa: F811
+    """Bob's step creates pg_temp.orders, open to everyone; Alice's later INSERT INTO orders on the same
+    worker must go to her table, not his."""
+    alice, bob, names = roles["alice"], roles["bob"], roles["names"]
+    as_role(dsn, f'CREATE TABLE public.orders (v text); GRANT ALL ON public.orders TO "{names["alice"]}"')
+    one_worker(engine_factory)
+    trap = ("DO $$ BEGIN CREATE TEMP TABLE orders (v text); GRANT ALL ON pg_temp.orders TO PUBLIC; "
+            "PERFORM set_config('pgflow_test.trap', 'set', false); END $$")
+    st = run(t.sql(trap) >> "SELECT to_regclass('pg_temp.orders')::text AS mine", bob)
+    assert st.status == "completed", st.error
+    st = run(t.sql("INSERT INTO orders VALUES ('alice') RETURNING v") >> "SELECT count(*) AS n FROM orders",
+             alice)
+    assert st.status == "completed", st.error
+    assert as_role(dsn, "SELECT v FROM public.orders") == [("alice",)]
+
+
+def test_a_session_setting_never_changes_another_users_results(dsn, roles, engine_factory):  # noqa: F811
+    alice, bob = roles["alice"], roles["bob"]
+    one_worker(engine_factory)
+    st = run(t.sql("SELECT set_config('DateStyle', 'SQL, DMY', false) AS ds, "
+                   "set_config('TimeZone', 'Pacific/Kiritimati', false) AS tz"), bob)
+    assert st.status == "completed", st.error
+    st = run(t.sql("SELECT '01/02/2026'::date::text AS d, current_setting('TimeZone') AS tz"), alice)
+    assert st.status == "completed", st.error
+    server_zone = as_role(dsn, "SELECT current_setting('TimeZone')")[0][0]
+    assert st.output == [{"d": "2026-01-02", "tz": server_zone}]
+
+
+def test_a_session_advisory_lock_is_released_after_the_step(dsn, roles, engine_factory):  # noqa: F811
+    """A step takes a session-level advisory lock: it must not outlive the step (it would block whoever
+    needs that key, e.g. pgflow's maintenance, for as long as the worker lives)."""
+    bob = roles["bob"]
+    one_worker(engine_factory)
+    st = run(t.sql("SELECT pg_advisory_lock(74061120) AS locked"), bob)
+    assert st.status == "completed", st.error
+
+    def free() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            got = conn.execute("SELECT pg_try_advisory_lock(74061120)").fetchone()[0]
+            if got:
+                conn.execute("SELECT pg_advisory_unlock(74061120)")
+            return got
+
+    wait_until(free, 30, "the step's advisory lock to be released")
+
+
+def test_void_results_and_one_line_errors_for_granted_users(dsn, roles, engine_factory):  # noqa: F811
+    """Issue 13: SELECT pg_sleep(0.1) as a granted role works; a failure is one clear line with the
+    database's message and SQLSTATE, none of the executor's internals."""
+    alice = roles["alice"]
+    one_worker(engine_factory)
+    st = run(t.sql("SELECT pg_sleep(0.01)") >> "SELECT 1 AS after", alice)
+    assert st.status == "completed", st.error
+    assert st.output == [{"after": 1}]
+    for statement, message, sqlstate in (("SELECT 1/0 AS x", "division by zero", "22012"),
+                                         ("SELECT v FROM private", "permission denied", "42501"),
+                                         ("SELECT nosuchcolumn FROM shared", "does not exist", "42703")):
+        st = run(t.sql(statement), alice)
+        assert st.status == "failed"
+        assert message in st.error and f"SQLSTATE {sqlstate}" in st.error, st.error
+        assert "\n" not in st.error.strip() and "PL/pgSQL" not in st.error and "pgflow_exec" not in st.error, st.error
