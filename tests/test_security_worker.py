@@ -104,3 +104,30 @@ def test_void_results_and_one_line_errors_for_granted_users(dsn, roles, engine_f
         assert st.status == "failed"
         assert message in st.error and f"SQLSTATE {sqlstate}" in st.error, st.error
         assert "\n" not in st.error.strip() and "PL/pgSQL" not in st.error and "pgflow_exec" not in st.error, st.error
+
+
+def test_a_malformed_shape_is_poison_for_its_own_task_only(dsn, roles, engine_factory):  # noqa: F811
+    """Attack 10: a stored shape with "max_attempts": "x" (registered before shapes were validated, or by
+    a hand-made register_flow call) once killed the worker on every delivery, and the other tasks of the
+    batch spent their attempts. Now its task fails with the reason and is dead-lettered; the worker's
+    processes live on and other users' tasks complete."""
+    alice, bob = roles["alice"], roles["bob"]
+    engine = engine_factory()
+    engine.coordinator()
+    victim = pgflow.start(t.sql("SELECT 'bob' AS evil"), dsn=bob)
+    healthy = [pgflow.start(t.sql(f"SELECT {i} AS n"), dsn=alice) for i in range(3)]
+    wait_until(lambda: as_role(dsn, "SELECT count(*) FROM pgmq.q_pgflow")[0][0] == 4, 60, "the four tasks queued")
+    as_role(dsn, "UPDATE pgflow.flows f SET shape = jsonb_set(f.shape, '{steps,0,max_attempts}', '\"x\"')"
+                 " FROM pgflow.instances i WHERE i.id = %s AND f.flow_name = i.flow_name"
+                 " AND f.version = i.flow_version", (victim,))
+    worker = engine.worker(concurrency=1)
+    [child] = engine.worker_children(worker, 1)
+    for iid in healthy:
+        st = pgflow.wait(iid, 60, dsn=alice)
+        assert st.status == "completed", st.error
+    st = pgflow.wait(victim, 60, dsn=bob)
+    assert st.status == "failed" and "malformed shape" in st.error and "max_attempts" in st.error, st.error
+    reasons = [r[0] for r in as_role(dsn, "SELECT reason FROM pgflow.dead_letters")]
+    assert len(reasons) == 1 and "malformed shape" in reasons[0], reasons
+    assert as_role(dsn, "SELECT max(attempt) FROM pgflow.steps WHERE instance_id = ANY(%s)", (healthy,)) == [(1,)]
+    assert worker.poll() is None and [c.pid for c in engine.worker_children(worker, 1)] == [child.pid]

@@ -291,13 +291,14 @@ class Worker(ConnectedLoop):
             self._put_aside(queue, unclaimed)
         self.heartbeat.hold(queue, set(claimed))
         acks = _Acks(queue)
+        bodies = {msg_id: body for msg_id, body, _ in read}
         try:
             for index, task in enumerate(tasks):
                 if self.stop_event.is_set():
                     acks.flush(conn)
                     Q.execute(conn, "release_tasks", {"queue": queue, **task_arrays(tasks[index:])})
                     break
-                self._run_task(task, acks)
+                self._run_guarded(task, bodies[task.msg_id], acks)
                 if acks.due(self.ack_interval):
                     acks.flush(conn)
             acks.flush(conn)
@@ -363,6 +364,31 @@ class Worker(ConnectedLoop):
         metrics().dead_lettered.labels(queue).inc()
 
     # ------------------------------------------------------------------------------------------ one task
+
+    def _run_guarded(self, task: ClaimedTask, body: Any, acks: _Acks) -> None:
+        """Run one task; whatever it raises that is not a lost connection (a malformed shape, a bug
+        tripped by a hostile message) makes it poison: its step fails with the reason, its message is
+        dead-lettered, and the worker goes on with the rest of the batch."""
+        try:
+            self._run_task(task, acks)
+        except Exception as exc:
+            if isinstance(exc, psycopg.OperationalError) or (
+                    isinstance(exc, psycopg.Error) and (self._conn.broken or self._conn.closed)):
+                raise
+            self._poison(task, body, f"cannot run: {type(exc).__name__}: {exc}")
+
+    def _poison(self, task: ClaimedTask, body: Any, reason: str) -> None:
+        reason = " ".join(reason.split())[:2000]
+        try:
+            Q.execute(self._conn, "fail_task", {
+                "queue": task.queue, "msg_id": task.msg_id, "instance_id": task.instance_id, "step": task.step,
+                "task": task.task_index, "attempt": task.attempt, "error": reason, "traceback": None,
+                "retry_in": None})
+        except psycopg.Error as exc:
+            if self._conn.broken or self._conn.closed:
+                raise
+            log.error("%s: cannot record its failure: %s", task.describe(), exc)
+        self._dead_letter(task.queue, task.msg_id, body, reason)
 
     def _run_task(self, task: ClaimedTask, acks: _Acks) -> None:
         """Run one claimed task with its engine fields on every log line (a step's own lines too) and, when
