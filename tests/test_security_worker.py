@@ -4,9 +4,12 @@ step leaves in a session may reach another user's step or pgflow's own statement
 
 from __future__ import annotations
 
+import os
+import subprocess
+
 import psycopg
+from conftest import pgflow_command, wait_until
 from conftest import run_sql as as_role
-from conftest import wait_until
 from test_security import roles  # noqa: F401  (the fixture: alice, bob, boss, stranger)
 
 import pgflow
@@ -131,3 +134,29 @@ def test_a_malformed_shape_is_poison_for_its_own_task_only(dsn, roles, engine_fa
     assert len(reasons) == 1 and "malformed shape" in reasons[0], reasons
     assert as_role(dsn, "SELECT max(attempt) FROM pgflow.steps WHERE instance_id = ANY(%s)", (healthy,)) == [(1,)]
     assert worker.poll() is None and [c.pid for c in engine.worker_children(worker, 1)] == [child.pid]
+
+
+def test_a_python_node_never_imports_an_untrusted_module(dsn, roles, engine_factory, tmp_path):  # noqa: F811
+    """Attack 5: a Python node naming a module makes the worker import it before the @task marker is
+    checked (side effects, process death). Modules on the worker's path but not trusted (not --import'ed,
+    not in PGFLOW_PYTHON_MODULES), and modules in the worker's current directory, are never imported."""
+    alice = roles["alice"]
+    marker = tmp_path / "imported"
+    for name, where in (("evil_on_path", tmp_path / "path"), ("evil_in_cwd", tmp_path / "cwd")):
+        where.mkdir()
+        (where / f"{name}.py").write_text(f"open({str(marker)!r} + '-{name}', 'w').close()\n"
+                                          "def x(ctx):\n    return 'ran'\n")
+    engine = engine_factory()
+    engine.env["PYTHONPATH"] = os.pathsep.join([engine.env["PYTHONPATH"], str(tmp_path / "path")])
+    engine.coordinator()
+    worker = subprocess.Popen(pgflow_command("worker", "--dsn", dsn, "--import", "sample_flows", "--concurrency", "1"),
+                              env=engine.env, cwd=tmp_path / "cwd", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    engine.procs.append(worker)
+    for ref in ("evil_on_path:x", "evil_in_cwd:x", "venv.__main__:x", "this.is.not:there"):
+        st = run(t.python(ref), alice)
+        assert st.status == "failed" and "is not trusted by this worker" in st.error, (ref, st.error)
+    assert not list(tmp_path.glob("imported*")), "an untrusted module was imported"
+    # trusted code still runs: the --import module's marked functions, and PGFLOW_PYTHON_MODULES ones
+    st = pgflow.wait(pgflow.start(t.python("sample_trees:greet"), {"who": "alice"}, dsn=alice), 60, dsn=alice)
+    assert st.status == "completed" and st.output.startswith("hello, alice"), st.error
+    assert worker.poll() is None

@@ -21,7 +21,7 @@ from . import client, logs, settings
 from .db.connection import connect, resolve_dsn
 from .db.migrations import LATEST_VERSION, init_schema, require_schema
 from .errors import InstanceFailed, InstanceNotFinished, PgflowError
-from .registry import import_module, load_flow
+from .registry import forget_current_directory, import_module, load_flow, trust
 from .statuses import InstanceStatus
 
 
@@ -199,10 +199,12 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
             import_module(module)
         except ImportError as exc:
             raise click.ClickException(f"cannot import {module!r}: {exc}") from exc
+    trust(imports)  # these (and their submodules) are the code the worker may import by name, nothing else
     try:
         init = init_functions(inits)
     except (ImportError, AttributeError, ValueError) as exc:
         raise click.ClickException(f"--init: {exc}") from exc
+    forget_current_directory()
     dsn = resolve_dsn(dsn, setup=True)
     with connect(dsn) as conn:
         require_schema(conn)
