@@ -16,6 +16,7 @@ Messages that are not well-formed, or name no instance or step, are poison: they
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -29,6 +30,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from .. import logs, settings, tracing
+from ..context import redacted, resolve_secrets
 from ..db.codec import dumps, json_arrays
 from ..db.connection import connect
 from ..db.queries import Queries
@@ -40,6 +42,7 @@ from ..shape import FlowShape, ShapeCache, StepShape
 from . import batches
 from .loop import ConnectedLoop
 from .messages import TaskMessage, decode, log_fields
+from .rights import RightsCache
 from .runners import http, python
 from .runners.sql import SqlRunner
 from .task import ClaimedTask, task_arrays
@@ -69,6 +72,15 @@ def step_label(shape: FlowShape, step: StepShape | None, name: str) -> str:
     if step.kind == "python" and step.spec:
         return f"python:{step.spec.get('fn')}"
     return step.kind
+
+
+def secret_values(task: ClaimedTask) -> list[str]:
+    """The values of the secrets granted to a task's owner (to redact them from what is stored)."""
+    values = []
+    for name, ref in (task.secret_refs or {}).items():
+        with contextlib.suppress(NonRetryableError):
+            values += resolve_secrets({name: ref}).values()
+    return values
 
 
 def step_session_options(dsn: str) -> str:
@@ -201,6 +213,7 @@ class Worker(ConnectedLoop):
         self.shapes = ShapeCache()
         self.python = python.PythonRunner()
         self.sql = SqlRunner(dsn, step_session_options(dsn))
+        self.rights = RightsCache()
         self.tracer = tracing.step_tracer()  # None unless OpenTelemetry is set up in this process
         self.heartbeat = Heartbeat(dsn, visibility_timeout)
 
@@ -429,7 +442,11 @@ class Worker(ConnectedLoop):
             m.step_duration.labels(*labels).observe(time.perf_counter() - started)
 
     def _dispatch(self, shape: FlowShape, step: StepShape, task: ClaimedTask, acks: _Acks, labels: Labels) -> None:
-        """Run the task with the runner of its kind of step, and acknowledge it."""
+        """Run the task with the runner of its kind of step, and acknowledge it. The owner's rights are
+        checked first (now, not only when the instance started), and its granted secrets given to the task."""
+        rights = self.rights.get(self._conn, task.owner)
+        rights.check(step.kind)
+        task.secret_refs = rights.secrets
         scope, columns = task.values()
         batched = batches.is_batch(step, task)
         if step.limit is not None and step.cost is not None:
@@ -448,7 +465,11 @@ class Worker(ConnectedLoop):
             return
         try:
             if step.kind == "http":
-                output = http.run(step, task, scope)
+                attempt = http.Attempt(str((step.spec or {}).get("method") or "GET"))
+                try:
+                    output = http.run(step, task, scope, attempt)
+                finally:
+                    self._audit(task, attempt)
             else:
                 output = self.python.run(shape.ref, step, task, scope)
                 if batched:
@@ -457,6 +478,18 @@ class Worker(ConnectedLoop):
         except (PayloadTooLarge, NotSerializable) as exc:
             raise NonRetryableError(str(exc)) from exc
         acks.add(task, payload, labels)
+
+    def _audit(self, task: ClaimedTask, attempt: http.Attempt) -> None:
+        """Record one HTTP attempt in pgflow.http_audit (its owner reads it; so do operators)."""
+        try:
+            Q.execute(self._conn, "insert_http_audit", {
+                "owner": task.owner, "instance_id": task.instance_id, "step": task.step, "attempt": task.attempt,
+                "method": attempt.method[:20], "host": attempt.host[:255] or "?", "address": attempt.address,
+                "status": attempt.status, "error": attempt.error, "duration_ms": attempt.duration_ms})
+        except psycopg.Error as exc:
+            if self._conn.broken or self._conn.closed:
+                raise
+            log.error("%s: cannot record its HTTP attempt: %s", task.describe(), exc)
 
     def _put_back(self, task: ClaimedTask, step: StepShape | None, exc: BaseException, labels: Labels) -> bool:
         """A task told to wait (RateLimited, an HTTP 429) is parked without spending its attempt; a failing
@@ -476,13 +509,14 @@ class Worker(ConnectedLoop):
     def _record_failure(self, task: ClaimedTask, step: StepShape | None, exc: BaseException, labels: Labels) -> None:
         permanent = step is None or isinstance(exc, NonRetryableError) or task.attempt >= step.max_attempts
         retry_in = None if permanent else backoff_seconds(step, task.attempt)
-        error = f"{type(exc).__name__}: {exc}"
+        secrets = secret_values(task)
+        error = redacted(f"{type(exc).__name__}: {exc}", secrets)
         log.log(logging.ERROR if permanent else logging.WARNING, "%s: %s", task.describe(), error)
         if self.tracer is not None and task.trace_context:
             self.tracer.failed(exc, error, permanent)
         Q.execute(self._conn, "fail_task", {
             "queue": task.queue, "msg_id": task.msg_id, "instance_id": task.instance_id, "step": task.step,
             "task": task.task_index, "attempt": task.attempt, "error": error,
-            "traceback": "".join(traceback.format_exception(exc)), "retry_in": retry_in,
+            "traceback": redacted("".join(traceback.format_exception(exc)), secrets), "retry_in": retry_in,
         })
         (metrics().failed if permanent else metrics().retried).labels(*labels).inc()
