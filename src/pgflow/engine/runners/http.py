@@ -49,6 +49,14 @@ class EgressDenied(NonRetryableError):
 ALWAYS_DENIED = tuple(ipaddress.ip_network(n) for n in (
     "169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "100.100.100.200/32"))
 
+#: special-purpose ranges (IANA registries) refused unless allow-listed, on top of what ``ipaddress`` calls
+#: non-global (its answer varies between Python versions, e.g. for 192.0.0.0/24)
+NOT_PUBLIC = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.0.0.0/24",
+    "192.0.2.0/24", "192.88.99.0/24", "192.168.0.0/16", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",
+    "224.0.0.0/4", "240.0.0.0/4", "::/128", "::1/128", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48",
+    "100::/64", "2001::/23", "2001:db8::/32", "2002::/16", "fc00::/7", "fe80::/10", "fec0::/10", "ff00::/8"))
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -122,9 +130,10 @@ class EgressPolicy:
         """No allow-list: public names only."""
         return not self.hosts and not self.networks
 
-    def check(self, url: str, secrets: list[str] | None = None) -> Target:
-        """Resolve ``url``'s host once and check every address; the Target to connect to, or EgressDenied.
-        A secret's value in the host is refused before any lookup (a DNS query would carry it out)."""
+    def check(self, url: str, secrets: list[str] | None = None) -> list[Target]:
+        """Resolve ``url``'s host once and check every address; the Targets to connect to (one per address,
+        tried in order), or EgressDenied. A secret's value in the host is refused before any lookup (a DNS
+        query would carry it out)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise EgressDenied(f"only http(s) URLs with a host are allowed, not {parts.scheme or '?'}://")
@@ -145,12 +154,15 @@ class EgressPolicy:
             addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos))
         for address in addresses:
             self._check_address(host, plain(address), bare=literal is not None, name_allowed=name_allowed)
-        chosen = plain(addresses[0])
-        shown = f"[{chosen}]" if chosen.version == 6 else str(chosen)
         userinfo = parts.netloc.rpartition("@")[0]
-        netloc = (userinfo + "@" if userinfo else "") + f"{shown}:{port}"
-        return Target(urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host, netloc_host, str(chosen),
-                      host if parts.scheme == "https" and literal is None else None)
+        sni = host if parts.scheme == "https" and literal is None else None
+        targets = []
+        for address in dict.fromkeys(plain(a) for a in addresses):
+            shown = f"[{address}]" if address.version == 6 else str(address)
+            netloc = (userinfo + "@" if userinfo else "") + f"{shown}:{port}"
+            targets.append(Target(urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")), host, netloc_host,
+                                  str(address), sni))
+        return targets
 
     def _check_address(self, host: str, address: Address, *, bare: bool, name_allowed: bool) -> None:
         if any(address in net for net in ALWAYS_DENIED):
@@ -163,7 +175,7 @@ class EgressPolicy:
             return
         if not self.open:
             raise EgressDenied(f"{host} is not in the HTTP allow-list (PGFLOW_HTTP_ALLOW)")
-        if not address.is_global or address.is_multicast:
+        if not address.is_global or address.is_multicast or any(address in net for net in NOT_PUBLIC):
             raise EgressDenied(f"{host} resolves to {address}: loopback, private, link-local and reserved addresses "
                                "are refused unless allow-listed (PGFLOW_HTTP_ALLOW)")
 
@@ -251,16 +263,15 @@ def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attem
     record.host = redacted(urlsplit(url).hostname or "?", redact)
     try:
         try:
-            target = policy.check(url, redact)
-            record.address = target.address
-            headers = {k: v for k, v in headers.items() if k.lower() != "host"} | {"Host": target.host_header}
-            extensions = {"sni_hostname": target.sni} if target.sni else None
-            with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client, \
-                    client.stream(record.method, target.url, headers=headers, extensions=extensions,
-                                  content=body if isinstance(body, str | bytes) else None,
-                                  json=None if body is None or isinstance(body, str | bytes) else body) as response:
-                record.status = response.status_code
-                content = policy.read_limited(response, deadline)
+            targets = policy.check(url, redact)
+            for index, target in enumerate(targets):  # the checked addresses, in the resolver's order
+                record.address = target.address
+                try:
+                    response, content = _send(policy, target, record.method, headers, body, timeout, deadline)
+                    break
+                except httpx.ConnectError:
+                    if index == len(targets) - 1:
+                        raise
         except httpx.HTTPError as exc:
             raise HttpError(redacted(f"{type(exc).__name__}: {exc} ({spec['url']})", redact)) from None
     except Exception as exc:
@@ -268,6 +279,7 @@ def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attem
         raise
     finally:
         record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+    record.status = response.status_code
     envelope = envelope_of(response, content, (time.perf_counter() - started) * 1000)
     if response.status_code == 429 and "retry-after" in response.headers:  # park it, spending no attempt
         raise RateLimited(f"HTTP 429 from {spec['url']}",
@@ -275,6 +287,19 @@ def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attem
     if response.status_code in retry_on:
         raise RetryableStatus(f"HTTP {response.status_code} from {spec['url']} (attempt {attempt} of {max_attempts})")
     return envelope
+
+
+def _send(policy: EgressPolicy, target: Target, method: str, headers: dict[str, str], body: Any, timeout: float,
+          deadline: float) -> tuple[httpx.Response, bytes]:
+    """One request to a checked address, with the name's Host header and TLS server name; no proxy from the
+    environment (it would connect elsewhere), no redirects."""
+    headers = {k: v for k, v in headers.items() if k.lower() != "host"} | {"Host": target.host_header}
+    extensions = {"sni_hostname": target.sni} if target.sni else None
+    with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client, \
+            client.stream(method, target.url, headers=headers, extensions=extensions,
+                          content=body if isinstance(body, str | bytes) else None,
+                          json=None if body is None or isinstance(body, str | bytes) else body) as response:
+        return response, policy.read_limited(response, deadline)
 
 
 def envelope_of(response: httpx.Response, content: bytes, duration_ms: float) -> dict[str, Any]:
