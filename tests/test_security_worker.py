@@ -17,6 +17,8 @@ from test_security import roles  # noqa: F401  (the fixture: alice, bob, boss, s
 
 import pgflow
 from pgflow import tree as t
+from pgflow.db.connection import unavailable
+from pgflow.health import readiness
 
 
 def one_worker(engine_factory, **env: str):
@@ -250,3 +252,18 @@ def test_rights_are_checked_when_the_step_runs_not_only_at_start(dsn, roles, eng
                == "failed", 60, "the revoked owner's step to be refused")
     error = as_role(dsn, "SELECT error FROM pgflow.instances WHERE id = %s", (sql_iid,))[0][0]
     assert "refused when the step ran" in error and "no longer granted" in error, error
+
+
+def test_readyz_never_shows_a_password_with_an_at_sign():
+    """Attack 8 (the forms not covered by test_observability): a URL password holding a raw "@" is cut by
+    libpq at the first one, and the rest became part of the host name that /readyz (and every "cannot
+    connect" error) printed. The parsed host is what libpq names in its error."""
+    dsn = "postgresql://u:Se@cr3t-Pw@127.0.0.1:1/db"
+    parsed_host = psycopg.conninfo.conninfo_to_dict(dsn)["host"]
+    assert "cr3t" in parsed_host  # the attack's premise: the password leaks into the host
+    error = str(unavailable(dsn, psycopg.OperationalError(f"failed to resolve host '{parsed_host}'")))
+    assert "cr3t" not in error and "Se@" not in error, error
+    for dsn in ("host=127.0.0.1 port=1 password=Se@cr3t-Pw", "postgresql://u@127.0.0.1:1/db?password=Se@cr3t-Pw",
+                "postgresql://u:Se%40cr3t-Pw@127.0.0.1:1/db"):
+        ok, why = readiness(dsn)()
+        assert not ok and "cr3t" not in why, why
