@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler
 
 import psycopg
 import pytest
-from conftest import pgflow_command, serve_http, wait_until
+from conftest import pgflow_command, serve_http, subprocess_env, wait_until
 from conftest import run_sql as as_role
 from test_security import roles  # noqa: F401  (the fixture: alice, bob, boss, stranger)
 
@@ -267,3 +267,20 @@ def test_readyz_never_shows_a_password_with_an_at_sign():
                 "postgresql://u:Se%40cr3t-Pw@127.0.0.1:1/db"):
         ok, why = readiness(dsn)()
         assert not ok and "cr3t" not in why, why
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dsn", "not-a-dsn"], "not a PostgreSQL connection string"),
+    (["--dsn", "host=127.0.0.1 password=Se3cret port"], "not a PostgreSQL connection string"),
+    (["--concurrency", "0"], "--concurrency"), (["--concurrency", "x"], "--concurrency"),
+    (["--batch-size", "-1"], "--batch-size"), (["--visibility-timeout", "99999999999"], "--visibility-timeout"),
+    (["--drain-timeout", "-5"], "--drain-timeout"), (["--metrics-port", "70000"], "--metrics-port"),
+    (["--queue", "Upper"], "--queue"), (["--queue", ""], "--queue"),
+])
+def test_worker_options_are_validated_in_one_line(args, message):
+    """Operator input: a bad value is one clear line naming the option (exit 2), never a traceback, and
+    never echoes a password."""
+    out = subprocess.run(pgflow_command("worker", *args), capture_output=True, text=True, timeout=60,
+                         env=subprocess_env())
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr and "Se3cret" not in out.stderr, out.stderr
