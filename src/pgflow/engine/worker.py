@@ -391,7 +391,7 @@ class Worker(ConnectedLoop):
             self._poison(task, body, f"cannot run: {type(exc).__name__}: {exc}")
 
     def _poison(self, task: ClaimedTask, body: Any, reason: str) -> None:
-        reason = " ".join(reason.split())[:2000]
+        reason = redacted(" ".join(reason.split())[:2000], secret_values(task))
         try:
             Q.execute(self._conn, "fail_task", {
                 "queue": task.queue, "msg_id": task.msg_id, "instance_id": task.instance_id, "step": task.step,
