@@ -138,6 +138,8 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH", "")]))
     env.pop("PGFLOW_DSN", None)
+    # the test modules whose flows and workflow functions workers may import by name (they trust no other)
+    env.setdefault("PGFLOW_PYTHON_MODULES", "sample_trees,poison_flows,claim_flows,console_flows,log_flows")
     env.update(extra)
     return env
 

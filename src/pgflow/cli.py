@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
 import socket
 import sys
@@ -16,12 +17,14 @@ from typing import Any
 
 import click
 import orjson
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from . import client, logs, settings
-from .db.connection import connect, resolve_dsn
+from .db.connection import connect, resolve_dsn, without_dsn
 from .db.migrations import LATEST_VERSION, init_schema, require_schema
 from .errors import InstanceFailed, InstanceNotFinished, PgflowError
-from .registry import import_module, load_flow
+from .registry import forget_current_directory, import_module, load_flow, trust
 from .statuses import InstanceStatus
 
 
@@ -35,7 +38,35 @@ def _from_settings(name: str) -> Any:
     return default
 
 
-dsn_option = click.option("--dsn", default=_from_settings("dsn"), metavar="DSN",
+class Dsn(click.ParamType):
+    """A PostgreSQL connection string libpq can parse (checked before anything connects: one clear line,
+    never a traceback; the value is not echoed, it may hold a password)."""
+
+    name = "dsn"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if value is None or value == "":
+            return None
+        try:
+            conninfo_to_dict(value)
+        except psycopg.ProgrammingError as exc:
+            self.fail(f"not a PostgreSQL connection string ({without_dsn(str(exc), value)})", param, ctx)
+        return value
+
+
+_QUEUE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,46}$")
+
+
+def _queue_names(ctx: Any, param: Any, value: tuple[str, ...]) -> tuple[str, ...]:
+    """--queue values: pgflow queue names (the database would refuse others in every worker process)."""
+    for name in value:
+        if not _QUEUE_NAME.match(name):
+            raise click.BadParameter(f"{name!r}: use 1 to 47 lower-case letters, digits or _, starting with a "
+                                     "letter", ctx, param)
+    return value
+
+
+dsn_option = click.option("--dsn", default=_from_settings("dsn"), metavar="DSN", type=Dsn(),
                           help="PostgreSQL connection string (env PGFLOW_DSN). Default: the embedded server "
                                "under PGFLOW_HOME (~/.local/share/pgflow).")
 
@@ -156,16 +187,20 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
 
 @main.command()
 @dsn_option
-@click.option("--concurrency", "-c", default=2, show_default=True, help="Worker processes.")
-@click.option("--queue", "-q", "queues", multiple=True, help="Queue to serve (repeatable). Default: all.")
-@click.option("--batch-size", default=20, show_default=True, help="Messages read per batch.")
-@click.option("--visibility-timeout", default=30, show_default=True,
+@click.option("--concurrency", "-c", default=2, show_default=True, type=click.IntRange(1, 1024),
+              help="Worker processes.")
+@click.option("--queue", "-q", "queues", multiple=True, callback=_queue_names,
+              help="Queue to serve (repeatable). Default: all.")
+@click.option("--batch-size", default=20, show_default=True, type=click.IntRange(1, 10_000),
+              help="Messages read per batch.")
+@click.option("--visibility-timeout", default=30, show_default=True, type=click.IntRange(1, 86_400),
               help="Seconds a read message stays hidden; extended while its step runs.")
 @click.option("--import", "imports", multiple=True, metavar="MODULE",
               help="Import this module first (flows defined there; repeatable).")
-@click.option("--drain-timeout", default=45.0, show_default=True,
+@click.option("--drain-timeout", default=45.0, show_default=True, type=click.FloatRange(0, 86_400),
               help="On SIGTERM, seconds to let in-flight steps finish before killing.")
-@click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
+@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65_535),
+              help="Serve /metrics /healthz /readyz (0: off).")
 @click.option("--init", "inits", multiple=True, metavar="MODULE:FUNCTION",
               help="Run this function once in each worker process before it takes work (load a model, open a "
                    "client; repeatable).")
@@ -181,8 +216,6 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
     from .hooks import init_functions, limit_compute_threads
     from .metrics import disable_multiprocess, enable_multiprocess
 
-    if concurrency < 1 or batch_size < 1 or visibility_timeout < 1:
-        raise click.BadParameter("--concurrency, --batch-size and --visibility-timeout must be >= 1")
     _name_sessions("worker")
     # before --import (user modules may import prometheus_client): children's samples go to a fresh directory
     # that /metrics aggregates; without /metrics, none is needed (and an inherited one must not be written to)
@@ -199,10 +232,12 @@ def worker(dsn: str | None, concurrency: int, queues: tuple[str, ...], batch_siz
             import_module(module)
         except ImportError as exc:
             raise click.ClickException(f"cannot import {module!r}: {exc}") from exc
+    trust(imports)  # these (and their submodules) are the code the worker may import by name, nothing else
     try:
         init = init_functions(inits)
     except (ImportError, AttributeError, ValueError) as exc:
         raise click.ClickException(f"--init: {exc}") from exc
+    forget_current_directory()
     dsn = resolve_dsn(dsn, setup=True)
     with connect(dsn) as conn:
         require_schema(conn)

@@ -374,13 +374,14 @@ class Client:
             Q.execute(c, "set_variable", {"name": name, "value": payload})
 
     def set_secret(self, name: str, ref: str, *, conn: psycopg.Connection | None = None) -> None:
-        """Declare a secret by reference — ``env:NAME`` or ``file:/path`` on the workers — never its value.
-        HTTP steps use it as ``$secrets.name``; Python steps call ``ctx.secret(name)``."""
+        """Refused: secrets are granted by an administrator (``SELECT pgflow.grant_secret(role, name,
+        'env:NAME' | 'file:/path')``), never chosen by users. HTTP steps use a granted secret as
+        ``$secrets.name``; Python steps call ``ctx.secret(name)``. Raises PgflowError saying so."""
         with self._connection(conn) as c:
             try:
                 with c.transaction():
                     Q.execute(c, "set_secret", {"name": name, "ref": ref})
-            except psycopg.errors.InvalidParameterValue as exc:
+            except (psycopg.errors.InvalidParameterValue, psycopg.errors.InsufficientPrivilege) as exc:
                 raise PgflowError(_sql_message(exc)) from None
 
     # ------------------------------------------------------------------------------------------ connections

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import NonRetryableError
 
@@ -29,7 +31,8 @@ class StepContext:
         """A secret variable's value, read now from where its reference points (environment or file):
         the value is never stored by pgflow. Do not return it from the step."""
         if name not in self.secret_refs:
-            raise KeyError(f"no secret named {name!r} (set one with pgflow.set_secret)")
+            raise KeyError(f"no secret named {name!r} granted to this instance's owner (an administrator grants "
+                           "them: pgflow.grant_secret)")
         return resolve_secrets({name: self.secret_refs[name]})[name]
 
     @property
@@ -56,3 +59,12 @@ def resolve_secrets(refs: dict[str, str] | None) -> dict[str, str]:
             raise NonRetryableError(f"secret {name!r}: cannot resolve {ref!r} on this worker ({type(exc).__name__})"
                                     ) from None
     return values
+
+
+def redacted(text: str, secrets: list[str] | None) -> str:
+    """``text`` with every secret value, as it is and URL-encoded, replaced by ``***``, whatever its case
+    (a host name or an error message may have lower-cased it)."""
+    values = {v for secret in secrets or () if secret for v in (secret, quote(secret, safe=""))}
+    for value in sorted(values, key=len, reverse=True):
+        text = re.sub(re.escape(value), "***", text, flags=re.IGNORECASE)
+    return text

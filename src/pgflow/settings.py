@@ -40,6 +40,7 @@ class Settings:
     http_allow: tuple[str, ...]  # PGFLOW_HTTP_ALLOW: hosts and CIDRs HTTP steps may reach (any)
     http_max_bytes: int  # PGFLOW_HTTP_MAX_BYTES: largest HTTP response (10 MiB)
     http_max_timeout: float  # PGFLOW_HTTP_MAX_TIMEOUT: cap of an HTTP node's timeout in seconds (60)
+    python_modules: tuple[str, ...] = ()  # PGFLOW_PYTHON_MODULES: modules workers may import by name (none)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -76,10 +77,16 @@ class Settings:
             log_level=read("PGFLOW_LOG_LEVEL", "WARNING", one_of(LOG_LEVELS, str.upper),
                            "use " + ", ".join(LOG_LEVELS)),
             log_format=read("PGFLOW_LOG_FORMAT", "text", one_of(LOG_FORMATS, str.lower), "use text or json"),
-            http_allow=tuple(filter(None, (item.strip() for item in env.get("PGFLOW_HTTP_ALLOW", "").split(",")))),
+            http_allow=_names(env.get("PGFLOW_HTTP_ALLOW", "")),
             http_max_bytes=read("PGFLOW_HTTP_MAX_BYTES", 10 * 1024 * 1024, int, "use a positive integer", _positive),
             http_max_timeout=read("PGFLOW_HTTP_MAX_TIMEOUT", 60.0, float, "use a number of seconds > 0", _positive),
+            python_modules=_names(env.get("PGFLOW_PYTHON_MODULES", "")),
         )
+
+
+def _names(raw: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped."""
+    return tuple(filter(None, (item.strip() for item in raw.split(","))))
 
 
 def _positive(value: Any) -> bool:

@@ -54,12 +54,24 @@ class FlowShape:
 
     @classmethod
     def from_json(cls, name: str, version: str, ref: str | None, shape: dict[str, Any]) -> FlowShape:
+        """Parse a stored shape; MalformedShape (one line) when it is not one pgflow can run: a shape is
+        registered by users, and a worker must never trip over a field of the wrong type."""
+        try:
+            return cls._parse(name, version, ref, shape)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MalformedShape(f"flow {name!r} version {version} has a malformed shape: "
+                                 f"{type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def _parse(cls, name: str, version: str, ref: str | None, shape: dict[str, Any]) -> FlowShape:
         steps = {}
         for s in shape["steps"]:
             steps[s["name"]] = StepShape(
-                name=s["name"], kind=s["kind"], deps=tuple(s["deps"]), over=s.get("over"),
-                flatten=bool(s.get("flatten")), queue=s["queue"], max_attempts=s["max_attempts"],
-                backoff_base=s["backoff_base"], backoff_cap=s["backoff_cap"], timeout=s.get("timeout"),
+                name=_typed(s, "name", str), kind=_typed(s, "kind", str), deps=tuple(s["deps"]), over=s.get("over"),
+                flatten=bool(s.get("flatten")), queue=_typed(s, "queue", str),
+                max_attempts=_typed(s, "max_attempts", int, minimum=1),
+                backoff_base=_typed(s, "backoff_base", float), backoff_cap=_typed(s, "backoff_cap", float),
+                timeout=_typed(s, "timeout", float, optional=True),
                 sql=s.get("sql"), spec=s.get("spec"), batch_size=s.get("batch_size"),
                 split_on_failure=bool(s.get("split_on_failure")), priority=s.get("priority") or 0,
                 limit=s.get("limit"), limit_key=s.get("limit_key"), cost=s.get("cost"),
@@ -71,6 +83,24 @@ class FlowShape:
         """Steps nothing depends on: their outputs form the instance's result."""
         needed = {d for s in self.steps.values() for d in s.deps}
         return tuple(n for n in self.steps if n not in needed)
+
+
+class MalformedShape(LookupError):
+    """A stored shape that cannot be run (a field missing or of the wrong type): like no shape at all, the
+    instance fails with the reason; the engine goes on."""
+
+
+def _typed(step: dict[str, Any], key: str, kind: type, *, optional: bool = False, minimum: float = 0) -> Any:
+    """``step[key]`` if it is a ``kind`` (an int is a float too; a bool is neither), else ValueError."""
+    value = step.get(key)
+    if value is None and optional:
+        return None
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, accepted):
+        raise ValueError(f"step field {key!r} must be a {kind.__name__}, not {value!r:.60}")
+    if kind in (int, float) and not value >= minimum:
+        raise ValueError(f"step field {key!r} must be >= {minimum}, not {value!r}")
+    return value
 
 
 class ShapeCache:

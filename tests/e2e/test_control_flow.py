@@ -42,7 +42,7 @@ def finish(dsn, iid, timeout=60):
 @pytest.fixture
 def fast_engine(dsn, engine_factory):
     """Coordinator with timers sped up 60x (a minute of cron or sleep takes a second) and a worker."""
-    engine = engine_factory(PGFLOW_TIME_SCALE="60")
+    engine = engine_factory(PGFLOW_TIME_SCALE="60", PGFLOW_HTTP_ALLOW="127.0.0.1")  # the tests' local web server
     engine.start(concurrency=2)
     return engine
 

@@ -4,10 +4,11 @@ single connections with clear errors, and the connection pool behind :class:`pgf
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -17,6 +18,7 @@ from ..errors import DatabaseUnavailable
 from . import codec
 
 CONNECT_TIMEOUT = 10  # seconds
+_URL_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://([^/?#]*)@")  # up to the last "@" of the authority
 
 
 def resolve_dsn(dsn: str | None = None, *, setup: bool = False) -> str:
@@ -42,8 +44,8 @@ def connect(dsn: str, autocommit: bool = False, **kwargs: Any) -> psycopg.Connec
 
 def unavailable(dsn: str, exc: Exception) -> DatabaseUnavailable:
     """The error for a server that cannot be reached, naming it without its password."""
-    return DatabaseUnavailable(
-        f"cannot connect to PostgreSQL ({describe_dsn(dsn)}): {without_dsn(str(exc), dsn)}".strip())
+    return DatabaseUnavailable(without_dsn(
+        f"cannot connect to PostgreSQL ({describe_dsn(dsn)}): {str(exc)}".strip(), dsn))
 
 
 @contextmanager
@@ -78,6 +80,10 @@ def without_dsn(text: str, dsn: str) -> str:
         password = conninfo_to_dict(dsn).get("password")
         if password:
             secrets += [str(password), quote(str(password), safe="")]
+    userinfo = _URL_USERINFO.match(dsn)  # a URL whose password holds "@": libpq cuts it at the first one,
+    if userinfo and ":" in userinfo[1]:  # and the rest shows up as part of the host name
+        password = userinfo[1].partition(":")[2]
+        secrets += [password, unquote(password), *(piece for piece in password.split("@") if piece)]
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text

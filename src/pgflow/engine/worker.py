@@ -16,6 +16,7 @@ Messages that are not well-formed, or name no instance or step, are poison: they
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -24,10 +25,12 @@ import traceback
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from .. import logs, tracing
+from .. import logs, settings, tracing
+from ..context import redacted, resolve_secrets
 from ..db.codec import dumps, json_arrays
 from ..db.connection import connect
 from ..db.queries import Queries
@@ -39,6 +42,7 @@ from ..shape import FlowShape, ShapeCache, StepShape
 from . import batches
 from .loop import ConnectedLoop
 from .messages import TaskMessage, decode, log_fields
+from .rights import RightsCache
 from .runners import http, python
 from .runners.sql import SqlRunner
 from .task import ClaimedTask, task_arrays
@@ -68,6 +72,24 @@ def step_label(shape: FlowShape, step: StepShape | None, name: str) -> str:
     if step.kind == "python" and step.spec:
         return f"python:{step.spec.get('fn')}"
     return step.kind
+
+
+def secret_values(task: ClaimedTask) -> list[str]:
+    """The values of the secrets granted to a task's owner (to redact them from what is stored)."""
+    values = []
+    for name, ref in (task.secret_refs or {}).items():
+        with contextlib.suppress(NonRetryableError):
+            values += resolve_secrets({name: ref}).values()
+    return values
+
+
+def step_session_options(dsn: str) -> str:
+    """The startup options of the SQL step session: the DSN's own plus the engine's session settings (set
+    at startup, so the reset after each step (RESET ALL) returns to them)."""
+    own = conninfo_to_dict(dsn).get("options") or ""
+    engine = (f"-c synchronous_commit={settings.current().synchronous_commit} "
+              "-c plan_cache_mode=force_custom_plan")
+    return f"{own} {engine}".strip()
 
 
 def complete(conn: psycopg.Connection, queue: str, tasks: list[ClaimedTask], outputs: str,
@@ -190,7 +212,8 @@ class Worker(ConnectedLoop):
         self.health = health or Health()
         self.shapes = ShapeCache()
         self.python = python.PythonRunner()
-        self.sql = SqlRunner()
+        self.sql = SqlRunner(dsn, step_session_options(dsn))
+        self.rights = RightsCache()
         self.tracer = tracing.step_tracer()  # None unless OpenTelemetry is set up in this process
         self.heartbeat = Heartbeat(dsn, visibility_timeout)
 
@@ -230,6 +253,10 @@ class Worker(ConnectedLoop):
     def on_connect(self) -> None:
         self.sql.on_connect(self._conn)
         self.queues.on_connect(self._conn)
+
+    def _close(self) -> None:
+        super()._close()
+        self.sql.close()
 
     # ------------------------------------------------------------------------------------------ batch
 
@@ -277,13 +304,14 @@ class Worker(ConnectedLoop):
             self._put_aside(queue, unclaimed)
         self.heartbeat.hold(queue, set(claimed))
         acks = _Acks(queue)
+        bodies = {msg_id: body for msg_id, body, _ in read}
         try:
             for index, task in enumerate(tasks):
                 if self.stop_event.is_set():
                     acks.flush(conn)
                     Q.execute(conn, "release_tasks", {"queue": queue, **task_arrays(tasks[index:])})
                     break
-                self._run_task(task, acks)
+                self._run_guarded(task, bodies[task.msg_id], acks)
                 if acks.due(self.ack_interval):
                     acks.flush(conn)
             acks.flush(conn)
@@ -350,6 +378,31 @@ class Worker(ConnectedLoop):
 
     # ------------------------------------------------------------------------------------------ one task
 
+    def _run_guarded(self, task: ClaimedTask, body: Any, acks: _Acks) -> None:
+        """Run one task; whatever it raises that is not a lost connection (a malformed shape, a bug
+        tripped by a hostile message) makes it poison: its step fails with the reason, its message is
+        dead-lettered, and the worker goes on with the rest of the batch."""
+        try:
+            self._run_task(task, acks)
+        except Exception as exc:
+            if isinstance(exc, psycopg.OperationalError) or (
+                    isinstance(exc, psycopg.Error) and (self._conn.broken or self._conn.closed)):
+                raise
+            self._poison(task, body, f"cannot run: {type(exc).__name__}: {exc}")
+
+    def _poison(self, task: ClaimedTask, body: Any, reason: str) -> None:
+        reason = redacted(" ".join(reason.split())[:2000], secret_values(task))
+        try:
+            Q.execute(self._conn, "fail_task", {
+                "queue": task.queue, "msg_id": task.msg_id, "instance_id": task.instance_id, "step": task.step,
+                "task": task.task_index, "attempt": task.attempt, "error": reason, "traceback": None,
+                "retry_in": None})
+        except psycopg.Error as exc:
+            if self._conn.broken or self._conn.closed:
+                raise
+            log.error("%s: cannot record its failure: %s", task.describe(), exc)
+        self._dead_letter(task.queue, task.msg_id, body, reason)
+
     def _run_task(self, task: ClaimedTask, acks: _Acks) -> None:
         """Run one claimed task with its engine fields on every log line (a step's own lines too) and, when
         its instance is traced and this process traces, inside the task's span."""
@@ -389,7 +442,11 @@ class Worker(ConnectedLoop):
             m.step_duration.labels(*labels).observe(time.perf_counter() - started)
 
     def _dispatch(self, shape: FlowShape, step: StepShape, task: ClaimedTask, acks: _Acks, labels: Labels) -> None:
-        """Run the task with the runner of its kind of step, and acknowledge it."""
+        """Run the task with the runner of its kind of step, and acknowledge it. The owner's rights are
+        checked first (now, not only when the instance started), and its granted secrets given to the task."""
+        rights = self.rights.get(self._conn, task.owner)
+        rights.check(step.kind)
+        task.secret_refs = rights.secrets
         scope, columns = task.values()
         batched = batches.is_batch(step, task)
         if step.limit is not None and step.cost is not None:
@@ -398,17 +455,21 @@ class Worker(ConnectedLoop):
         if step.kind == "sql":
             acks.flush(self._conn)  # keep acknowledgements in order with the SQL step's transaction
 
-            def acknowledge(output: str, types: str | None) -> None:
+            def acknowledge(session: psycopg.Connection, output: str, types: str | None) -> None:
                 if batched:
                     batches.check_batch_sql_output(step, task, output)
-                complete(self._conn, task.queue, [task], f"[{output}]", [types])
+                complete(session, task.queue, [task], f"[{output}]", [types])
 
             self.sql.run(self._conn, task, step, batches.task_values(task, scope), columns, acknowledge)
             metrics().completed.labels(*labels).inc()
             return
         try:
             if step.kind == "http":
-                output = http.run(step, task, scope)
+                attempt = http.Attempt(str((step.spec or {}).get("method") or "GET"))
+                try:
+                    output = http.run(step, task, scope, attempt)
+                finally:
+                    self._audit(task, attempt)
             else:
                 output = self.python.run(shape.ref, step, task, scope)
                 if batched:
@@ -417,6 +478,18 @@ class Worker(ConnectedLoop):
         except (PayloadTooLarge, NotSerializable) as exc:
             raise NonRetryableError(str(exc)) from exc
         acks.add(task, payload, labels)
+
+    def _audit(self, task: ClaimedTask, attempt: http.Attempt) -> None:
+        """Record one HTTP attempt in pgflow.http_audit (its owner reads it; so do operators)."""
+        try:
+            Q.execute(self._conn, "insert_http_audit", {
+                "owner": task.owner, "instance_id": task.instance_id, "step": task.step, "attempt": task.attempt,
+                "method": attempt.method[:20], "host": attempt.host[:255] or "?", "address": attempt.address,
+                "status": attempt.status, "error": attempt.error, "duration_ms": attempt.duration_ms})
+        except psycopg.Error as exc:
+            if self._conn.broken or self._conn.closed:
+                raise
+            log.error("%s: cannot record its HTTP attempt: %s", task.describe(), exc)
 
     def _put_back(self, task: ClaimedTask, step: StepShape | None, exc: BaseException, labels: Labels) -> bool:
         """A task told to wait (RateLimited, an HTTP 429) is parked without spending its attempt; a failing
@@ -436,13 +509,14 @@ class Worker(ConnectedLoop):
     def _record_failure(self, task: ClaimedTask, step: StepShape | None, exc: BaseException, labels: Labels) -> None:
         permanent = step is None or isinstance(exc, NonRetryableError) or task.attempt >= step.max_attempts
         retry_in = None if permanent else backoff_seconds(step, task.attempt)
-        error = f"{type(exc).__name__}: {exc}"
+        secrets = secret_values(task)
+        error = redacted(f"{type(exc).__name__}: {exc}", secrets)
         log.log(logging.ERROR if permanent else logging.WARNING, "%s: %s", task.describe(), error)
         if self.tracer is not None and task.trace_context:
             self.tracer.failed(exc, error, permanent)
         Q.execute(self._conn, "fail_task", {
             "queue": task.queue, "msg_id": task.msg_id, "instance_id": task.instance_id, "step": task.step,
             "task": task.task_index, "attempt": task.attempt, "error": error,
-            "traceback": "".join(traceback.format_exception(exc)), "retry_in": retry_in,
+            "traceback": redacted("".join(traceback.format_exception(exc)), secrets), "retry_in": retry_in,
         })
         (metrics().failed if permanent else metrics().retried).labels(*labels).inc()

@@ -8,7 +8,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from ...errors import NonRetryableError
+from ...errors import FlowDefinitionError, NonRetryableError
 from ...flow import Step
 from ...registry import REGISTRY, import_attribute, load_flow
 from ...shape import StepShape
@@ -51,7 +51,7 @@ class PythonRunner:
         """The function, its (parameter, scope name) bindings, and whether it takes **kwargs."""
         if ref not in self._leaves:
             try:
-                target = import_attribute(ref)
+                target = import_attribute(ref, trusted_only=True)
             except (ImportError, AttributeError) as exc:
                 raise NonRetryableError(f"cannot load Python step {ref!r}: {exc}") from exc
             if not getattr(target, "__pgflow_task__", False):
@@ -68,7 +68,10 @@ class PythonRunner:
         """The Python step of a DAG flow, as this worker's code defines it."""
         flow = REGISTRY.get(flow_name)
         if flow is None and ref:
-            flow = load_flow(ref)
+            try:
+                flow = load_flow(ref, trusted_only=True)
+            except FlowDefinitionError as exc:
+                raise NonRetryableError(str(exc)) from None
         if flow is None:
             raise NonRetryableError(f"flow {flow_name!r} is not importable by this worker (defined in "
                                     "__main__?): start the worker with --import MODULE")

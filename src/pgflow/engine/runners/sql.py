@@ -1,10 +1,19 @@
 """The runner of SQL steps: the statement runs in the acknowledgement transaction (exactly once), with its
-``$references`` bound as parameters, as the role that started the instance."""
+``$references`` bound as parameters, as the role that started the instance.
+
+User statements run on a session of their own (one per worker process, kept open, never the one the worker
+claims and reads with), and that session is reset after every step (settings, temporary objects, prepared
+statements, cursors, advisory locks, LISTENs): nothing a step leaves behind reaches another user's step or
+pgflow's own statements. Inside the step's transaction, the acknowledgement runs only after the search_path
+is pinned to ``pg_catalog, pg_temp`` again, so a step's ``set_config('search_path', ...)`` cannot make the
+worker call a user's function or type.
+"""
 
 from __future__ import annotations
 
 import base64
 import decimal
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +22,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from ...db.codec import dumps
+from ...db.connection import close_quietly, connect
 from ...db.queries import Queries
 from ...errors import FlowDefinitionError, NonRetryableError, NotSerializable, PayloadTooLarge
 from ...references import SqlTemplate, compile_sql
@@ -24,8 +34,39 @@ Q = Queries("sql_runner")
 PERMANENT_SQLSTATE_CLASSES = ("42", "22")  # syntax/undefined object, data exceptions: retrying won't help
 JSONB_OID = 3802
 Columns = list[list[str]]  # [[column name, SQL type], ...] of a result, in order
-#: called inside the step's transaction with the output (JSON text) and its column types (JSON text or None)
-Acknowledge = Callable[[str, str | None], None]
+#: called inside the step's transaction, on the step's connection, with the output (JSON text) and its
+#: column types (JSON text or None)
+Acknowledge = Callable[[psycopg.Connection, str, str | None], None]
+
+
+class SqlStepError(Exception):
+    """A SQL step's statement failed (retried per the step's policy): the database's message, one line."""
+
+
+def one_line(exc: psycopg.Error) -> str:
+    """What a user is told about a failed statement: the database's message and SQLSTATE, on one line,
+    without the executor's internals (its CONTEXT lines, function names, column definition list)."""
+    lines = str(exc).strip().splitlines()
+    message = exc.diag.message_primary or (lines[0] if lines else type(exc).__name__)
+    message = " ".join(message.split())
+    return f"{message} (SQLSTATE {exc.sqlstate})" if exc.sqlstate else message
+
+
+def _wrapped(text: str, names: list[str], pseudo: list[bool]) -> str:
+    """The statement as a CTE whose pseudo-typed columns (void, record: a function's result column list
+    cannot hold them) are cast to text."""
+    body = _TRAILING.sub("", text)
+    columns = ", ".join(sql_ident(n) for n in names)
+    select = ", ".join(f"{sql_ident(n)}::pg_catalog.text AS {sql_ident(n)}" if p else sql_ident(n)
+                       for n, p in zip(names, pseudo, strict=True))
+    return f"WITH pgflow_step ({columns}) AS (\n{body}\n) SELECT {select} FROM pgflow_step"
+
+
+def sql_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+_TRAILING = re.compile(r"[\s;]+$")
 
 
 def _unique(names: list[str]) -> list[str]:
@@ -48,21 +89,47 @@ def _sql_value(value: Any) -> Any:
 
 
 class SqlRunner:
-    """Runs SQL steps on the worker's connection. The worker's session role runs its own instances'
-    statements directly; another owner's run through that role's SECURITY DEFINER executor."""
+    """Runs SQL steps on a session of their own (see module docs). The worker's session role runs its own
+    instances' statements directly; another owner's run through that role's SECURITY DEFINER executor."""
 
-    def __init__(self) -> None:
+    def __init__(self, dsn: str = "", options: str = "") -> None:
+        self.dsn = dsn
+        self.options = options  # startup settings of the step session (what RESET ALL returns to)
         self.templates: dict[str, SqlTemplate] = {}
         self.type_names: dict[int, str] = {}
+        self.pseudo_types: set[int] = set()
         self.executors: set[str] = set()  # roles whose executor was checked
         self.session_role = ""
+        self._conn: psycopg.Connection | None = None
 
     def on_connect(self, conn: psycopg.Connection) -> None:
         self.session_role = Q.value(conn, "current_user")
 
-    def run(self, conn: psycopg.Connection, task: ClaimedTask, step: StepShape, scope: dict[str, Any],
+    def session(self) -> psycopg.Connection:
+        """The step session: opened once and kept (reset after each step, replaced only when broken).
+        No statement is prepared on it by psycopg, so the reset's DEALLOCATE ALL takes nothing away."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            close_quietly(self._conn)
+            self._conn = connect(self.dsn, autocommit=True, prepare_threshold=None, options=self.options)
+        return self._conn
+
+    def close(self) -> None:
+        close_quietly(self._conn)
+        self._conn = None
+
+    def _reset(self, conn: psycopg.Connection) -> None:
+        """Forget everything the step left in the session; a session that cannot be reset is closed."""
+        try:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.rollback()
+            conn.execute(Q["reset_session"])
+        except psycopg.Error:
+            self.close()
+
+    def run(self, conn: psycopg.Connection | None, task: ClaimedTask, step: StepShape, scope: dict[str, Any],
             columns: dict[str, Any], acknowledge: Acknowledge) -> None:
-        """Run the step and ``acknowledge`` it in one transaction: its effect happens exactly once."""
+        """Run the step and ``acknowledge`` it in one transaction: its effect happens exactly once. ``conn``
+        (the worker's) is not used for the statement: it runs on the step session."""
         template = self.template(step.sql)
         run_as = task.owner if task.owner != self.session_role else None
         try:
@@ -72,22 +139,27 @@ class SqlRunner:
                 text, params = template.render(scope, columns)
         except LookupError as exc:
             raise NonRetryableError(str(exc)) from exc
+        session = self.session()
         try:
-            with conn.transaction():
+            with session.transaction():
                 if run_as:
-                    output, types = self._execute_as(conn, run_as, text, params, step.timeout)
+                    output, types = self._execute_as(session, run_as, text, params, step.timeout)
                 else:
-                    output, types = self._execute(conn, text, params, step.timeout)
-                acknowledge(dumps(output, f"output of step {step.name}", default=_sql_value),
+                    output, types = self._execute(session, text, params, step.timeout)
+                Q.execute(session, "pin_search_path")
+                acknowledge(session, dumps(output, f"output of step {step.name}", default=_sql_value),
                             dumps(types) if types else None)
         except psycopg.Error as exc:
-            if conn.broken or conn.closed:
-                raise
+            if session.broken or session.closed:
+                self.close()
+                raise SqlStepError(f"the step's database session was lost: {one_line(exc)}") from None
             if exc.sqlstate and exc.sqlstate[:2] in PERMANENT_SQLSTATE_CLASSES:
-                raise NonRetryableError(f"{type(exc).__name__}: {exc}".strip()) from exc
-            raise
+                raise NonRetryableError(f"{type(exc).__name__}: {one_line(exc)}") from None
+            raise SqlStepError(f"{type(exc).__name__}: {one_line(exc)}") from None
         except (PayloadTooLarge, NotSerializable) as exc:
             raise NonRetryableError(str(exc)) from exc
+        finally:
+            self._reset(session)
 
     def template(self, text: str) -> SqlTemplate:
         template = self.templates.get(text)
@@ -122,13 +194,17 @@ class SqlRunner:
             count = conn.execute(Q.composed("execute_as_count", executor=executor),
                                  (text, params, timeout_ms)).fetchone()[0]
             return {"rowcount": count}, None
-        names = _unique([name for name, _ in described])
+        names = _unique([name for name, _, _ in described])
+        pseudo = [is_pseudo for _, _, is_pseudo in described]
+        if any(pseudo):  # e.g. SELECT pg_sleep(1): a void column cannot be in the executor's column list
+            text = _wrapped(text, names, pseudo)
+        types = ["text" if is_pseudo else t for _, t, is_pseudo in described]
         column_list = sql.SQL(", ").join(sql.Composed([sql.Identifier(n), sql.SQL(" " + t)])
-                                         for n, (_, t) in zip(names, described, strict=True))
+                                         for n, t in zip(names, types, strict=True))
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(Q.composed("execute_as_rows", executor=executor, columns=column_list),
                         (text, params, timeout_ms))
-            return cur.fetchall(), [[n, t] for n, (_, t) in zip(names, described, strict=True)]
+            return cur.fetchall(), [[n, t] for n, t in zip(names, types, strict=True)]
 
     def _check_executor(self, conn: psycopg.Connection, role: str) -> None:
         """Refuse to run a step through an executor that does not exist or is not owned by its role."""
@@ -140,8 +216,9 @@ class SqlRunner:
                                     f"(run SELECT pgflow.grant_usage('{role}'))")
         self.executors.add(role)
 
-    def _describe(self, conn: psycopg.Connection, text: str) -> list[tuple[str, str]]:
-        """(name, SQL type) of the columns a statement would return, from a prepare that runs nothing."""
+    def _describe(self, conn: psycopg.Connection, text: str) -> list[tuple[str, str, bool]]:
+        """(name, SQL type, whether a pseudo-type) of the columns a statement would return, from a prepare
+        that runs nothing."""
         pgconn = conn.pgconn
         name = b"pgflow_describe"
         result = pgconn.prepare(name, text.encode(), [JSONB_OID])
@@ -155,13 +232,15 @@ class SqlRunner:
             if result.status == psycopg.pq.ExecStatus.COMMAND_OK:
                 pgconn.exec_(Q["deallocate_describe"].encode())
         types = self._type_names(conn, [oid for _, oid in columns])
-        return [(n, types[oid]) for n, oid in columns]
+        return [(n, types[oid], oid in self.pseudo_types) for n, oid in columns]
 
     def _type_names(self, conn: psycopg.Connection, oids: list[int]) -> dict[int, str]:
         unknown = [oid for oid in oids if oid not in self.type_names]
         if unknown:
-            for oid, name in Q.all(conn, "type_names", {"oids": unknown}):
+            for oid, name, pseudo in Q.all(conn, "type_names", {"oids": unknown}):
                 self.type_names[oid] = name
+                if pseudo:
+                    self.pseudo_types.add(oid)
         return self.type_names
 
     def _column_types(self, conn: psycopg.Connection, description: Any) -> Columns:

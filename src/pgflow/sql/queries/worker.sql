@@ -47,3 +47,27 @@ VALUES (%(queue)s, %(msg_id)s, %(message)s, %(reason)s);
 
 -- name: extend_visibility
 SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(vt)s);
+
+-- name: owner_rights
+-- what a step's owner may do now (engine/rights.py): checked when each step runs, not only at start
+SELECT r.rolname IS NOT NULL AS role_exists,
+       coalesce(r.rolsuper, false) AS superuser,
+       coalesce(pg_catalog.current_setting('pgflow.allow_superuser', true), '') IN ('on', 'true', '1')
+           AS superuser_allowed,
+       CASE WHEN r.rolname IS NULL THEN false ELSE
+           o.owner = (SELECT n.nspowner::regrole::name FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgflow')
+           OR r.rolsuper
+           OR EXISTS (SELECT 1 FROM pgflow.role_grants g WHERE g.role_name = o.owner)
+           OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles a WHERE a.rolname = 'pgflow_admin')
+               AND pg_catalog.pg_has_role(o.owner, 'pgflow_admin', 'member')) END AS granted,
+       CASE WHEN r.rolname IS NOT NULL THEN pgflow.may_use('http', o.owner) ELSE false END AS http,
+       CASE WHEN r.rolname IS NOT NULL THEN pgflow.may_use('python', o.owner) ELSE false END AS python,
+       (SELECT pg_catalog.jsonb_object_agg(s.name, s.ref) FROM pgflow.secret_grants s WHERE s.role_name = o.owner)
+           AS secrets
+FROM (SELECT %(owner)s::name AS owner) AS o
+LEFT JOIN pg_catalog.pg_roles r ON r.rolname = o.owner;
+
+-- name: insert_http_audit
+INSERT INTO pgflow.http_audit (owner, instance_id, step, attempt, method, host, address, status, error, duration_ms)
+VALUES (%(owner)s, %(instance_id)s, %(step)s, %(attempt)s, %(method)s, %(host)s, %(address)s, %(status)s,
+        %(error)s, %(duration_ms)s);

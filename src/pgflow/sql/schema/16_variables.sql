@@ -29,13 +29,13 @@ CREATE FUNCTION pgflow.clearvars() RETURNS void LANGUAGE sql AS
     $$ DELETE FROM pgflow.variables WHERE owner = current_user $$;
 REVOKE ALL ON FUNCTION pgflow.clearvars() FROM PUBLIC;
 
-CREATE FUNCTION pgflow.set_secret(p_name text, p_ref text) RETURNS void LANGUAGE plpgsql AS $$
+-- Secrets are no longer chosen by users (a reference a user picks, e.g. env:PGFLOW_DSN, reads the worker's
+-- own credentials): an administrator grants them with pgflow.grant_secret (24_secrets_and_egress.sql).
+CREATE FUNCTION pgflow.set_secret(p_name text, p_ref text) RETURNS void LANGUAGE plpgsql
+SET search_path = pg_catalog, pgflow, pg_temp AS $$
 BEGIN
-    IF p_ref !~ '^(env:[A-Za-z_][A-Za-z0-9_]*|file:/.+)$' THEN
-        RAISE EXCEPTION 'pgflow: a secret is a reference, ''env:NAME'' or ''file:/path'' (the value is never '
-                        'stored), got %', left(p_ref, 40) USING ERRCODE = '22023';
-    END IF;
-    INSERT INTO pgflow.variables (name, value, secret_ref) VALUES (p_name, NULL, p_ref)
-    ON CONFLICT (owner, name) DO UPDATE SET value = NULL, secret_ref = excluded.secret_ref, updated_at = now();
+    RAISE EXCEPTION 'pgflow: secrets are granted by an administrator, not set by users: ask for '
+                    'SELECT pgflow.grant_secret(''%'', ''%'', ''env:...'' or ''file:/...'')', current_user, p_name
+        USING ERRCODE = '42501';
 END $$;
 REVOKE ALL ON FUNCTION pgflow.set_secret(text, text) FROM PUBLIC;
