@@ -16,6 +16,8 @@ from typing import Any
 
 import click
 import orjson
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from . import client, logs, settings
 from .db.connection import connect, resolve_dsn
@@ -35,9 +37,37 @@ def _from_settings(name: str) -> Any:
     return default
 
 
-dsn_option = click.option("--dsn", default=_from_settings("dsn"), metavar="DSN",
+def _checked_dsn(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A DSN that libpq can parse (keyword or URI form), else one clear line (never a traceback, and never
+    the DSN itself: it may hold a password)."""
+    if value:
+        try:
+            conninfo_to_dict(value)
+        except psycopg.ProgrammingError:
+            raise click.BadParameter("not a PostgreSQL connection string (postgresql://user@host:port/db or "
+                                     "'host=... dbname=...')") from None
+    return value
+
+
+dsn_option = click.option("--dsn", default=_from_settings("dsn"), metavar="DSN", callback=_checked_dsn,
                           help="PostgreSQL connection string (env PGFLOW_DSN). Default: the embedded server "
                                "under PGFLOW_HOME (~/.local/share/pgflow).")
+
+metrics_port_option = click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+                                   help="Serve /metrics /healthz /readyz (0: off).")
+
+
+def _opt_in_flow_labels(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        os.environ["PGFLOW_METRICS_FLOW_LABELS"] = "1"
+        settings.reload()
+    return value
+
+
+metrics_flow_labels_option = click.option(
+    "--metrics-flow-labels", is_flag=True, callback=_opt_in_flow_labels, expose_value=False,
+    help="Name every user's flows in metrics labels (env PGFLOW_METRICS_FLOW_LABELS); by default only the "
+         "engine role's own flows are named, users' instances count under flow=\"other\".")
 
 
 def _friendly_errors(fn):
@@ -125,14 +155,16 @@ def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progres
 
 @main.command()
 @dsn_option
-@click.option("--batch", default=500, show_default=True, help="Instances evaluated per transaction.")
-@click.option("--retention", default=7 * 86400.0, show_default=True,
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
+              help="Instances evaluated per transaction.")
+@click.option("--retention", default=7 * 86400.0, show_default=True, type=click.FloatRange(0, 100 * 365 * 86400.0),
               help="Seconds to keep finished instances and archived messages (0 keeps them forever).")
-@click.option("--maintenance-every", default=10.0, show_default=True,
+@click.option("--maintenance-every", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400.0),
               help="Seconds between maintenance runs (retention, stalled-instance check, queue metrics).")
-@click.option("--vacuum-every", default=2.0, show_default=True,
+@click.option("--vacuum-every", default=2.0, show_default=True, type=click.FloatRange(0, 86400.0),
               help="Seconds between checks for queue tables and wake-ups to VACUUM (0: leave it to autovacuum).")
-@click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
+@metrics_port_option
+@metrics_flow_labels_option
 @_friendly_errors
 def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every: float, vacuum_every: float,
                 metrics_port: int) -> None:
@@ -156,16 +188,19 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
 
 @main.command()
 @dsn_option
-@click.option("--concurrency", "-c", default=2, show_default=True, help="Worker processes.")
+@click.option("--concurrency", "-c", default=2, show_default=True, type=click.IntRange(1, 1024),
+              help="Worker processes.")
 @click.option("--queue", "-q", "queues", multiple=True, help="Queue to serve (repeatable). Default: all.")
-@click.option("--batch-size", default=20, show_default=True, help="Messages read per batch.")
-@click.option("--visibility-timeout", default=30, show_default=True,
+@click.option("--batch-size", default=20, show_default=True, type=click.IntRange(1, 10_000),
+              help="Messages read per batch.")
+@click.option("--visibility-timeout", default=30, show_default=True, type=click.IntRange(1, 86_400),
               help="Seconds a read message stays hidden; extended while its step runs.")
 @click.option("--import", "imports", multiple=True, metavar="MODULE",
               help="Import this module first (flows defined there; repeatable).")
-@click.option("--drain-timeout", default=45.0, show_default=True,
+@click.option("--drain-timeout", default=45.0, show_default=True, type=click.FloatRange(0, 86_400.0),
               help="On SIGTERM, seconds to let in-flight steps finish before killing.")
-@click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
+@metrics_port_option
+@metrics_flow_labels_option
 @click.option("--init", "inits", multiple=True, metavar="MODULE:FUNCTION",
               help="Run this function once in each worker process before it takes work (load a model, open a "
                    "client; repeatable).")

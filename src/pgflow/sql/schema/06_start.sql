@@ -8,7 +8,9 @@
 -- Guards, in order: a superuser may not start instances unless pgflow.allow_superuser is on (its SQL steps
 -- would run as superuser); HTTP steps need the 'http' right and Python steps of a control-flow workflow the
 -- 'python' right (pgflow.may_use, 18_roles_and_rls.sql). The owner, variables and secret references are
--- captured here; the trace context by the instances table's column default.
+-- captured here; the trace context by the instances table's column default. Inputs and the role's open
+-- instances are checked against its limits and quotas first (pgflow.check_start, 25_trust.sql), and only a
+-- flow version the caller registered can be started.
 
 CREATE FUNCTION pgflow.start_instances(p_flow text, p_version text, p_inputs jsonb[], p_label text)
 RETURNS SETOF bigint LANGUAGE plpgsql AS $$
@@ -24,7 +26,13 @@ BEGIN
                         'superuser. Start it as an ordinary role (see pgflow.grant_usage), or allow it with '
                         'SET pgflow.allow_superuser = on', current_user USING ERRCODE = '42501';
     END IF;
+    PERFORM pgflow.check_start(p_inputs);
+    -- as the caller: row-level security shows only the flow versions it registered (25_trust.sql)
     SELECT f.shape INTO shape FROM pgflow.flows f WHERE f.flow_name = p_flow AND f.version = p_version;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgflow: flow % version % is not registered (by role %): register it first',
+            p_flow, p_version, current_user USING ERRCODE = 'P0002';
+    END IF;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(shape->'steps') s WHERE s->>'kind' = 'http')
        AND NOT pgflow.may_use('http') THEN
         RAISE EXCEPTION 'pgflow: role % may not use HTTP steps (pgflow.grant_usage(role, include_http => true))',

@@ -9,7 +9,7 @@ CREATE FUNCTION pgflow.start(p_node jsonb, p_input jsonb DEFAULT NULL, p_label t
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     shape jsonb := pgflow.tree_shape(p_node, p_name);
-    version text := left(md5(shape::text), 16);
+    version text := pgflow.shape_version(shape);
     new_id bigint;
 BEGIN
     IF p_detached THEN
@@ -93,6 +93,7 @@ BEGIN
     IF coalesce(p_name, '') = '' THEN
         RAISE EXCEPTION 'pgflow: a signal needs a name' USING ERRCODE = '22023';
     END IF;
+    PERFORM pgflow.check_signal_quota();
     INSERT INTO pgflow.signals (instance_id, name, data) VALUES (p_id, p_name, p_data) RETURNING id INTO new_id;
     INSERT INTO pgflow.wakeups (instance_id) VALUES (p_id);
     PERFORM pg_notify('pgflow_coordinator', '');

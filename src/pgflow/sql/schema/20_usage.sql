@@ -10,7 +10,8 @@ CREATE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTAB
                  '_executor_sql', 'grant_usage', 'revoke_usage', '_internal_functions',
                  'requeue_dead_letter', 'discard_dead_letter',
                  'read_queue', 'queue_head', 'ensure_queue_order', 'admit_tasks', 'park_task', 'charge_limit',
-                 'define_limit', 'define_limits', 'split_task', 'next_parked_in']
+                 'define_limit', 'define_limits', 'split_task', 'next_parked_in',
+                 'set_quota', 'quotas_of', '_channel_of']
 $$;
 REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
 
@@ -27,7 +28,8 @@ BEGIN
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA pgflow TO %I', p_role);
     EXECUTE format('GRANT SELECT ON pgflow.instances, pgflow.steps, pgflow.signals, pgflow.variables, '
-                   'pgflow.flows, pgflow.flow_steps, pgflow.queues, pgflow.migrations TO %I', p_role);
+                   'pgflow.flows, pgflow.flow_steps, pgflow.flow_registrations, pgflow.queues, pgflow.migrations '
+                   'TO %I', p_role);
     EXECUTE format('GRANT INSERT (flow_name, flow_version, input, label, variables, secret_refs), '
                    'UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
     EXECUTE format('GRANT UPDATE (status, finished_at) ON pgflow.steps TO %I', p_role);
