@@ -28,8 +28,8 @@ BEGIN
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA pgflow TO %I', p_role);
     EXECUTE format('GRANT SELECT ON pgflow.instances, pgflow.steps, pgflow.signals, pgflow.variables, '
-                   'pgflow.flows, pgflow.flow_steps, pgflow.flow_registrations, pgflow.queues, pgflow.migrations '
-                   'TO %I', p_role);
+                   'pgflow.flows, pgflow.flow_steps, pgflow.flow_registrations, pgflow.role_channels, pgflow.queues, '
+                   'pgflow.migrations TO %I', p_role);
     EXECUTE format('GRANT INSERT (flow_name, flow_version, input, label, variables, secret_refs), '
                    'UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
     EXECUTE format('GRANT UPDATE (status, finished_at) ON pgflow.steps TO %I', p_role);
@@ -48,6 +48,7 @@ BEGIN
     EXECUTE format('REVOKE CREATE ON SCHEMA pgflow_exec FROM %I', p_role);
     INSERT INTO pgflow.role_grants (role_name, http, python) VALUES (p_role, p_include_http, p_include_python)
     ON CONFLICT (role_name) DO UPDATE SET http = excluded.http, python = excluded.python, granted_at = now();
+    INSERT INTO pgflow.role_channels (role_name) VALUES (p_role) ON CONFLICT DO NOTHING;
 END $$;
 REVOKE ALL ON FUNCTION pgflow.grant_usage(name, boolean, boolean) FROM PUBLIC;
 

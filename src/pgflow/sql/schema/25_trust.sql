@@ -63,12 +63,13 @@ $$;
 REVOKE ALL ON FUNCTION pgflow.is_engine_role(name) FROM PUBLIC;
 
 -- Set a role's quotas ('' for the defaults); NULL arguments keep the current value of an existing row.
--- For administrators (never granted by grant_usage: see _internal_functions).
+-- For the pgflow owner and pgflow_admin members (granted below; never by grant_usage: see
+-- _internal_functions); a definer function, so administrators need no write access to the table.
 CREATE FUNCTION pgflow.set_quota(p_role name, p_max_open_instances bigint DEFAULT NULL,
                                  p_max_map_width bigint DEFAULT NULL, p_max_queues integer DEFAULT NULL,
                                  p_max_pending_signals bigint DEFAULT NULL, p_max_input_bytes integer DEFAULT NULL,
                                  p_max_input_depth integer DEFAULT NULL)
-RETURNS void LANGUAGE sql AS $$
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
     INSERT INTO pgflow.role_quotas AS q (role_name, max_open_instances, max_map_width, max_queues,
                                          max_pending_signals, max_input_bytes, max_input_depth)
     SELECT p_role, coalesce(p_max_open_instances, d.max_open_instances), coalesce(p_max_map_width, d.max_map_width),
@@ -85,6 +86,15 @@ RETURNS void LANGUAGE sql AS $$
         updated_at = now()
 $$;
 REVOKE ALL ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer) FROM PUBLIC;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin') THEN
+        GRANT SELECT ON pgflow.role_quotas TO pgflow_admin;
+        GRANT EXECUTE ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer),
+                                  pgflow.quotas_of(name) TO pgflow_admin;
+    END IF;
+END $$;
 
 -- The checks of a start, before anything is written: every input within the role's size and depth limits
 -- (a 300-deep document or a 17 MiB one is refused here, with the reason, instead of reaching a coordinator),
@@ -159,21 +169,17 @@ CREATE TABLE pgflow.role_channels (
 );
 ALTER TABLE pgflow.role_channels ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_channel ON pgflow.role_channels USING (role_name = current_user);
+INSERT INTO pgflow.role_channels (role_name) VALUES (current_user);
 
--- The channel of a role's finished instances (made on first use). A definer function: users cannot write
--- the table, and see only their own channel (pgflow.done_channel).
+-- The channel of a role's finished instances: made by grant_usage (and for the role that installed pgflow),
+-- never here: a row inserted in a user's open transaction would make the coordinator wait on it. A role
+-- without one (the owner, superusers) uses the shared channel. A definer function: users see only their
+-- own channel (pgflow.done_channel).
 CREATE FUNCTION pgflow._channel_of(p_role name) RETURNS text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
-DECLARE
-    ch text;
-BEGIN
-    SELECT c.channel INTO ch FROM pgflow.role_channels c WHERE c.role_name = p_role;
-    IF ch IS NULL THEN
-        INSERT INTO pgflow.role_channels (role_name) VALUES (p_role) ON CONFLICT DO NOTHING;
-        SELECT c.channel INTO ch FROM pgflow.role_channels c WHERE c.role_name = p_role;
-    END IF;
-    RETURN ch;
-END $$;
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    SELECT coalesce((SELECT c.channel FROM pgflow.role_channels c WHERE c.role_name = p_role),
+                    'pgflow_instance_done')
+$$;
 REVOKE ALL ON FUNCTION pgflow._channel_of(name) FROM PUBLIC;
 
 -- The caller's channel, for LISTEN (the Python client waits on it).
