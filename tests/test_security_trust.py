@@ -219,6 +219,31 @@ def test_a_shadowed_pg_has_role_does_not_make_a_user_admin(site):
     assert _status(alice, iid) in ("pending", "running")
 
 
+def test_users_cannot_insert_instances_wakeups_or_signals_directly(site):
+    """Attack 4: rights, limits and quotas were checked only in start_instances; bob inserted instances
+    (with secret references and variables of his choosing) and 300,000 wake-ups directly."""
+    alice, bob = site.users["alice"], site.users["bob"]
+    mine = as_role(bob, "SELECT pgflow.start(pgflow.wait_for_signal('go'))")[0][0]
+    version = as_role(bob, "SELECT flow_version FROM pgflow.instances WHERE id = %s", (mine,))[0][0]
+    for statement, params in [
+        ("INSERT INTO pgflow.instances (flow_name, flow_version, secret_refs) VALUES ('sql', %s, "
+         "'{\"k\": \"env:PGFLOW_DSN\"}')", (version,)),
+        ("INSERT INTO pgflow.wakeups (instance_id) SELECT %s FROM generate_series(1, 1000)", (mine,)),
+        ("INSERT INTO pgflow.signals (instance_id, name) VALUES (%s, 'go')", (mine,)),
+    ]:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            as_role(bob, statement, params)
+    theirs = as_role(alice, "SELECT pgflow.start(pgflow.wait_for_signal('go'))")[0][0]
+    with pytest.raises(psycopg.errors.NoDataFound):  # through the function: only his own instances
+        as_role(bob, "SELECT pgflow.signal(%s, 'go')", (theirs,))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as role"):
+        as_role(bob, "SELECT pgflow.signal(%s, 'go', NULL, %s)", (theirs, site.names["alice"]))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as role"):
+        as_role(bob, "SELECT pgflow.start_instances('sql', %s, ARRAY['1'::jsonb], NULL, %s)",
+                (version, site.names["alice"]))
+    assert as_role(bob, "SELECT pgflow.signal(%s, 'go')", (mine,))[0][0] > 0
+
+
 # ------------------------------------------------------------------------------------ one-statement outages
 
 def test_an_open_transaction_on_an_instance_does_not_stall_the_coordinator(site):

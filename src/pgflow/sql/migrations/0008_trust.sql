@@ -480,56 +480,63 @@ END $$;
 REVOKE ALL ON FUNCTION pgflow.register_flow(text, text, text, jsonb, name) FROM PUBLIC;
 
 -- schema/06_start.sql
-CREATE OR REPLACE FUNCTION pgflow.start_instances(p_flow text, p_version text, p_inputs jsonb[], p_label text)
-RETURNS SETOF bigint LANGUAGE plpgsql AS $$
+DROP FUNCTION pgflow.start_instances(text, text, jsonb[], text);
+CREATE FUNCTION pgflow.start_instances(p_flow text, p_version text, p_inputs jsonb[], p_label text,
+                                       p_caller name DEFAULT current_user)
+RETURNS SETOF bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
 DECLARE
+    caller name := pgflow._check_caller(p_caller);
     shape jsonb;
     vars jsonb;
     secrets jsonb;
     ids bigint[];
 BEGIN
-    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = caller)
        AND coalesce(current_setting('pgflow.allow_superuser', true), '') NOT IN ('on', 'true', '1') THEN
         RAISE EXCEPTION 'pgflow: refusing to start an instance as superuser %: its SQL steps would run as '
                         'superuser. Start it as an ordinary role (see pgflow.grant_usage), or allow it with '
-                        'SET pgflow.allow_superuser = on', current_user USING ERRCODE = '42501';
+                        'SET pgflow.allow_superuser = on', caller USING ERRCODE = '42501';
     END IF;
-    PERFORM pgflow.check_start(p_inputs);
-    -- as the caller: row-level security shows only the flow versions it registered (25_trust.sql)
-    SELECT f.shape INTO shape FROM pgflow.flows f WHERE f.flow_name = p_flow AND f.version = p_version;
+    PERFORM pgflow.check_start(p_inputs, caller);
+    SELECT f.shape INTO shape FROM pgflow.flows f
+    WHERE f.flow_name = p_flow AND f.version = p_version
+      AND (EXISTS (SELECT 1 FROM pgflow.flow_registrations r
+                   WHERE r.flow_name = p_flow AND r.version = p_version AND r.role_name = caller)
+           OR pgflow.is_engine_role(caller)
+           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
+               AND pg_has_role(caller, 'pgflow_admin', 'member')));
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgflow: flow % version % is not registered (by role %): register it first',
-            p_flow, p_version, current_user USING ERRCODE = 'P0002';
+            p_flow, p_version, caller USING ERRCODE = 'P0002';
     END IF;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(shape->'steps') s WHERE s->>'kind' = 'http')
-       AND NOT pgflow.may_use('http') THEN
+       AND NOT pgflow.may_use('http', caller) THEN
         RAISE EXCEPTION 'pgflow: role % may not use HTTP steps (pgflow.grant_usage(role, include_http => true))',
-            current_user USING ERRCODE = '42501';
+            caller USING ERRCODE = '42501';
     END IF;
     IF shape ? 'tree'  -- a control-flow workflow names its Python functions itself
        AND EXISTS (SELECT 1 FROM jsonb_array_elements(shape->'steps') s WHERE s->>'kind' = 'python')
-       AND NOT pgflow.may_use('python') THEN
+       AND NOT pgflow.may_use('python', caller) THEN
         RAISE EXCEPTION 'pgflow: role % may not use Python steps in workflows (pgflow.grant_usage(role, '
-                        'include_python => true))', current_user USING ERRCODE = '42501';
+                        'include_python => true))', caller USING ERRCODE = '42501';
     END IF;
     SELECT jsonb_object_agg(v.name, v.value) FILTER (WHERE v.secret_ref IS NULL),
            jsonb_object_agg(v.name, v.secret_ref) FILTER (WHERE v.secret_ref IS NOT NULL)
     INTO vars, secrets
-    FROM pgflow.variables v WHERE v.owner = current_user;
+    FROM pgflow.variables v WHERE v.owner = caller;
     WITH created AS (
-        INSERT INTO pgflow.instances (flow_name, flow_version, input, label, variables, secret_refs)
-        SELECT p_flow, p_version, x.input, p_label, vars, secrets
+        INSERT INTO pgflow.instances (flow_name, flow_version, input, label, variables, secret_refs, owner)
+        SELECT p_flow, p_version, x.input, p_label, vars, secrets, caller
         FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
         ORDER BY x.ord
         RETURNING id
     )
     SELECT array_agg(id ORDER BY id) INTO ids FROM created;  -- identities follow insertion order
-    -- a statement of its own: the wake-ups' row-level security check must see the new instances
     INSERT INTO pgflow.wakeups (instance_id) SELECT unnest(ids);
     PERFORM pg_notify('pgflow_coordinator', '');
     RETURN QUERY SELECT unnest(ids);
 END $$;
-REVOKE ALL ON FUNCTION pgflow.start_instances(text, text, jsonb[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow.start_instances(text, text, jsonb[], text, name) FROM PUBLIC;
 
 -- schema/11_cancel.sql
 CREATE OR REPLACE FUNCTION pgflow.cancel_instance(p_id bigint, p_reason text)
@@ -579,13 +586,20 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION pgflow.start(jsonb, jsonb, text, boolean, text) FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION pgflow.signal(p_id bigint, p_name text, p_data jsonb DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
+DROP FUNCTION pgflow.signal(bigint, text, jsonb);
+CREATE FUNCTION pgflow.signal(p_id bigint, p_name text, p_data jsonb DEFAULT NULL,
+                              p_caller name DEFAULT current_user) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
 DECLARE
+    caller name := pgflow._check_caller(p_caller);
     st text;
     new_id bigint;
 BEGIN
-    SELECT status INTO st FROM pgflow.instances WHERE id = p_id;
+    SELECT i.status INTO st FROM pgflow.instances i
+    WHERE i.id = p_id
+      AND (i.owner = caller OR pgflow.is_engine_role(caller)
+           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
+               AND pg_has_role(caller, 'pgflow_admin', 'member')));
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgflow: no instance with id %', p_id USING ERRCODE = 'P0002';
     END IF;
@@ -595,13 +609,13 @@ BEGIN
     IF coalesce(p_name, '') = '' THEN
         RAISE EXCEPTION 'pgflow: a signal needs a name' USING ERRCODE = '22023';
     END IF;
-    PERFORM pgflow.check_signal_quota();
+    PERFORM pgflow.check_signal_quota(caller);
     INSERT INTO pgflow.signals (instance_id, name, data) VALUES (p_id, p_name, p_data) RETURNING id INTO new_id;
     INSERT INTO pgflow.wakeups (instance_id) VALUES (p_id);
     PERFORM pg_notify('pgflow_coordinator', '');
     RETURN new_id;
 END $$;
-REVOKE ALL ON FUNCTION pgflow.signal(bigint, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow.signal(bigint, text, jsonb, name) FROM PUBLIC;
 
 -- schema/20_usage.sql
 CREATE OR REPLACE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
@@ -627,11 +641,10 @@ BEGIN
     EXECUTE format('GRANT SELECT ON pgflow.instances, pgflow.steps, pgflow.signals, pgflow.variables, '
                    'pgflow.flows, pgflow.flow_steps, pgflow.flow_registrations, pgflow.role_channels, pgflow.queues, '
                    'pgflow.migrations TO %I', p_role);
-    EXECUTE format('GRANT INSERT (flow_name, flow_version, input, label, variables, secret_refs), '
-                   'UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
+    -- no INSERT on instances, signals or wake-ups: starts and signals go through definer functions that check
+    -- rights, limits and quotas (start_instances, signal)
+    EXECUTE format('GRANT UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
     EXECUTE format('GRANT UPDATE (status, finished_at) ON pgflow.steps TO %I', p_role);
-    EXECUTE format('GRANT INSERT (instance_id, name, data) ON pgflow.signals TO %I', p_role);
-    EXECUTE format('GRANT INSERT (instance_id) ON pgflow.wakeups TO %I', p_role);
     EXECUTE format('GRANT INSERT (name, value, secret_ref), UPDATE (value, secret_ref, updated_at), DELETE '
                    'ON pgflow.variables TO %I', p_role);
     FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
@@ -649,6 +662,15 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION pgflow.grant_usage(name, boolean, boolean) FROM PUBLIC;
 
--- roles granted usage before: the new functions and tables (their rights kept)
-SELECT pgflow.grant_usage(g.role_name, g.http, g.python) FROM pgflow.role_grants g
-WHERE EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = g.role_name);
+-- roles granted usage before: no more direct INSERT on instances, signals and wake-ups; the new functions and
+-- tables (their rights kept)
+DO $$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN SELECT rg.* FROM pgflow.role_grants rg
+             WHERE EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = rg.role_name) LOOP
+        EXECUTE format('REVOKE INSERT ON pgflow.instances, pgflow.signals, pgflow.wakeups FROM %I', g.role_name);
+        PERFORM pgflow.grant_usage(g.role_name, g.http, g.python);
+    END LOOP;
+END $$;

@@ -30,11 +30,10 @@ BEGIN
     EXECUTE format('GRANT SELECT ON pgflow.instances, pgflow.steps, pgflow.signals, pgflow.variables, '
                    'pgflow.flows, pgflow.flow_steps, pgflow.flow_registrations, pgflow.role_channels, pgflow.queues, '
                    'pgflow.migrations TO %I', p_role);
-    EXECUTE format('GRANT INSERT (flow_name, flow_version, input, label, variables, secret_refs), '
-                   'UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
+    -- no INSERT on instances, signals or wake-ups: starts and signals go through definer functions that check
+    -- rights, limits and quotas (start_instances, signal)
+    EXECUTE format('GRANT UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
     EXECUTE format('GRANT UPDATE (status, finished_at) ON pgflow.steps TO %I', p_role);
-    EXECUTE format('GRANT INSERT (instance_id, name, data) ON pgflow.signals TO %I', p_role);
-    EXECUTE format('GRANT INSERT (instance_id) ON pgflow.wakeups TO %I', p_role);
     EXECUTE format('GRANT INSERT (name, value, secret_ref), UPDATE (value, secret_ref, updated_at), DELETE '
                    'ON pgflow.variables TO %I', p_role);
     FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
