@@ -212,7 +212,7 @@ class Coordinator(ConnectedLoop):
         self.maintenance = Maintenance(dsn, every=maintenance_every, retention_seconds=retention_seconds,
                                        stalled_after=stalled_after, vacuum_every=vacuum_every,
                                        vacuum_min_dead=vacuum_min_dead)
-        self._finished: list[tuple[int, str, float]] = []  # completions of the round, counted once committed
+        self._finished: list[tuple[int, str, str, float]] = []  # completions of the round, counted once committed
         self._role: str | None = None  # the role the coordinator runs as (metrics name its flows)
 
     def run(self) -> None:
@@ -251,17 +251,21 @@ class Coordinator(ConnectedLoop):
     def process_batch(self) -> int:
         """Evaluate one batch of woken instances in one transaction; returns how many wake-ups it took."""
         conn = self._conn
-        with conn.transaction():
-            woken = [r[0] for r in Q.all(conn, "claim_wakeups", {"limit": self.batch})]
-            if not woken:
-                return 0
-            ids = sorted(set(woken))
-            rows = Q.all(conn, "lock_instances", {"ids": ids})
-            skipped = set(ids) - {r[0] for r in rows}
-            if skipped:
-                Q.execute(conn, "rewake_skipped", {"ids": sorted(skipped), "delay": REWAKE_DELAY})
-            if rows:
-                self._evaluate_isolated(conn, rows)
+        try:
+            with conn.transaction():
+                woken = [r[0] for r in Q.all(conn, "claim_wakeups", {"limit": self.batch})]
+                if not woken:
+                    return 0
+                ids = sorted(set(woken))
+                rows = Q.all(conn, "lock_instances", {"ids": ids})
+                skipped = set(ids) - {r[0] for r in rows}
+                if skipped:
+                    Q.execute(conn, "rewake_skipped", {"ids": sorted(skipped), "delay": REWAKE_DELAY})
+                if rows:
+                    self._evaluate_isolated(conn, rows)
+        except BaseException:
+            self._finished.clear()  # rolled back: counted when done again
+            raise
         self._count_finished()
         return len(woken)
 
@@ -453,15 +457,15 @@ class Coordinator(ConnectedLoop):
         self._fail(conn, failures)
 
     def _completed(self, iid: int, flow: str, owner: str, seconds: float) -> None:
-        self._finished.append((iid, flow_label(flow, owner, self._role), seconds))
+        self._finished.append((iid, flow, flow_label(flow, owner, self._role), seconds))
 
     def _count_finished(self) -> None:
         """Metrics and logs of the round's completions, once they are committed (a savepoint rolled back
         for fault isolation drops its completions, which are then done again)."""
         m = metrics()
-        for iid, flow, seconds in self._finished:
-            m.instance_duration.labels(flow).observe(seconds)
-            m.instances_finished.labels(flow, InstanceStatus.COMPLETED).inc()
+        for iid, flow, label, seconds in self._finished:
+            m.instance_duration.labels(label).observe(seconds)
+            m.instances_finished.labels(label, InstanceStatus.COMPLETED).inc()
             log.debug("instance %s of flow %s completed in %.3f s", iid, flow, seconds,
                       extra={"instance_id": iid, "flow": flow})
         self._finished.clear()
