@@ -316,16 +316,16 @@ def test_deep_and_huge_inputs_are_refused_at_start(site):
     """Attack 9 through the front door: a 300-deep input and a 17 MiB input are refused by the start itself,
     with a clear error, before anything is written."""
     bob = site.users["bob"]
-    with pytest.raises(psycopg.errors.StatementTooComplex, match="nested deeper than 100 levels"):
+    with pytest.raises(psycopg.errors.StatementTooComplex, match="deeper than 100 levels"):
         as_role(bob, "SELECT pgflow.start('SELECT 1', (repeat('[', 300) || repeat(']', 300))::jsonb)")
     with pytest.raises(psycopg.errors.ProgramLimitExceeded, match="over the 16777216 bytes allowed"):
         as_role(bob, "SELECT pgflow.start('SELECT 1', jsonb_build_array(repeat('x', 17 * 1024 * 1024)))")
     assert as_role(bob, "SELECT count(*) FROM pgflow.instances") == [(0,)]
     # an administrator may allow more (or less) per role
     as_role(site.owner, "SELECT pgflow.set_quota(%s, p_max_input_depth => 3)", (site.names["bob"],))
-    with pytest.raises(psycopg.errors.StatementTooComplex, match="nested deeper than 3 levels"):
+    with pytest.raises(psycopg.errors.StatementTooComplex, match="deeper than 3 levels"):
         as_role(bob, "SELECT pgflow.start('SELECT 1', '[[[[1]]]]')")
-    assert as_role(bob, "SELECT pgflow.start('SELECT 1', '[[1]]')")[0][0] > 0
+    assert as_role(bob, "SELECT pgflow.start('SELECT 1', '[[[1]]]')")[0][0] > 0  # three levels: allowed
 
 
 def test_per_role_quotas_hold_with_clear_errors(site):

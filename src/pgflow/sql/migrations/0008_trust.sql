@@ -173,9 +173,10 @@ BEGIN
     END IF;
     SELECT x.ord INTO bad FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
     WHERE jsonb_typeof(x.input) IN ('array', 'object')
-      AND jsonb_path_exists(x.input, format('strict $.**{%s}', q.max_input_depth)::jsonpath) LIMIT 1;
+      AND jsonb_path_exists(x.input, format('strict $.**{%s} ? (@.type() == "array" || @.type() == "object")',
+                                            q.max_input_depth)::jsonpath) LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'pgflow: input % is nested deeper than % levels (pgflow.set_quota)',
+        RAISE EXCEPTION 'pgflow: input % nests arrays or objects deeper than % levels (pgflow.set_quota)',
             bad.ord, q.max_input_depth USING ERRCODE = '54001';
     END IF;
     IF q.max_open_instances IS NOT NULL AND NOT pgflow.is_engine_role(p_caller) THEN
