@@ -158,7 +158,8 @@ def scheduling_latency(dsn: str, flow: pgflow.Flow, count: int, timeout_each: fl
     coordinator's transaction began), and from an instance's creation to its first step starting."""
     ids = []
     with connect(dsn, autocommit=True) as conn:
-        conn.execute("LISTEN pgflow_instance_done")
+        channel = conn.execute("SELECT pgflow.done_channel()").fetchone()[0]  # this role's own channel
+        conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
         for i in range(count):
             iid = pgflow.start(flow, {"seq": i}, conn=conn)
             ids.append(iid)

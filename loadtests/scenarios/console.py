@@ -38,12 +38,12 @@ FLOWS = ["ingest", "embed_docs", "reports", "billing", "cleanup"]
 FILL = """
 INSERT INTO pgflow.instances (flow_name, flow_version, status, label, input, created_at, started_at, finished_at,
                               error, owner)
-SELECT f.name, 'v1', s.status, CASE WHEN g %% 10 = 0 THEN 'nightly' END, jsonb_build_object('n', g),
+SELECT f.name, f.version, s.status, CASE WHEN g %% 10 = 0 THEN 'nightly' END, jsonb_build_object('n', g),
        t.at, t.at, CASE WHEN s.status <> 'running' THEN t.at + interval '2 seconds' END,
        CASE WHEN s.status = 'failed' THEN 'step load failed: boom ' || g END,
        CASE WHEN g %% 1000 = 7 THEN %(user)s ELSE current_user END
 FROM generate_series(1, %(n)s) AS g
-CROSS JOIN LATERAL (SELECT (%(names)s::text[])[1 + g %% 5] AS name) f
+CROSS JOIN LATERAL (SELECT (%(names)s::text[])[1 + g %% 5] AS name, (%(versions)s::text[])[1 + g %% 5] AS version) f
 CROSS JOIN LATERAL (SELECT CASE WHEN g %% 100 < 90 THEN 'completed' WHEN g %% 100 < 95 THEN 'failed'
                                WHEN g %% 100 < 98 THEN 'cancelled' ELSE 'running' END AS status) s
 CROSS JOIN LATERAL (SELECT now() - make_interval(secs => %(n)s - g) AS at) t
@@ -62,12 +62,14 @@ def prepare(admin_dsn: str, n: int) -> str:
     started = time.monotonic()
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SELECT pgflow.grant_usage(%s)", (USER,))
-        for name in FLOWS:
-            conn.execute("SELECT pgflow.register_flow(%s, 'v1', NULL, %s::jsonb)",
-                         (name, json.dumps({"steps": [{"name": "load", "kind": "sql", "deps": [], "queue": "pgflow",
-                                                       "max_attempts": 3, "backoff_base": 1, "backoff_cap": 60,
-                                                       "sql": "SELECT 1"}]})))
-        conn.execute(FILL, {"n": n, "names": FLOWS, "user": USER})
+        versions = []
+        for name in FLOWS:  # the version is the shape's (pgflow.shape_version), as register_flow requires
+            shape = json.dumps({"name": name, "steps": [{
+                "name": "load", "kind": "sql", "deps": [], "over": None, "flatten": False, "queue": "pgflow",
+                "max_attempts": 3, "backoff_base": 1, "backoff_cap": 60, "timeout": None, "sql": "SELECT 1"}]})
+            versions.append(conn.execute("SELECT pgflow.shape_version(%s::jsonb)", (shape,)).fetchone()[0])
+            conn.execute("SELECT pgflow.register_flow(%s, %s, NULL, %s::jsonb)", (name, versions[-1], shape))
+        conn.execute(FILL, {"n": n, "names": FLOWS, "versions": versions, "user": USER})
         conn.execute("VACUUM ANALYZE pgflow.instances")
     print(f"{n:,} instances written in {time.monotonic() - started:.1f} s", flush=True)
     return dsn

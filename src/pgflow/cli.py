@@ -70,6 +70,22 @@ dsn_option = click.option("--dsn", default=_from_settings("dsn"), metavar="DSN",
                           help="PostgreSQL connection string (env PGFLOW_DSN). Default: the embedded server "
                                "under PGFLOW_HOME (~/.local/share/pgflow).")
 
+metrics_port_option = click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65535),
+                                   help="Serve /metrics /healthz /readyz (0: off).")
+
+
+def _opt_in_flow_labels(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        os.environ["PGFLOW_METRICS_FLOW_LABELS"] = "1"
+        settings.reload()
+    return value
+
+
+metrics_flow_labels_option = click.option(
+    "--metrics-flow-labels", is_flag=True, callback=_opt_in_flow_labels, expose_value=False,
+    help="Name every user's flows in metrics labels (env PGFLOW_METRICS_FLOW_LABELS); by default only the "
+         "engine role's own flows are named, users' instances count under flow=\"other\".")
+
 
 def _friendly_errors(fn):
     """Turn pgflow's own errors into a one-line message and exit status 1."""
@@ -156,14 +172,16 @@ def demo(dsn: str | None, documents: int, batches: int, workers: int, no_progres
 
 @main.command()
 @dsn_option
-@click.option("--batch", default=500, show_default=True, help="Instances evaluated per transaction.")
-@click.option("--retention", default=7 * 86400.0, show_default=True,
+@click.option("--batch", default=500, show_default=True, type=click.IntRange(1, 100_000),
+              help="Instances evaluated per transaction.")
+@click.option("--retention", default=7 * 86400.0, show_default=True, type=click.FloatRange(0, 100 * 365 * 86400.0),
               help="Seconds to keep finished instances and archived messages (0 keeps them forever).")
-@click.option("--maintenance-every", default=10.0, show_default=True,
+@click.option("--maintenance-every", default=10.0, show_default=True, type=click.FloatRange(0.1, 86400.0),
               help="Seconds between maintenance runs (retention, stalled-instance check, queue metrics).")
-@click.option("--vacuum-every", default=2.0, show_default=True,
+@click.option("--vacuum-every", default=2.0, show_default=True, type=click.FloatRange(0, 86400.0),
               help="Seconds between checks for queue tables and wake-ups to VACUUM (0: leave it to autovacuum).")
-@click.option("--metrics-port", default=0, show_default=True, help="Serve /metrics /healthz /readyz (0: off).")
+@metrics_port_option
+@metrics_flow_labels_option
 @_friendly_errors
 def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every: float, vacuum_every: float,
                 metrics_port: int) -> None:
@@ -199,8 +217,8 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
               help="Import this module first (flows defined there; repeatable).")
 @click.option("--drain-timeout", default=45.0, show_default=True, type=click.FloatRange(0, 86_400),
               help="On SIGTERM, seconds to let in-flight steps finish before killing.")
-@click.option("--metrics-port", default=0, show_default=True, type=click.IntRange(0, 65_535),
-              help="Serve /metrics /healthz /readyz (0: off).")
+@metrics_port_option
+@metrics_flow_labels_option
 @click.option("--init", "inits", multiple=True, metavar="MODULE:FUNCTION",
               help="Run this function once in each worker process before it takes work (load a model, open a "
                    "client; repeatable).")

@@ -261,8 +261,9 @@ class Client:
         deadline = time.monotonic() + timeout
         with self._connection(conn) as c:
             listening = c.autocommit and c.info.transaction_status == TransactionStatus.IDLE
-            if listening:
-                Q.execute(c, "listen_done")
+            if listening:  # the caller's own channel: no one else's instance ids reach it
+                channel = Q.value(c, "done_channel")
+                c.execute(Q.composed("listen_done", channel=channel))
             try:
                 while True:
                     info = _read_status(c, instance_id)
@@ -278,7 +279,7 @@ class Client:
                         time.sleep(min(left, WAIT_POLL_SECONDS))
             finally:
                 if listening and not (c.closed or c.broken):
-                    Q.execute(c, "unlisten_done")
+                    c.execute(Q.composed("unlisten_done", channel=channel))
 
     def list_instances(self, *, status: str | None = None, flow: str | None = None, label: str | None = None,
                        limit: int = 50, before: int | None = None,

@@ -29,6 +29,16 @@ from .health import Health
 log = logging.getLogger("pgflow.metrics")
 
 STEP_LABELS = ("flow", "step", "queue")
+OTHER_FLOWS = "other"  # the flow label of instances started by users, unless flow labels are opted into
+
+
+def flow_label(flow: str, owner: str | None, engine_role: str | None) -> str:
+    """The ``flow`` label of an instance's metrics: its flow's name when the instance belongs to the role
+    the engine runs as (the operator's own), else ``other``: /metrics needs no login, and users' flow names
+    are theirs (SECURITY.md). ``PGFLOW_METRICS_FLOW_LABELS=1`` (``--metrics-flow-labels``) names them all."""
+    if owner is None or owner == engine_role or settings.current().metrics_flow_labels:
+        return flow
+    return OTHER_FLOWS
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 MINUTE, HOUR, DAY = 60, 3600, 86400
 #: Instances sleep, wait for signals and cron fires: their durations reach days and weeks.

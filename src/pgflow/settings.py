@@ -25,6 +25,16 @@ class SettingsError(PgflowError):
     """A ``PGFLOW_*`` variable holds a value pgflow cannot use."""
 
 
+def _flag(raw: str) -> bool:
+    """A boolean variable: 1/true/on/yes or 0/false/off/no."""
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "on", "yes"):
+        return True
+    if lowered in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(raw)
+
+
 @dataclass(frozen=True)
 class Settings:
     """pgflow's configuration from the environment (defaults in parentheses)."""
@@ -35,6 +45,7 @@ class Settings:
     synchronous_commit: str  # PGFLOW_SYNCHRONOUS_COMMIT: of coordinator and worker transactions (off)
     time_scale: float  # PGFLOW_TIME_SCALE: timers run this many times faster (1)
     metrics_host: str  # PGFLOW_METRICS_HOST: where /metrics /healthz /readyz listen (127.0.0.1)
+    metrics_flow_labels: bool  # PGFLOW_METRICS_FLOW_LABELS: name every user's flows in metrics labels (off)
     log_level: str  # PGFLOW_LOG_LEVEL: the CLI's default --log-level (WARNING)
     log_format: str  # PGFLOW_LOG_FORMAT: the CLI's default --log-format (text)
     http_allow: tuple[str, ...]  # PGFLOW_HTTP_ALLOW: hosts and CIDRs HTTP steps may reach (any)
@@ -74,6 +85,7 @@ class Settings:
                                     "use " + ", ".join(SYNCHRONOUS_COMMIT)),
             time_scale=read("PGFLOW_TIME_SCALE", 1.0, float, "use a number > 0", _positive),
             metrics_host=env.get("PGFLOW_METRICS_HOST") or "127.0.0.1",
+            metrics_flow_labels=read("PGFLOW_METRICS_FLOW_LABELS", False, _flag, "use 1/true/on or 0/false/off"),
             log_level=read("PGFLOW_LOG_LEVEL", "WARNING", one_of(LOG_LEVELS, str.upper),
                            "use " + ", ".join(LOG_LEVELS)),
             log_format=read("PGFLOW_LOG_FORMAT", "text", one_of(LOG_FORMATS, str.lower), "use text or json"),

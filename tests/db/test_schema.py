@@ -86,7 +86,7 @@ def test_schema_and_migrations_build_the_same_database(schema_db, migrations_db)
     with psycopg.connect(schema_db) as a, psycopg.connect(migrations_db) as b:
         from_schema, from_migrations = catalog(a), catalog(b)
     assert differences(from_schema, from_migrations) == []
-    assert len(from_schema["functions"]) > 50 and len(from_schema["policies"]) == 6  # the comparison saw them
+    assert len(from_schema["functions"]) > 50 and len(from_schema["policies"]) == 10  # the comparison saw them
     assert _recorded(schema_db) == _recorded(migrations_db)
     assert _recorded(schema_db)[-1][0] == store.LATEST_VERSION
 
@@ -95,10 +95,10 @@ DRIFTS = {
     "function body": ("CREATE OR REPLACE FUNCTION pgflow.open_step_statuses() RETURNS text[] LANGUAGE sql IMMUTABLE"
                       " AS $$ SELECT ARRAY['queued', 'running', 'retrying', 'mapping'] $$",
                       "functions pgflow.open_step_statuses(): body"),
-    "security definer": ("ALTER FUNCTION pgflow.register_flow(text, text, text, jsonb) SECURITY INVOKER",
-                         "functions pgflow.register_flow(text,text,text,jsonb): security_definer"),
-    "search_path": ("ALTER FUNCTION pgflow.ensure_queue(text) RESET search_path",
-                    "functions pgflow.ensure_queue(text): config"),
+    "security definer": ("ALTER FUNCTION pgflow.register_flow(text, text, text, jsonb, name) SECURITY INVOKER",
+                         "functions pgflow.register_flow(text,text,text,jsonb,name): security_definer"),
+    "search_path": ("ALTER FUNCTION pgflow.ensure_queue(text, name) RESET search_path",
+                    "functions pgflow.ensure_queue(text,name): config"),
     "function grant": ("GRANT EXECUTE ON FUNCTION pgflow.claim_tasks(bigint[], bigint[], text[], integer[], text[],"
                        " text[]) TO PUBLIC", "functions pgflow.claim_tasks("),
     "table grant": ("GRANT SELECT ON pgflow.role_grants TO PUBLIC", "relations pgflow.role_grants: acl"),

@@ -15,7 +15,7 @@ from .queries import Queries, read_sql
 
 Q = Queries("migrations")
 
-MIGRATION_LOCK = 7_406_111  # advisory lock key: one `pgflow init` at a time
+MIGRATION_LOCK = 7_406_111  # advisory lock key: one first `pgflow init` at a time (later: a table lock)
 _MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.sql$")
 _COMPATIBLE_FROM = re.compile(r"^-- compatible-from: (\d+)\s*$", re.MULTILINE)
 _SCHEMA_FILE = re.compile(r"^\d{2}_\w+\.sql$")
@@ -156,7 +156,10 @@ def init_schema(dsn: str, queues: tuple[str, ...] | list[str] = ()) -> list[int]
     from ..queues import ensure_queue
 
     with connect(dsn) as conn, conn.transaction():
-        Q.execute(conn, "lock_migrations", {"key": MIGRATION_LOCK})
+        if Q.value(conn, "migrations_table_exists"):
+            Q.execute(conn, "lock_migrations_table")
+        else:
+            Q.execute(conn, "lock_migrations", {"key": MIGRATION_LOCK})
         install_pgmq(conn)
         Q.execute(conn, "create_migrations_table")
         state = schema_state(conn)

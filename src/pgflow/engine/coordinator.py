@@ -4,7 +4,11 @@ instances; control-flow workflows are advanced by the tree evaluator (:mod:`.tre
 :mod:`.maintenance`.
 
 Several coordinators may run at once: wake-ups are claimed with SKIP LOCKED and each instance is locked
-(FOR UPDATE) while it is evaluated, so every decision is made once, against committed state.
+(FOR NO KEY UPDATE) while it is evaluated, so every decision is made once, against committed state. An
+instance locked by someone else (a user's open transaction) is skipped and woken again shortly: the
+coordinator never waits on a lock a user can hold. One instance's failure never stops the batch: a batch
+that fails is evaluated again one instance at a time, and an instance that fails alone is failed with the
+reason (its wake-up is gone), so poison never stops the coordinator.
 
 The decisions themselves are pure functions of what was read (:func:`ready_steps`, :func:`map_elements`,
 :func:`step_failures`, :func:`map_outcomes`, :func:`is_complete`); :class:`Coordinator` does the reading
@@ -22,14 +26,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import psycopg
 
 from ..db.codec import dumps, json_arrays
 from ..db.queries import Queries
+from ..errors import DatabaseUnavailable
 from ..flow import INPUT
 from ..health import Health
 from ..limits import task_headers
-from ..metrics import metrics
+from ..metrics import flow_label, metrics
 from ..shape import FlowShape, ShapeCache, StepShape
 from ..statuses import InstanceStatus, StepStatus
 from . import tree
@@ -52,6 +58,7 @@ class DagInstance:
     input: Any
     variables: Any
     states: dict[str, str] = field(default_factory=dict)  # step -> status of its task_index -1 row
+    owner: str | None = None
 
 
 def step_failures(rows: Iterable[tuple[int, str, str, str | None]]) -> dict[int, str]:
@@ -183,6 +190,15 @@ def map_tasks(step: StepShape, items: list[Any]) -> list[tuple[int, Any]]:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
+REWAKE_DELAY = 0.5  # seconds before an instance locked by someone else is looked at again
+ERROR_CHARS = 2000  # of an instance's failure reason, when the engine cannot run it
+
+
+def decode(text: str | None) -> Any:
+    """A jsonb column read as text (decoded per instance, inside its fault isolation)."""
+    return None if text is None else orjson.loads(text)
+
+
 class Coordinator(ConnectedLoop):
     """Runs the coordinator loop on one database. ``batch`` bounds the instances handled per transaction."""
 
@@ -196,6 +212,8 @@ class Coordinator(ConnectedLoop):
         self.maintenance = Maintenance(dsn, every=maintenance_every, retention_seconds=retention_seconds,
                                        stalled_after=stalled_after, vacuum_every=vacuum_every,
                                        vacuum_min_dead=vacuum_min_dead)
+        self._finished: list[tuple[int, str, str, float]] = []  # completions of the round, counted once committed
+        self._role: str | None = None  # the role the coordinator runs as (metrics name its flows)
 
     def run(self) -> None:
         """Run the loop until :meth:`stop`, with the vacuum thread beside it (``vacuum_every`` 0: none)."""
@@ -221,6 +239,7 @@ class Coordinator(ConnectedLoop):
 
     def on_connect(self) -> None:
         Q.execute(self._listen, "listen")
+        self._role = self._conn.info.user
 
     def _wait(self) -> None:
         """Sleep until a NOTIFY or the next timed wake-up (at most one second, as a safety net)."""
@@ -232,25 +251,69 @@ class Coordinator(ConnectedLoop):
     def process_batch(self) -> int:
         """Evaluate one batch of woken instances in one transaction; returns how many wake-ups it took."""
         conn = self._conn
-        with conn.transaction():
-            woken = [r[0] for r in Q.all(conn, "claim_wakeups", {"limit": self.batch})]
-            if not woken:
-                return 0
-            rows = Q.all(conn, "lock_instances", {"ids": sorted(set(woken))})
-            if rows:
-                self._evaluate(conn, rows)
+        try:
+            with conn.transaction():
+                woken = [r[0] for r in Q.all(conn, "claim_wakeups", {"limit": self.batch})]
+                if not woken:
+                    return 0
+                ids = sorted(set(woken))
+                rows = Q.all(conn, "lock_instances", {"ids": ids})
+                skipped = set(ids) - {r[0] for r in rows}
+                if skipped:
+                    Q.execute(conn, "rewake_skipped", {"ids": sorted(skipped), "delay": REWAKE_DELAY})
+                if rows:
+                    self._evaluate_isolated(conn, rows)
+        except BaseException:
+            self._finished.clear()  # rolled back: counted when done again
+            raise
+        self._count_finished()
         return len(woken)
+
+    def _evaluate_isolated(self, conn: psycopg.Connection, rows: list[tuple]) -> None:
+        """Evaluate ``rows`` in a savepoint; when that fails, evaluate them one at a time, and fail an
+        instance that fails alone with the reason: nothing one instance holds (a malformed input, a
+        shape the engine cannot run) stops the others or the coordinator."""
+        finished = len(self._finished)
+        try:
+            with conn.transaction():
+                self._evaluate(conn, rows)
+            return
+        except Exception as exc:
+            if conn.broken or isinstance(exc, (*self.RETRYABLE, DatabaseUnavailable)):
+                raise  # the connection or the transaction as a whole: the batch is retried
+            del self._finished[finished:]
+            if len(rows) == 1:
+                self._poisoned(conn, rows[0][0], rows[0][1], exc)
+                return
+            log.warning("a batch of %d instances failed (%s: %s); evaluating them one at a time", len(rows),
+                        type(exc).__name__, str(exc).strip()[:200])
+        for row in rows:
+            self._evaluate_isolated(conn, [row])
+
+    def _poisoned(self, conn: psycopg.Connection, iid: int, flow: str, exc: Exception) -> None:
+        """Fail an instance the engine cannot run, with the reason (its wake-up is already consumed)."""
+        log.warning("instance %s: cannot evaluate it: %s: %s", iid, type(exc).__name__, str(exc).strip()[:500],
+                    extra={"instance_id": iid, "flow": flow})
+        reason = f"cannot run this instance: {type(exc).__name__}: {str(exc).strip()}"[:ERROR_CHARS]
+        try:
+            with conn.transaction():
+                self._fail(conn, {iid: reason})
+        except Exception as again:
+            if conn.broken or isinstance(again, (*self.RETRYABLE, DatabaseUnavailable)):
+                raise
+            log.error("instance %s: cannot even fail it (%s); the safety net will try again", iid, again,
+                      extra={"instance_id": iid})
 
     def _evaluate(self, conn: psycopg.Connection, rows: list[tuple]) -> None:
         dags: dict[int, DagInstance] = {}
         trees: list[DagInstance] = []
-        for iid, flow, version, _status, input_, variables in rows:
+        for iid, flow, version, _status, input_, variables, owner in rows:
             try:
                 shape = self.shapes.get(conn, flow, version)
             except LookupError as exc:
                 self._fail(conn, {iid: str(exc)})
                 continue
-            instance = DagInstance(iid, shape, input_, variables)
+            instance = DagInstance(iid, shape, decode(input_), decode(variables), owner=owner)
             if shape.tree is not None:
                 trees.append(instance)
             else:
@@ -324,9 +387,14 @@ class Coordinator(ConnectedLoop):
             outputs = {(iid, step): output for iid, step, output in rows}
         again: set[int] = set()
         failures: dict[int, str] = {}
+        widths = dict(Q.all(conn, "map_width_quotas", {"owners": sorted({inst.owner for inst, _ in maps})}))
         for inst, step in maps:
             items = inst.input if step.over == INPUT else outputs.get((inst.id, step.over))
             items, problem = map_elements(step, items)
+            quota = widths.get(inst.owner)
+            if not problem and quota is not None and len(items) > quota:
+                problem = (f"step {step.name} maps over {len(items):,} elements, over role {inst.owner}'s quota "
+                           f"of {quota:,} (pgflow.set_quota)")
             if problem:
                 failures.setdefault(inst.id, problem)
                 continue
@@ -354,8 +422,8 @@ class Coordinator(ConnectedLoop):
         done = [completion(inst) for inst in instances.values() if is_complete(inst)]
         if not done:
             return
-        for iid, flow, seconds, _notified in Q.all(conn, "complete_instances", {"done": dumps(done)}):
-            self._completed(iid, flow, seconds)
+        for iid, flow, owner, seconds, _notified in Q.all(conn, "complete_instances", {"done": dumps(done)}):
+            self._completed(iid, flow, owner, seconds)
 
     def _evaluate_trees(self, conn: psycopg.Connection, trees: list[DagInstance]) -> None:
         """Control-flow workflows: read their rows and signals, evaluate each tree, write its decisions,
@@ -383,17 +451,24 @@ class Coordinator(ConnectedLoop):
                 failures[inst.id] = result.error
             elif result.done:
                 seconds = Q.value(conn, "complete_tree_instance", {"id": inst.id, "output": dumps(result.output)})
-                self._completed(inst.id, inst.shape.name, seconds)
+                self._completed(inst.id, inst.shape.name, inst.owner, seconds)
         writes.drop_instances(failures)
         writes.flush(conn)
         self._fail(conn, failures)
 
-    def _completed(self, iid: int, flow: str, seconds: float) -> None:
+    def _completed(self, iid: int, flow: str, owner: str, seconds: float) -> None:
+        self._finished.append((iid, flow, flow_label(flow, owner, self._role), seconds))
+
+    def _count_finished(self) -> None:
+        """Metrics and logs of the round's completions, once they are committed (a savepoint rolled back
+        for fault isolation drops its completions, which are then done again)."""
         m = metrics()
-        m.instance_duration.labels(flow).observe(seconds)
-        m.instances_finished.labels(flow, InstanceStatus.COMPLETED).inc()
-        log.debug("instance %s of flow %s completed in %.3f s", iid, flow, seconds,
-                  extra={"instance_id": iid, "flow": flow})
+        for iid, flow, label, seconds in self._finished:
+            m.instance_duration.labels(label).observe(seconds)
+            m.instances_finished.labels(label, InstanceStatus.COMPLETED).inc()
+            log.debug("instance %s of flow %s completed in %.3f s", iid, flow, seconds,
+                      extra={"instance_id": iid, "flow": flow})
+        self._finished.clear()
 
     def _fail(self, conn: psycopg.Connection, failures: dict[int, str]) -> None:
         """Fail instances for good: stored error, open steps cancelled, waiters notified."""
@@ -404,8 +479,8 @@ class Coordinator(ConnectedLoop):
         Q.execute(conn, "cancel_open_steps", {"ids": ids})
         Q.execute(conn, "notify_done", {"ids": ids})
         outcomes = metrics().instances_finished
-        for iid, flow, error in failed:
-            outcomes.labels(flow, InstanceStatus.FAILED).inc()
+        for iid, flow, owner, error in failed:
+            outcomes.labels(flow_label(flow, owner, self._role), InstanceStatus.FAILED).inc()
             log.warning("instance %s of flow %s failed: %s", iid, flow, error,
                         extra={"instance_id": iid, "flow": flow})
 

@@ -1,7 +1,7 @@
 """The coordinator's upkeep: the stalled-instance safety net, retention of finished instances and archived
 messages, VACUUM of the tables whose rows live for milliseconds, and the sampled metrics (instances by
 status, queue depth and age, wake-up backlog, dead letters). Maintenance is done by one coordinator at a
-time (an advisory lock); the vacuum runs in a thread of its own."""
+time (a row lock no user can take); the vacuum runs in a thread of its own."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from threading import Event
 
 import psycopg
 
+from .. import settings
 from ..db.connection import close_quietly, connect
 from ..db.queries import Queries
 from ..errors import DatabaseUnavailable
-from ..metrics import metrics
+from ..metrics import OTHER_FLOWS, metrics
 from ..queues import queue_names
 from ..statuses import InstanceStatus
 
@@ -68,7 +69,8 @@ class Maintenance:
     def sample_metrics(self, conn: psycopg.Connection) -> None:
         """Set the gauges that sample the database: one truth, read by whichever coordinator maintains."""
         m = metrics()
-        counts = {(f, st): n for f, st, n in Q.all(conn, "instance_counts")}
+        counts = {(f, st): n for f, st, n in Q.all(conn, "instance_counts", {
+            "all_flows": settings.current().metrics_flow_labels, "other": OTHER_FLOWS})}
         self._sampled_flows.update(f for f, _ in counts)
         for flow in self._sampled_flows:  # statuses without rows read 0, not their last count
             for status in InstanceStatus:

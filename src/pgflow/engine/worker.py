@@ -36,7 +36,7 @@ from ..db.connection import connect
 from ..db.queries import Queries
 from ..errors import NonRetryableError, NotSerializable, PayloadTooLarge
 from ..limits import RateLimited
-from ..metrics import Health, metrics
+from ..metrics import Health, flow_label, metrics
 from ..queues import channel, ensure_queue, queue_names
 from ..shape import FlowShape, ShapeCache, StepShape
 from . import batches
@@ -416,7 +416,8 @@ class Worker(ConnectedLoop):
     def _run_claimed(self, task: ClaimedTask, acks: _Acks) -> None:
         shape = self.shapes.get(self._conn, task.flow, task.version)
         step = shape.steps.get(task.step)
-        labels = (shape.name, step_label(shape, step, task.step), task.queue)
+        labels = (flow_label(shape.name, task.owner, self._conn.info.user), step_label(shape, step, task.step),
+                  task.queue)
         m = metrics()
         m.started.labels(*labels).inc()  # also for tasks that fail before running, so failed <= started
         if step is None:

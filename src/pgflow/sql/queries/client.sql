@@ -42,11 +42,15 @@ SELECT step_name,
 FROM pgflow.steps WHERE instance_id = %(id)s
 GROUP BY step_name;
 
+-- name: done_channel
+-- the caller's own channel of finished instances (25_trust.sql)
+SELECT pgflow.done_channel();
+
 -- name: listen_done
-LISTEN pgflow_instance_done;
+LISTEN {channel};
 
 -- name: unlisten_done
-UNLISTEN pgflow_instance_done;
+UNLISTEN {channel};
 
 -- name: list_instances
 SELECT id, flow_name, status, label, created_at, finished_at, error

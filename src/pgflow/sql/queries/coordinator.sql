@@ -16,11 +16,26 @@ RETURNING w.instance_id;
 SELECT extract(epoch FROM min(due_at) - now()) FROM pgflow.wakeups;
 
 -- name: lock_instances
-SELECT id, flow_name, flow_version, status, input, variables
+-- Never waits for a lock a user's open transaction holds (a cancel, a retry): such an instance is skipped
+-- and woken again later (rewake_skipped). NO KEY UPDATE: a signal's foreign-key check (KEY SHARE) does not
+-- conflict with it at all. Input and variables as text: decoded per instance, so one that cannot be decoded
+-- fails alone (coordinator.py).
+SELECT id, flow_name, flow_version, status, input::text, variables::text, owner
 FROM pgflow.instances
 WHERE id = ANY(%(ids)s) AND status = ANY (pgflow.open_instance_statuses())
 ORDER BY id
-FOR UPDATE;
+FOR NO KEY UPDATE SKIP LOCKED;
+
+-- name: rewake_skipped
+-- open instances that were woken but locked by someone else: looked at again shortly
+INSERT INTO pgflow.wakeups (instance_id, due_at)
+SELECT i.id, now() + make_interval(secs => %(delay)s) FROM pgflow.instances i
+WHERE i.id = ANY(%(ids)s) AND i.status = ANY (pgflow.open_instance_statuses());
+
+-- name: map_width_quotas
+-- the widest map each owner may fan out (NULL: no limit; the pgflow owner has none)
+SELECT o, CASE WHEN pgflow.is_engine_role(o) THEN NULL ELSE (pgflow.quotas_of(o)).max_map_width END
+FROM unnest(%(owners)s::name[]) AS o;
 
 -- name: mark_started
 UPDATE pgflow.instances SET status = 'running', started_at = now()
@@ -75,7 +90,8 @@ WHERE p.instance_id = u.instance_id AND p.step_name = u.step_name AND p.task_ind
 
 -- name: complete_instances
 -- %(done)s: [{"id": .., "terminal": [step names], "single": bool}]; one terminal step gives its output,
--- several give an object keyed by step name. Waiters are notified in the same statement.
+-- several give an object keyed by step name. Waiters are notified in the same statement, on the owner's
+-- channel (pgflow.notify_done).
 WITH done AS (
     UPDATE pgflow.instances i
     SET status = 'completed', finished_at = now(),
@@ -87,24 +103,24 @@ WITH done AS (
                  END
     FROM jsonb_to_recordset(%(done)s::jsonb) AS u(id bigint, terminal text[], single boolean)
     WHERE i.id = u.id
-    RETURNING i.id, i.flow_name, extract(epoch FROM i.finished_at - i.created_at)::float8 AS seconds
+    RETURNING i.id, i.flow_name, i.owner, extract(epoch FROM i.finished_at - i.created_at)::float8 AS seconds
 )
-SELECT id, flow_name, seconds, pg_notify('pgflow_instance_done', id::text) FROM done;
+SELECT id, flow_name, owner, seconds, pgflow.notify_done(owner, id) FROM done;
 
 -- name: complete_tree_instance
 -- waiters are notified in the same statement
 WITH done AS (
     UPDATE pgflow.instances SET status = 'completed', output = %(output)s::jsonb, finished_at = now()
     WHERE id = %(id)s
-    RETURNING id, extract(epoch FROM finished_at - created_at)::float8 AS seconds
+    RETURNING id, owner, extract(epoch FROM finished_at - created_at)::float8 AS seconds
 )
-SELECT seconds, pg_notify('pgflow_instance_done', id::text) FROM done;
+SELECT seconds, pgflow.notify_done(owner, id) FROM done;
 
 -- name: fail_instances
 UPDATE pgflow.instances i SET status = 'failed', error = u.error, finished_at = now()
 FROM unnest(%(ids)s::bigint[], %(errors)s::text[]) AS u(id, error)
 WHERE i.id = u.id
-RETURNING i.id, i.flow_name, u.error;
+RETURNING i.id, i.flow_name, i.owner, u.error;
 
 -- name: cancel_open_steps
 -- every open step of the failed instances, timers and signal waits included
@@ -112,7 +128,7 @@ UPDATE pgflow.steps SET status = 'cancelled', finished_at = now()
 WHERE instance_id = ANY(%(ids)s) AND status = ANY (pgflow.open_step_statuses());
 
 -- name: notify_done
-SELECT pg_notify('pgflow_instance_done', id::text) FROM unnest(%(ids)s::bigint[]) AS id;
+SELECT pgflow.notify_done(i.owner, i.id) FROM pgflow.instances i WHERE i.id = ANY(%(ids)s);
 
 -- name: define_limits
 -- limits declared in flow code, written before their first tasks are enqueued

@@ -2,7 +2,9 @@
 -- {table} are filled in as quoted identifiers (a queue's pgmq tables; a table to vacuum).
 
 -- name: try_maintenance_lock
-SELECT pg_try_advisory_xact_lock(hashtext('pgflow.maintenance'));
+-- a row of pgflow.engine_locks (25_trust.sql), which no user may lock; never waited for
+SELECT count(*) > 0 FROM (SELECT 1 FROM pgflow.engine_locks WHERE name = 'maintenance'
+                          FOR UPDATE SKIP LOCKED) AS l;
 
 -- name: stalled_instances
 -- Safety net: open instances with nothing to wake them: no wake-up, no task with a message out (its worker
@@ -37,7 +39,9 @@ WHERE n_dead_tup >= %(min_dead)s
 VACUUM (SKIP_LOCKED, TRUNCATE false, INDEX_CLEANUP on) {table};
 
 -- name: instance_counts
-SELECT flow_name, status, count(*) FROM pgflow.instances GROUP BY 1, 2;
+-- users' flows are not named unless the operator opts in (pgflow.metrics.flow_label)
+SELECT CASE WHEN owner = current_user OR %(all_flows)s THEN flow_name ELSE %(other)s END, status, count(*)
+FROM pgflow.instances GROUP BY 1, 2;
 
 -- name: queue_totals
 SELECT m.queue_name, m.total_messages

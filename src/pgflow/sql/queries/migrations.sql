@@ -1,7 +1,13 @@
 -- Named queries of pgflow.db.migrations (pgflow init, schema checks).
 
 -- name: lock_migrations
+-- before the first init only (no table to lock yet)
 SELECT pg_advisory_xact_lock(%(key)s);
+
+-- name: lock_migrations_table
+-- one init at a time, on a lock no user can hold: users may only read the table (ACCESS SHARE, which EXCLUSIVE
+-- does not wait for), unlike an advisory lock key, which anyone may take
+LOCK TABLE pgflow.migrations IN EXCLUSIVE MODE;
 
 -- name: pgmq_installed
 SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'send_batch' AND pronamespace = to_regnamespace('pgmq'));

@@ -28,7 +28,8 @@ CREATE TABLE pgflow.flow_steps (
 -- Queues pgflow created in pgmq (so workers and metrics can find "all pgflow queues").
 CREATE TABLE pgflow.queues (
     queue_name  text PRIMARY KEY,
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  name                    -- the role that asked for it (its quota of queues)
 );
 
 -- One row per started workflow. `owner` (the role that started it) decides who may see it (row-level

@@ -57,18 +57,32 @@ REVOKE ALL ON FUNCTION pgflow.ensure_queue_order(text) FROM PUBLIC;
 
 -- Idempotent and safe between replicas that start at once: the first INSERT of the name wins the unique
 -- index, concurrent ones wait for it to commit and then insert nothing, so pgmq.create runs once. A definer
--- function: queues are shared, users need no write access to create one.
-CREATE FUNCTION pgflow.ensure_queue(p_queue text)
+-- function: queues are shared, users need no write access to create one. A role may create at most its
+-- max_queues (pgflow.role_quotas, 25_trust.sql); p_caller is the role asking (see pgflow._check_caller).
+CREATE FUNCTION pgflow.ensure_queue(p_queue text, p_caller name DEFAULT current_user)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    caller name := pgflow._check_caller(p_caller);
+    quota integer;
 BEGIN
     PERFORM pgflow.check_queue_name(p_queue);
-    INSERT INTO pgflow.queues (queue_name) VALUES (p_queue) ON CONFLICT DO NOTHING;
+    IF EXISTS (SELECT 1 FROM pgflow.queues WHERE queue_name = p_queue) THEN
+        RETURN;
+    END IF;
+    quota := (pgflow.quotas_of(caller)).max_queues;
+    IF quota IS NOT NULL AND NOT pgflow.is_engine_role(caller)
+       AND (SELECT count(*) FROM pgflow.queues WHERE created_by = caller) >= quota THEN
+        RAISE EXCEPTION 'pgflow: role % has created % queues, its quota (pgflow.set_quota); queue % was not '
+                        'created', caller, quota, p_queue USING ERRCODE = '53400';
+    END IF;
+    INSERT INTO pgflow.queues (queue_name, created_by) VALUES (p_queue, caller) ON CONFLICT DO NOTHING;
     IF FOUND THEN
         PERFORM pgmq.create(p_queue);
         PERFORM pgflow.ensure_queue_order(p_queue);
+        EXECUTE format('REVOKE ALL ON pgmq.%I, pgmq.%I FROM pg_monitor, PUBLIC', 'q_' || p_queue, 'a_' || p_queue);
     END IF;
 END $$;
-REVOKE ALL ON FUNCTION pgflow.ensure_queue(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow.ensure_queue(text, name) FROM PUBLIC;
 
 -- What an autoscaler scales a queue's workers on: the messages ready to run plus those being run (read and
 -- still hidden), so that scaling to zero never removes a worker holding an in-flight step. Messages delayed

@@ -8,52 +8,70 @@
 -- Guards, in order: a superuser may not start instances unless pgflow.allow_superuser is on (its SQL steps
 -- would run as superuser); HTTP steps need the 'http' right and Python steps of a control-flow workflow the
 -- 'python' right (pgflow.may_use, 18_roles_and_rls.sql). The owner, variables and secret references are
--- captured here; the trace context by the instances table's column default.
+-- captured here; the trace context by the instances table's column default. Inputs and the role's open
+-- instances are checked against its limits and quotas first (pgflow.check_start, 25_trust.sql), and only a
+-- flow version the caller registered can be started.
 
-CREATE FUNCTION pgflow.start_instances(p_flow text, p_version text, p_inputs jsonb[], p_label text)
-RETURNS SETOF bigint LANGUAGE plpgsql AS $$
+-- A definer function acting for p_caller (its default is the caller's current_user, see
+-- pgflow._check_caller): users have no INSERT on instances, wake-ups or signals, so every instance passes
+-- these checks. The caller sees only the flow versions it registered (pgflow.register_flow), unless it is the
+-- pgflow owner or a pgflow_admin member.
+CREATE FUNCTION pgflow.start_instances(p_flow text, p_version text, p_inputs jsonb[], p_label text,
+                                       p_caller name DEFAULT current_user)
+RETURNS SETOF bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
 DECLARE
+    caller name := pgflow._check_caller(p_caller);
     shape jsonb;
     vars jsonb;
     secrets jsonb;
     ids bigint[];
 BEGIN
-    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = caller)
        AND coalesce(current_setting('pgflow.allow_superuser', true), '') NOT IN ('on', 'true', '1') THEN
         RAISE EXCEPTION 'pgflow: refusing to start an instance as superuser %: its SQL steps would run as '
                         'superuser. Start it as an ordinary role (see pgflow.grant_usage), or allow it with '
-                        'SET pgflow.allow_superuser = on', current_user USING ERRCODE = '42501';
+                        'SET pgflow.allow_superuser = on', caller USING ERRCODE = '42501';
     END IF;
-    SELECT f.shape INTO shape FROM pgflow.flows f WHERE f.flow_name = p_flow AND f.version = p_version;
+    PERFORM pgflow.check_start(p_inputs, caller);
+    SELECT f.shape INTO shape FROM pgflow.flows f
+    WHERE f.flow_name = p_flow AND f.version = p_version
+      AND (EXISTS (SELECT 1 FROM pgflow.flow_registrations r
+                   WHERE r.flow_name = p_flow AND r.version = p_version AND r.role_name = caller)
+           OR pgflow.is_engine_role(caller)
+           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
+               AND pg_has_role(caller, 'pgflow_admin', 'member')));
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgflow: flow % version % is not registered (by role %): register it first',
+            p_flow, p_version, caller USING ERRCODE = 'P0002';
+    END IF;
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(shape->'steps') s WHERE s->>'kind' = 'http')
-       AND NOT pgflow.may_use('http') THEN
+       AND NOT pgflow.may_use('http', caller) THEN
         RAISE EXCEPTION 'pgflow: role % may not use HTTP steps (pgflow.grant_usage(role, include_http => true))',
-            current_user USING ERRCODE = '42501';
+            caller USING ERRCODE = '42501';
     END IF;
     IF shape ? 'tree'  -- a control-flow workflow names its Python functions itself
        AND EXISTS (SELECT 1 FROM jsonb_array_elements(shape->'steps') s WHERE s->>'kind' = 'python')
-       AND NOT pgflow.may_use('python') THEN
+       AND NOT pgflow.may_use('python', caller) THEN
         RAISE EXCEPTION 'pgflow: role % may not use Python steps in workflows (pgflow.grant_usage(role, '
-                        'include_python => true))', current_user USING ERRCODE = '42501';
+                        'include_python => true))', caller USING ERRCODE = '42501';
     END IF;
     SELECT jsonb_object_agg(v.name, v.value) FILTER (WHERE v.secret_ref IS NULL),
            jsonb_object_agg(v.name, v.secret_ref) FILTER (WHERE v.secret_ref IS NOT NULL)
     INTO vars, secrets
-    FROM pgflow.variables v WHERE v.owner = current_user;
+    FROM pgflow.variables v WHERE v.owner = caller;
     WITH created AS (
-        INSERT INTO pgflow.instances (flow_name, flow_version, input, label, variables, secret_refs)
-        SELECT p_flow, p_version, x.input, p_label, vars, secrets
+        INSERT INTO pgflow.instances (flow_name, flow_version, input, label, variables, secret_refs, owner)
+        SELECT p_flow, p_version, x.input, p_label, vars, secrets, caller
         FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
         ORDER BY x.ord
         RETURNING id
     )
     SELECT array_agg(id ORDER BY id) INTO ids FROM created;  -- identities follow insertion order
-    -- a statement of its own: the wake-ups' row-level security check must see the new instances
     INSERT INTO pgflow.wakeups (instance_id) SELECT unnest(ids);
     PERFORM pg_notify('pgflow_coordinator', '');
     RETURN QUERY SELECT unnest(ids);
 END $$;
-REVOKE ALL ON FUNCTION pgflow.start_instances(text, text, jsonb[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow.start_instances(text, text, jsonb[], text, name) FROM PUBLIC;
 
 CREATE FUNCTION pgflow.start_instance(p_flow text, p_version text, p_input jsonb, p_label text)
 RETURNS bigint LANGUAGE sql AS $$

@@ -19,7 +19,7 @@ BEGIN
     WHERE id = p_id;
     UPDATE pgflow.steps SET status = 'cancelled', finished_at = clock_timestamp()
     WHERE instance_id = p_id AND status = ANY (pgflow.open_step_statuses());
-    PERFORM pg_notify('pgflow_instance_done', p_id::text);
+    PERFORM pgflow.notify_done(owner, p_id) FROM pgflow.instances WHERE id = p_id;
     RETURN 'cancelled';
 END $$;
 REVOKE ALL ON FUNCTION pgflow.cancel_instance(bigint, text) FROM PUBLIC;

@@ -9,7 +9,7 @@ CREATE FUNCTION pgflow.start(p_node jsonb, p_input jsonb DEFAULT NULL, p_label t
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     shape jsonb := pgflow.tree_shape(p_node, p_name);
-    version text := left(md5(shape::text), 16);
+    version text := pgflow.shape_version(shape);
     new_id bigint;
 BEGIN
     IF p_detached THEN
@@ -76,14 +76,22 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION pgflow.cancel(bigint, text) FROM PUBLIC;
 
--- Deliver a signal. Signals sent before the wait is reached are kept until it consumes them.
-CREATE FUNCTION pgflow.signal(p_id bigint, p_name text, p_data jsonb DEFAULT NULL) RETURNS bigint
-LANGUAGE plpgsql AS $$
+-- Deliver a signal. Signals sent before the wait is reached are kept until it consumes them. A definer
+-- function acting for p_caller (pgflow._check_caller): users have no INSERT on signals or wake-ups, and may
+-- signal only instances they own (pgflow_admin members: any).
+CREATE FUNCTION pgflow.signal(p_id bigint, p_name text, p_data jsonb DEFAULT NULL,
+                              p_caller name DEFAULT current_user) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
 DECLARE
+    caller name := pgflow._check_caller(p_caller);
     st text;
     new_id bigint;
 BEGIN
-    SELECT status INTO st FROM pgflow.instances WHERE id = p_id;
+    SELECT i.status INTO st FROM pgflow.instances i
+    WHERE i.id = p_id
+      AND (i.owner = caller OR pgflow.is_engine_role(caller)
+           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
+               AND pg_has_role(caller, 'pgflow_admin', 'member')));
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgflow: no instance with id %', p_id USING ERRCODE = 'P0002';
     END IF;
@@ -93,12 +101,13 @@ BEGIN
     IF coalesce(p_name, '') = '' THEN
         RAISE EXCEPTION 'pgflow: a signal needs a name' USING ERRCODE = '22023';
     END IF;
+    PERFORM pgflow.check_signal_quota(caller);
     INSERT INTO pgflow.signals (instance_id, name, data) VALUES (p_id, p_name, p_data) RETURNING id INTO new_id;
     INSERT INTO pgflow.wakeups (instance_id) VALUES (p_id);
     PERFORM pg_notify('pgflow_coordinator', '');
     RETURN new_id;
 END $$;
-REVOKE ALL ON FUNCTION pgflow.signal(bigint, text, jsonb) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow.signal(bigint, text, jsonb, name) FROM PUBLIC;
 
 CREATE FUNCTION pgflow.list_instances(p_status text DEFAULT NULL, p_flow text DEFAULT NULL,
                                       p_label text DEFAULT NULL, p_limit integer DEFAULT 50,

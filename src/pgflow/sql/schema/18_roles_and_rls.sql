@@ -12,16 +12,36 @@ EXCEPTION WHEN insufficient_privilege THEN
     RAISE NOTICE 'pgflow: cannot create role pgflow_admin (no CREATEROLE); only the pgflow owner sees all';
 END $$;
 
-CREATE FUNCTION pgflow.is_admin() RETURNS boolean LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
-           AND pg_has_role(current_user, 'pgflow_admin', 'member')
+-- Every catalog reference schema-qualified and the search_path pinned with pg_temp last: a function or view
+-- of the caller's own (b.pg_has_role, a temporary pg_roles) is never called instead. The policies call it as
+-- (SELECT pgflow.is_admin()): evaluated once per statement, not once per row.
+CREATE FUNCTION pgflow.is_admin() RETURNS boolean LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'pgflow_admin')
+           AND pg_catalog.pg_has_role(current_user, 'pgflow_admin', 'member')
 $$;
 REVOKE ALL ON FUNCTION pgflow.is_admin() FROM PUBLIC;
 
+-- The role a definer function acts for: p_caller, which callers pass as their current_user (a parameter
+-- default, evaluated before the function switches to its owner). A caller may only name a role its session
+-- could SET ROLE to, so naming another role gains nothing it did not have.
+CREATE FUNCTION pgflow._check_caller(p_caller name) RETURNS name
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF p_caller IS NULL
+       OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
+       OR NOT (p_caller OPERATOR(pg_catalog.=) session_user
+               OR pg_catalog.pg_has_role(session_user, p_caller, 'member')) THEN
+        RAISE EXCEPTION 'pgflow: role % may not act as role %', session_user, coalesce(p_caller, 'NULL')
+            USING ERRCODE = '42501';
+    END IF;
+    RETURN p_caller;
+END $$;
+REVOKE ALL ON FUNCTION pgflow._check_caller(name) FROM PUBLIC;
+
 ALTER TABLE pgflow.instances ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_instances ON pgflow.instances
-    USING (owner = current_user OR pgflow.is_admin())
-    WITH CHECK (owner = current_user OR pgflow.is_admin());
+    USING (owner = current_user OR (SELECT pgflow.is_admin()))
+    WITH CHECK (owner = current_user OR (SELECT pgflow.is_admin()));
 
 ALTER TABLE pgflow.steps ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_steps ON pgflow.steps
@@ -45,15 +65,26 @@ CREATE POLICY own_wakeups ON pgflow.wakeups
 
 -- Whether a role (by default the current one) may use a capability ('http', 'python'): the pgflow owner,
 -- superusers, pgflow_admin members, and roles granted it. A definer function: users cannot read role_grants.
+-- It answers only about roles the session may act as (pgflow._check_caller), except to the pgflow owner,
+-- superusers and pgflow_admin members: others' rights are not revealed.
 CREATE FUNCTION pgflow.may_use(p_what text, p_role name DEFAULT current_user) RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow AS $$
-    SELECT p_role = (SELECT nspowner::regrole::name FROM pg_namespace WHERE nspname = 'pgflow')
-        OR coalesce((SELECT rolsuper FROM pg_roles WHERE rolname = p_role), false)
-        OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
-            AND pg_has_role(p_role, 'pgflow_admin', 'member'))
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    pgflow_owner name := (SELECT n.nspowner::regrole::name FROM pg_catalog.pg_namespace n
+                          WHERE n.nspname = 'pgflow');
+BEGIN
+    IF NOT (pg_catalog.pg_has_role(session_user, pgflow_owner, 'member')
+            OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgflow_admin')
+                AND pg_catalog.pg_has_role(session_user, 'pgflow_admin', 'member'))) THEN
+        PERFORM pgflow._check_caller(p_role);
+    END IF;
+    RETURN p_role = pgflow_owner
+        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = p_role), false)
+        OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgflow_admin')
+            AND pg_catalog.pg_has_role(p_role, 'pgflow_admin', 'member'))
         OR coalesce((SELECT bool_or(CASE p_what WHEN 'http' THEN g.http WHEN 'python' THEN g.python END)
                      FROM pgflow.role_grants g
-                     WHERE EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = g.role_name)
-                       AND pg_has_role(p_role, g.role_name, 'member')), false)
-$$;
+                     WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = g.role_name)
+                       AND pg_catalog.pg_has_role(p_role, g.role_name, 'member')), false);
+END $$;
 REVOKE ALL ON FUNCTION pgflow.may_use(text, name) FROM PUBLIC;

@@ -11,7 +11,7 @@ CREATE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTAB
                  'requeue_dead_letter', 'discard_dead_letter',
                  'read_queue', 'queue_head', 'ensure_queue_order', 'admit_tasks', 'park_task', 'charge_limit',
                  'define_limit', 'define_limits', 'split_task', 'next_parked_in',
-                 'grant_secret', 'revoke_secret']
+                 'grant_secret', 'revoke_secret', 'set_quota', 'quotas_of', '_channel_of']
 $$;
 REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
 
@@ -28,12 +28,12 @@ BEGIN
     END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA pgflow TO %I', p_role);
     EXECUTE format('GRANT SELECT ON pgflow.instances, pgflow.steps, pgflow.signals, pgflow.variables, '
-                   'pgflow.flows, pgflow.flow_steps, pgflow.queues, pgflow.migrations, pgflow.http_audit TO %I', p_role);
-    EXECUTE format('GRANT INSERT (flow_name, flow_version, input, label, variables, secret_refs), '
-                   'UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
+                   'pgflow.flows, pgflow.flow_steps, pgflow.flow_registrations, pgflow.role_channels, pgflow.queues, '
+                   'pgflow.migrations, pgflow.http_audit TO %I', p_role);
+    -- no INSERT on instances, signals or wake-ups: starts and signals go through definer functions that check
+    -- rights, limits and quotas (start_instances, signal)
+    EXECUTE format('GRANT UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
     EXECUTE format('GRANT UPDATE (status, finished_at) ON pgflow.steps TO %I', p_role);
-    EXECUTE format('GRANT INSERT (instance_id, name, data) ON pgflow.signals TO %I', p_role);
-    EXECUTE format('GRANT INSERT (instance_id) ON pgflow.wakeups TO %I', p_role);
     EXECUTE format('GRANT INSERT (name, value, secret_ref), UPDATE (value, secret_ref, updated_at), DELETE '
                    'ON pgflow.variables TO %I', p_role);
     FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
@@ -47,6 +47,7 @@ BEGIN
     EXECUTE format('REVOKE CREATE ON SCHEMA pgflow_exec FROM %I', p_role);
     INSERT INTO pgflow.role_grants (role_name, http, python) VALUES (p_role, p_include_http, p_include_python)
     ON CONFLICT (role_name) DO UPDATE SET http = excluded.http, python = excluded.python, granted_at = now();
+    INSERT INTO pgflow.role_channels (role_name) VALUES (p_role) ON CONFLICT DO NOTHING;
 END $$;
 REVOKE ALL ON FUNCTION pgflow.grant_usage(name, boolean, boolean) FROM PUBLIC;
 

@@ -1,0 +1,210 @@
+-- Trust between users (SECURITY.md): who registered which flow versions (and so may read them), per-role
+-- quotas and input limits with clear errors, and the locks the coordinators take among themselves, kept
+-- where no user can take them.
+
+-- Who registered each flow version: a flow (its SQL text, inline headers, code reference) is visible to the
+-- roles that registered it and to administrators, never to other users. Registering the same shape again
+-- only adds a row here (pgflow.register_flow).
+CREATE TABLE pgflow.flow_registrations (
+    flow_name   text        NOT NULL,
+    version     text        NOT NULL,
+    role_name   name        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (flow_name, version, role_name),
+    FOREIGN KEY (flow_name, version) REFERENCES pgflow.flows ON DELETE CASCADE
+);
+ALTER TABLE pgflow.flow_registrations ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_registrations ON pgflow.flow_registrations
+    USING (role_name = current_user OR (SELECT pgflow.is_admin()));
+
+ALTER TABLE pgflow.flows ENABLE ROW LEVEL SECURITY;
+CREATE POLICY registered_flows ON pgflow.flows
+    USING ((SELECT pgflow.is_admin())
+           OR EXISTS (SELECT 1 FROM pgflow.flow_registrations r
+                      WHERE r.flow_name = flows.flow_name AND r.version = flows.version
+                        AND r.role_name = current_user));
+
+ALTER TABLE pgflow.flow_steps ENABLE ROW LEVEL SECURITY;
+CREATE POLICY registered_flow_steps ON pgflow.flow_steps
+    USING (EXISTS (SELECT 1 FROM pgflow.flows f WHERE f.flow_name = flow_steps.flow_name
+                                                    AND f.version = flow_steps.version));
+
+-- Quotas and limits per role; the row with role_name '' holds the defaults for every role without a row of
+-- its own. NULL: no limit. The pgflow owner (coordinators, workers, operators' scripts) is not limited by
+-- the quotas (max_*), only by the input limits. Administrators change them with pgflow.set_quota.
+CREATE TABLE pgflow.role_quotas (
+    role_name              name    PRIMARY KEY,  -- '' = the defaults
+    max_open_instances     bigint  CHECK (max_open_instances >= 0),   -- pending or running, per role
+    max_map_width          bigint  CHECK (max_map_width >= 0),        -- tasks of one map step
+    max_queues             integer CHECK (max_queues >= 0),           -- queues a role may create
+    max_pending_signals    bigint  CHECK (max_pending_signals >= 0),  -- unconsumed signals, per role
+    max_input_bytes        integer CHECK (max_input_bytes > 0),       -- an instance's input, stored size
+    max_input_depth        integer CHECK (max_input_depth > 0 AND max_input_depth <= 200),  -- nesting levels
+    updated_at             timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO pgflow.role_quotas (role_name, max_open_instances, max_map_width, max_queues, max_pending_signals,
+                                max_input_bytes, max_input_depth)
+VALUES ('', 100000, 100000, 20, 10000, 16 * 1024 * 1024, 100);
+
+-- The quotas that apply to a role: its own row, else the defaults.
+CREATE FUNCTION pgflow.quotas_of(p_role name) RETURNS pgflow.role_quotas
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    SELECT q.* FROM pgflow.role_quotas q WHERE q.role_name IN (p_role, '')
+    ORDER BY q.role_name = '' LIMIT 1
+$$;
+REVOKE ALL ON FUNCTION pgflow.quotas_of(name) FROM PUBLIC;
+
+-- Whether a role is the pgflow owner (or a member of it): the engine's own role, which quotas do not limit.
+CREATE FUNCTION pgflow.is_engine_role(p_role name) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT pg_catalog.pg_has_role(p_role, n.nspowner, 'member')
+    FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) 'pgflow'
+$$;
+REVOKE ALL ON FUNCTION pgflow.is_engine_role(name) FROM PUBLIC;
+
+-- Set a role's quotas ('' for the defaults); NULL arguments keep the current value of an existing row.
+-- For the pgflow owner and pgflow_admin members (granted below; never by grant_usage: see
+-- _internal_functions); a definer function, so administrators need no write access to the table.
+CREATE FUNCTION pgflow.set_quota(p_role name, p_max_open_instances bigint DEFAULT NULL,
+                                 p_max_map_width bigint DEFAULT NULL, p_max_queues integer DEFAULT NULL,
+                                 p_max_pending_signals bigint DEFAULT NULL, p_max_input_bytes integer DEFAULT NULL,
+                                 p_max_input_depth integer DEFAULT NULL)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    INSERT INTO pgflow.role_quotas AS q (role_name, max_open_instances, max_map_width, max_queues,
+                                         max_pending_signals, max_input_bytes, max_input_depth)
+    SELECT p_role, coalesce(p_max_open_instances, d.max_open_instances), coalesce(p_max_map_width, d.max_map_width),
+           coalesce(p_max_queues, d.max_queues), coalesce(p_max_pending_signals, d.max_pending_signals),
+           coalesce(p_max_input_bytes, d.max_input_bytes), coalesce(p_max_input_depth, d.max_input_depth)
+    FROM pgflow.quotas_of(p_role) d
+    ON CONFLICT (role_name) DO UPDATE
+    SET max_open_instances = coalesce(p_max_open_instances, q.max_open_instances),
+        max_map_width = coalesce(p_max_map_width, q.max_map_width),
+        max_queues = coalesce(p_max_queues, q.max_queues),
+        max_pending_signals = coalesce(p_max_pending_signals, q.max_pending_signals),
+        max_input_bytes = coalesce(p_max_input_bytes, q.max_input_bytes),
+        max_input_depth = coalesce(p_max_input_depth, q.max_input_depth),
+        updated_at = now()
+$$;
+REVOKE ALL ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer) FROM PUBLIC;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin') THEN
+        GRANT SELECT ON pgflow.role_quotas TO pgflow_admin;
+        GRANT EXECUTE ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer),
+                                  pgflow.quotas_of(name) TO pgflow_admin;
+    END IF;
+END $$;
+
+-- The checks of a start, before anything is written: every input within the role's size and depth limits
+-- (a 300-deep document or a 17 MiB one is refused here, with the reason, instead of reaching a coordinator),
+-- and the role's open instances within its quota. A definer function: it counts the role's instances
+-- without its row-level security in the way and reads the quotas.
+CREATE FUNCTION pgflow.check_start(p_inputs jsonb[], p_caller name DEFAULT current_user) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    q pgflow.role_quotas := pgflow.quotas_of(pgflow._check_caller(p_caller));
+    open_count bigint;
+    bad record;
+BEGIN
+    SELECT x.ord, pg_column_size(x.input) AS bytes INTO bad
+    FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
+    WHERE pg_column_size(x.input) > q.max_input_bytes LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pgflow: input % is % bytes, over the % bytes allowed (pgflow.set_quota)',
+            bad.ord, bad.bytes, q.max_input_bytes USING ERRCODE = '54000';
+    END IF;
+    SELECT x.ord INTO bad FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
+    WHERE jsonb_typeof(x.input) IN ('array', 'object')
+      AND jsonb_path_exists(x.input, format('strict $.**{%s} ? (@.type() == "array" || @.type() == "object")',
+                                            q.max_input_depth)::jsonpath) LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pgflow: input % nests arrays or objects deeper than % levels (pgflow.set_quota)',
+            bad.ord, q.max_input_depth USING ERRCODE = '54001';
+    END IF;
+    IF q.max_open_instances IS NOT NULL AND NOT pgflow.is_engine_role(p_caller) THEN
+        SELECT count(*) INTO open_count FROM (
+            SELECT 1 FROM pgflow.instances i
+            WHERE i.owner = p_caller AND i.status = ANY (pgflow.open_instance_statuses())
+            LIMIT q.max_open_instances + 1) AS o;
+        IF open_count + cardinality(p_inputs) > q.max_open_instances THEN
+            RAISE EXCEPTION 'pgflow: role % has % open instances; starting % more would pass its quota of % '
+                            '(pgflow.set_quota)', p_caller, open_count, cardinality(p_inputs),
+                            q.max_open_instances USING ERRCODE = '53400';
+        END IF;
+    END IF;
+END $$;
+REVOKE ALL ON FUNCTION pgflow.check_start(jsonb[], name) FROM PUBLIC;
+
+-- A signal is refused once the role has max_pending_signals signals not yet consumed (each one is a row and
+-- a wake-up of the coordinator's).
+CREATE FUNCTION pgflow.check_signal_quota(p_caller name DEFAULT current_user) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    quota bigint := (pgflow.quotas_of(pgflow._check_caller(p_caller))).max_pending_signals;
+BEGIN
+    IF quota IS NOT NULL AND NOT pgflow.is_engine_role(p_caller)
+       AND (SELECT count(*) FROM (SELECT 1 FROM pgflow.signals s JOIN pgflow.instances i ON i.id = s.instance_id
+                                  WHERE i.owner = p_caller AND s.consumed_at IS NULL LIMIT quota) AS p) >= quota THEN
+        RAISE EXCEPTION 'pgflow: role % has % signals not yet received, its quota (pgflow.set_quota)',
+            p_caller, quota USING ERRCODE = '53400';
+    END IF;
+END $$;
+REVOKE ALL ON FUNCTION pgflow.check_signal_quota(name) FROM PUBLIC;
+
+-- The locks coordinators take among themselves (maintenance: one at a time), as rows of a table no user
+-- may lock (users have no privilege on it), taken with NOWAIT or SKIP LOCKED: an advisory lock key is open
+-- to anyone (pg_advisory_lock(hashtext('pgflow.maintenance')) by a user stopped retention and the
+-- stalled-instance safety net).
+CREATE TABLE pgflow.engine_locks (
+    name  text PRIMARY KEY
+);
+INSERT INTO pgflow.engine_locks (name) VALUES ('maintenance');
+
+-- Notifications that an instance finished go to a channel of its owner's, named by a random token only that
+-- role (and administrators) can read: LISTEN takes no privilege, so a shared channel (or one named after
+-- the role) showed every user's instance ids to anyone listening.
+CREATE TABLE pgflow.role_channels (
+    role_name  name PRIMARY KEY,
+    channel    text NOT NULL UNIQUE DEFAULT 'pgflow_done_' || replace(gen_random_uuid()::text, '-', '')
+);
+ALTER TABLE pgflow.role_channels ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_channel ON pgflow.role_channels USING (role_name = current_user);
+INSERT INTO pgflow.role_channels (role_name) VALUES (current_user);
+
+-- The channel of a role's finished instances: made by grant_usage (and for the role that installed pgflow),
+-- never here: a row inserted in a user's open transaction would make the coordinator wait on it. A role
+-- without one (the owner, superusers) uses the shared channel. A definer function: users see only their
+-- own channel (pgflow.done_channel).
+CREATE FUNCTION pgflow._channel_of(p_role name) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    SELECT coalesce((SELECT c.channel FROM pgflow.role_channels c WHERE c.role_name = p_role),
+                    'pgflow_instance_done')
+$$;
+REVOKE ALL ON FUNCTION pgflow._channel_of(name) FROM PUBLIC;
+
+-- The caller's channel, for LISTEN (the Python client waits on it).
+CREATE FUNCTION pgflow.done_channel(p_caller name DEFAULT current_user) RETURNS text
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    SELECT pgflow._channel_of(pgflow._check_caller(p_caller))
+$$;
+REVOKE ALL ON FUNCTION pgflow.done_channel(name) FROM PUBLIC;
+
+-- Tell the owner's waiters that an instance finished (its id on the owner's channel). Anyone may call it:
+-- a waiter re-reads the instance's status, so a false alarm costs one read.
+CREATE FUNCTION pgflow.notify_done(p_owner name, p_id bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    SELECT pg_catalog.pg_notify(pgflow._channel_of(p_owner), p_id::text)
+$$;
+REVOKE ALL ON FUNCTION pgflow.notify_done(name, bigint) FROM PUBLIC;
+
+-- pg_monitor members read no user data: pgmq grants them SELECT on every table of its schema, and queue
+-- messages carry instances' inputs (kept in the archives for the retention). New queues' tables are closed
+-- by ensure_queue (04_queues.sql) too, in case pgmq was installed by another role.
+DO $$
+BEGIN
+    REVOKE SELECT ON ALL TABLES IN SCHEMA pgmq FROM pg_monitor;
+    ALTER DEFAULT PRIVILEGES IN SCHEMA pgmq REVOKE SELECT ON TABLES FROM pg_monitor;
+EXCEPTION WHEN insufficient_privilege THEN
+    RAISE NOTICE 'pgflow: cannot revoke pg_monitor''s access to pgmq''s tables (not their owner)';
+END $$;
