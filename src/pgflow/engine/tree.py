@@ -296,6 +296,8 @@ class TreeEvaluator:
         branch = (row.output or {}).get("branch") if row else None
         if branch is None:
             condition = self.child(node, path, 0)
+            if condition.status == "break":  # a break in the condition ends this loop, like one in the body
+                return Result("completed", condition.output)
             if not condition.done:
                 return condition
             branch = "then" if truthy(condition.output) else "else"
@@ -319,6 +321,8 @@ class TreeEvaluator:
         if node.get("while"):
             body_index = 1
             condition = self.child(node, path, 0)
+            if condition.status == "break":  # a break in the condition ends this loop, like one in the body
+                return Result("completed", condition.output)
             if not condition.done:
                 return condition
             if not truthy(condition.output):

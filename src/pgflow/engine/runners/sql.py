@@ -39,9 +39,10 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def _sql_value(value: Any) -> Any:
-    """JSON form of column types orjson does not know (numeric, bytea)."""
+    """JSON form of column types orjson does not know (numeric, bytea). A numeric becomes a JSON string of
+    its exact digits, scale included (a JSON number read back as a float would lose both)."""
     if isinstance(value, decimal.Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
+        return format(value, "f")
     if isinstance(value, bytes | memoryview):
         return base64.b64encode(bytes(value)).decode()
     return str(value)
