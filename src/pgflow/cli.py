@@ -19,7 +19,7 @@ import orjson
 
 from . import client, logs, settings
 from .db.connection import connect, resolve_dsn
-from .db.migrations import LATEST_VERSION, init_schema, require_schema
+from .db.migrations import COMPAT_LAYERS, LATEST_VERSION, init_schema, require_schema
 from .errors import InstanceFailed, InstanceNotFinished, PgflowError
 from .registry import import_module, load_flow
 from .statuses import InstanceStatus
@@ -88,11 +88,13 @@ def main(log_level: str, log_format: str) -> None:
 @dsn_option
 @click.option("--queue", "-q", "queues", multiple=True, metavar="NAME",
               help="Also create this queue (repeatable): the queues your deployment's workers serve.")
+@click.option("--compat", "compat", multiple=True, type=click.Choice(sorted(COMPAT_LAYERS)),
+              help="Also install a compatibility layer: pg_durable adds its df schema (its SQL runs unchanged).")
 @_friendly_errors
-def init(dsn: str | None, queues: tuple[str, ...]) -> None:
+def init(dsn: str | None, queues: tuple[str, ...], compat: tuple[str, ...]) -> None:
     """Install pgmq, apply pgflow's schema migrations and create the given queues (idempotent)."""
     dsn = resolve_dsn(dsn, setup=True)
-    applied = init_schema(dsn, queues)
+    applied = init_schema(dsn, queues, compat)
     click.echo(f"pgflow schema at version {LATEST_VERSION}"
                + (f" (applied {', '.join(map(str, applied))})" if applied else " (already up to date)")
                + (f"; queues: {', '.join(queues)}" if queues else ""))

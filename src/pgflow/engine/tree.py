@@ -322,14 +322,14 @@ class TreeEvaluator:
             body_index = 1
             condition = self.child(node, path, 0)
             if condition.status == "break":  # a break in the condition ends this loop, like one in the body
-                return Result("completed", condition.output)
+                return self.end_loop(path, state, condition.output)
             if not condition.done:
                 return condition
             if not truthy(condition.output):
-                return Result("completed", state.get("last"))
+                return self.end_loop(path, state, state.get("last"))
         body = self.child(node, path, body_index)
         if body.status == "break":
-            return Result("completed", body.output)
+            return self.end_loop(path, state, body.output)
         if not body.done:
             return body
         # next iteration: forget this one's rows (bounded history), keep the counter and last value
@@ -339,7 +339,16 @@ class TreeEvaluator:
         self.decisions.append(Wake(self.now))
         return RUNNING
 
+    def end_loop(self, path: str, state: dict[str, Any], value: Any) -> Result:
+        """The loop is over: its row keeps the counter and, as "value", what the loop returned."""
+        row = self.rows.get(path)
+        if row is None or row.status != StepStatus.COMPLETED:
+            self.write(path, StepStatus.COMPLETED, {**state, "value": value})
+        return Result("completed", value)
+
     def brk(self, node: dict[str, Any], path: str) -> Result:
+        if "value" in node:  # a literal JSON value (pg_durable's df.break('{"done": true}'))
+            return Result("break", node["value"])
         if not node["c"]:
             return Result("break", None)
         value = self.child(node, path, 0)
@@ -384,12 +393,20 @@ class TreeEvaluator:
         if signal is not None:
             self.signals.remove(signal)
             self.decisions.append(ConsumeSignal(signal.id, path))
-            self.write(path, StepStatus.COMPLETED, signal.data)
-            return Result("completed", signal.data)
+            return self.signalled(node, path, signal.data, False)
         if due is not None and self.now >= due:
-            self.write(path, StepStatus.COMPLETED, {"timed_out": True})
-            return Result("completed", {"timed_out": True})
+            return self.signalled(node, path, None, True)
         return WAITING
+
+    def signalled(self, node: dict[str, Any], path: str, data: Any, timed_out: bool) -> Result:
+        """A wait for a signal ends: with the payload, or {"timed_out": true}; a node marked "envelope"
+        (pg_durable's shape) gives {signal_name, timed_out, data} either way."""
+        if node.get("envelope"):
+            value = {"signal_name": node["name"], "timed_out": timed_out, "data": data}
+        else:
+            value = {"timed_out": True} if timed_out else data
+        self.write(path, StepStatus.COMPLETED, value)
+        return Result("completed", value)
 
     # -------------------------------------------------------------------------------------- rows
 
