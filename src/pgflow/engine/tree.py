@@ -54,6 +54,11 @@ def next_fire(cron: str, after: datetime) -> datetime:
     return croniter(cron, after.astimezone(UTC)).get_next(datetime)
 
 
+#: the least time between the starts of two iterations of a loop (as pg_durable): a loop whose body takes
+#: no time (INSERT ~> sleep(0)) polls once a second, not as fast as the database allows
+LOOP_MIN_INTERVAL = 1.0
+
+
 def scaled(seconds: float) -> timedelta:
     """A timer's duration under ``PGFLOW_TIME_SCALE`` (with 60, a one-minute sleep takes one second)."""
     return timedelta(seconds=seconds / settings.current().time_scale)
@@ -317,6 +322,11 @@ class TreeEvaluator:
     def loop(self, node: dict[str, Any], path: str) -> Result:
         row = self.rows.get(path)
         state = (row.output if row and isinstance(row.output, dict) else None) or {"iteration": 0}
+        if row is not None and row.status == StepStatus.RUNNING and row.due is not None and self.now < row.due:
+            return WAITING  # the next iteration may not begin yet (LOOP_MIN_INTERVAL)
+        if row is None:
+            state = {"iteration": 0, "began": self.now.isoformat()}
+            self.write(path, StepStatus.RUNNING, state)
         body_index = 0
         if node.get("while"):
             body_index = 1
@@ -335,9 +345,12 @@ class TreeEvaluator:
         # next iteration: forget this one's rows (bounded history), keep the counter and last value
         self.decisions.append(ForgetIteration(path))
         self.rows = {p: r for p, r in self.rows.items() if not p.startswith(path + ".")}
-        self.write(path, StepStatus.RUNNING, {"iteration": state["iteration"] + 1, "last": body.output})
-        self.decisions.append(Wake(self.now))
-        return RUNNING
+        began = datetime.fromisoformat(state["began"]) if isinstance(state.get("began"), str) else self.now
+        at = max(self.now, began + scaled(LOOP_MIN_INTERVAL))
+        self.write(path, StepStatus.RUNNING, {"iteration": state["iteration"] + 1, "last": body.output,
+                                              "began": at.isoformat()}, due=at)
+        self.decisions.append(Wake(at))
+        return RUNNING if at <= self.now else WAITING
 
     def end_loop(self, path: str, state: dict[str, Any], value: Any) -> Result:
         """The loop is over: its row keeps the counter and, as "value", what the loop returned."""

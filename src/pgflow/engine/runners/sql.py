@@ -65,6 +65,8 @@ class SqlRunner:
             columns: dict[str, Any], acknowledge: Acknowledge) -> None:
         """Run the step and ``acknowledge`` it in one transaction: its effect happens exactly once."""
         template = self.template(step.sql)
+        if "{sys_instance_id}" in step.sql:  # pg_durable's template (the others are filled in at start)
+            template = compile_sql(step.sql.replace("{sys_instance_id}", f"{task.instance_id:08x}"))
         run_as = task.owner if task.owner != self.session_role else None
         try:
             if run_as:

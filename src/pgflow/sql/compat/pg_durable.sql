@@ -14,9 +14,13 @@ REVOKE ALL ON SCHEMA df FROM PUBLIC;
 
 -- ------------------------------------------------------------------------------------------------ helpers
 
--- pg_durable's ids are text: a pgflow id, or NULL for anything else (so lookups find nothing).
+-- pg_durable's ids are 8 hex digits: a pgflow id in hex, zero-padded to 8 (more digits past 4 billion).
+CREATE FUNCTION df._text_id(p_id bigint) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT lpad(to_hex(p_id), 8, '0')
+$$;
+-- ... and back; NULL for text that is no such id (so lookups find nothing).
 CREATE FUNCTION df._id(p_id text) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
-    SELECT CASE WHEN btrim(p_id) ~ '^[0-9]{1,18}$' THEN btrim(p_id)::bigint END
+    SELECT CASE WHEN btrim(p_id) ~ '^[0-9a-fA-F]{1,15}$' THEN ('x' || lpad(btrim(p_id), 16, '0'))::bit(64)::bigint END
 $$;
 
 -- A literal as pg_durable takes it: valid JSON stays JSON, other text becomes a JSON string.
@@ -133,6 +137,78 @@ CREATE FUNCTION df.http(url text, method text DEFAULT 'POST', body text DEFAULT 
 $$;
 
 -- ------------------------------------------------------------------------------------------------ control
+-- pg_durable's text templates: {name} is the caller's variable name, {sys_label} the start's label (pgflow's
+-- own $vars.name binds values as parameters instead). {sys_instance_id} is filled in by the workers.
+CREATE FUNCTION df._fill(p_text text, p_label text) RETURNS text LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v record;
+    out text := p_text;
+BEGIN
+    IF out IS NULL OR position('{' IN out) = 0 THEN
+        RETURN out;
+    END IF;
+    FOR v IN SELECT name, CASE WHEN jsonb_typeof(value) = 'string' THEN value #>> '{}' ELSE value::text END AS txt
+             FROM pgflow.variables WHERE owner = current_user AND secret_ref IS NULL LOOP
+        out := replace(out, '{' || v.name || '}', coalesce(v.txt, ''));
+    END LOOP;
+    RETURN replace(out, '{sys_label}', coalesce(p_label, ''));
+END $$;
+
+-- The templates filled in every SQL text, URL and string body of a tree.
+CREATE FUNCTION df._filled(p_node jsonb, p_label text) RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    node jsonb := p_node;
+BEGIN
+    IF jsonb_typeof(node) <> 'object' THEN
+        RETURN node;
+    END IF;
+    IF node->>'t' = 'sql' THEN
+        node := jsonb_set(node, '{sql}', to_jsonb(df._fill(node->>'sql', p_label)));
+    ELSIF node->>'t' = 'http' THEN
+        node := jsonb_set(node, '{url}', to_jsonb(df._fill(node->>'url', p_label)));
+        IF jsonb_typeof(node->'body') = 'string' THEN
+            node := jsonb_set(node, '{body}', to_jsonb(df._fill(node->>'body', p_label)));
+        END IF;
+    END IF;
+    IF jsonb_typeof(node->'c') = 'array' THEN
+        node := jsonb_set(node, '{c}', coalesce((SELECT jsonb_agg(df._filled(c, p_label) ORDER BY i)
+                                                 FROM jsonb_array_elements(node->'c') WITH ORDINALITY AS x(c, i)),
+                                                '[]'));
+    END IF;
+    RETURN node;
+END $$;
+
+
+-- pg_durable's signals, and its starts with transaction_mode => 'new', commit on their own (they go through
+-- the engine, not the caller's transaction): here a second session through dblink, logged in as the owner of
+-- this layer and switched to the caller's role (dblink lets only superusers connect without a password, so
+-- this needs dblink installed and an owner who is a superuser; otherwise NULL: the caller's transaction is
+-- used). Only the two fixed calls below can be made, with quoted values, and only as a role the session's
+-- login may become anyway.
+CREATE FUNCTION df._autonomous(p_role name, p_kind text, p_args jsonb) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    fn text;
+    statement text;
+    out text;
+BEGIN
+    IF NOT pg_has_role(session_user, p_role, 'MEMBER') THEN
+        RAISE EXCEPTION 'pgflow: % may not act as %', session_user, p_role USING ERRCODE = '42501';
+    END IF;
+    SELECT format('%I.dblink', n.nspname) INTO fn FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.proname = 'dblink' AND p.pronargs = 2 LIMIT 1;
+    IF fn IS NULL OR NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RETURN NULL;
+    END IF;
+    statement := format('SET ROLE %I; ', p_role) || CASE p_kind
+        WHEN 'signal' THEN format('SELECT pgflow.signal(%s, %L, %L::jsonb)::text',
+                                  (p_args->>'id')::bigint, p_args->>'name', p_args->'data')
+        WHEN 'start' THEN format('SELECT pgflow.start(%L::jsonb, NULL, %L)::text', p_args->'node', p_args->>'label')
+    END;
+    EXECUTE format('SELECT r FROM %s($1, $2) AS t(r text)', fn) INTO out
+        USING pgflow.loopback_conninfo(), statement;
+    RETURN out;
+END $$;
 
 -- database: pgflow runs an instance in the database it was started in (one engine per database);
 -- transaction_mode 'new' is pgflow's detached start (through dblink).
@@ -151,7 +227,12 @@ BEGIN
     IF fut IS NULL THEN
         RAISE EXCEPTION 'df.start: the workflow is NULL' USING ERRCODE = '22004';
     END IF;
-    RETURN pgflow.start(fut, NULL, label, transaction_mode = 'new')::text;
+    IF transaction_mode = 'new' THEN
+        RETURN df._text_id(coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
+                                        'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
+                                    pgflow.start(df._filled(pgflow.node(fut), label), NULL, label, true)));
+    END IF;
+    RETURN df._text_id(pgflow.start(df._filled(pgflow.node(fut), label), NULL, label));
 END $$;
 
 CREATE FUNCTION df.status(instance_id text) RETURNS text LANGUAGE sql STABLE STRICT AS $$
@@ -189,8 +270,20 @@ END $$;
 -- Signal data: valid JSON is kept, other text is sent as a JSON string.
 CREATE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}') RETURNS text
 LANGUAGE plpgsql STRICT AS $$
+DECLARE
+    st text;
 BEGIN
-    PERFORM pgflow.signal(df._id(instance_id), signal_name, df._json(signal_data));
+    SELECT status INTO st FROM pgflow.instances WHERE id = df._id(instance_id);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'instance % not found', instance_id USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT st = ANY (pgflow.open_instance_statuses()) THEN  -- as pg_durable: too late, nothing happens
+        RETURN format('instance %s is %s: signal %s ignored', instance_id, st, signal_name);
+    END IF;
+    IF df._autonomous(current_user, 'signal', jsonb_build_object('id', df._id(instance_id), 'name', signal_name,
+                                                                 'data', df._json(signal_data))) IS NULL THEN
+        PERFORM pgflow.signal(df._id(instance_id), signal_name, df._json(signal_data));
+    END IF;
     RETURN format('signal %s sent to %s', signal_name, instance_id);
 EXCEPTION WHEN no_data_found THEN
     RAISE EXCEPTION 'instance % not found', instance_id USING ERRCODE = 'P0002';
@@ -225,7 +318,7 @@ END $$;
 -- ------------------------------------------------------------------------------------------------ views
 
 CREATE VIEW df.instances WITH (security_invoker = true) AS
-    SELECT i.id::text AS id, i.label, 'r'::text AS root_node, i.status::text AS status,
+    SELECT df._text_id(i.id) AS id, i.label, 'r'::text AS root_node, i.status::text AS status,
            i.owner::regrole AS submitted_by, current_database()::text AS database, i.created_at,
            coalesce(i.finished_at, i.started_at, i.created_at) AS updated_at,
            CASE WHEN i.status = 'completed' THEN i.finished_at END AS completed_at,
@@ -260,7 +353,7 @@ LANGUAGE sql STABLE AS $$
         FROM shown s
         WHERE s.node ? 'c'
     )
-    SELECT s.path, p_id::text, df._node_type(s.node),
+    SELECT s.path, df._text_id(p_id), df._node_type(s.node),
            CASE WHEN s.node->>'t' = 'sql' THEN s.node->>'sql' ELSE (s.node - 'c')::text END,
            s.name, k.left_node, k.right_node,
            df._node_status(st.status),
@@ -274,7 +367,7 @@ LANGUAGE sql STABLE AS $$
            END,
            st.error, i.owner::regrole, current_database()::text, st.enqueued_at,
            coalesce(st.finished_at, st.started_at, st.enqueued_at),
-           CASE WHEN st.status IS NOT NULL THEN jsonb_build_object('execution_id', p_id::text || '::1', 'attempt', st.attempt) END,
+           CASE WHEN st.status IS NOT NULL THEN jsonb_build_object('execution_id', df._text_id(p_id) || '::1', 'attempt', st.attempt) END,
            CASE
                WHEN st.status = 'skipped' OR EXISTS (SELECT FROM pgflow.steps sk WHERE sk.instance_id = p_id
                     AND sk.task_index = -1 AND sk.status = 'skipped' AND s.path LIKE sk.step_name || '.%') THEN 'skipped'
@@ -306,7 +399,7 @@ CREATE FUNCTION df.instance_info(instance_id text)
 RETURNS TABLE (instance_id text, label text, function_name text, function_version text,
                current_execution_id bigint, status text, output text)
 LANGUAGE sql STABLE STRICT AS $$
-    SELECT i.id::text, i.label, i.flow_name, i.flow_version, 1::bigint, i.status::text,
+    SELECT df._text_id(i.id), i.label, i.flow_name, i.flow_version, 1::bigint, i.status::text,
            df._shaped(df._tree(i.id), i.output)::text
     FROM pgflow.instances i WHERE i.id = df._id(instance_info.instance_id)
 $$;
@@ -352,7 +445,7 @@ CREATE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count i
 RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count bigint,
                output text)
 LANGUAGE sql STABLE AS $$
-    SELECT i.id::text, i.label, i.flow_name, i.status::text, 1::bigint, df._shaped(df._tree(i.id), i.output)::text
+    SELECT df._text_id(i.id), i.label, i.flow_name, i.status::text, 1::bigint, df._shaped(df._tree(i.id), i.output)::text
     FROM pgflow.instances i
     WHERE status_filter IS NULL OR i.status = status_filter
     ORDER BY i.created_at DESC, i.id
@@ -391,7 +484,7 @@ BEGIN
     ), numbered AS (
         SELECT p.*, row_number() OVER (ORDER BY p.created_at DESC, p.id) AS n, count(*) OVER () AS total FROM page p
     )
-    SELECT x.id::text, x.label, x.flow_name, x.status::text, 1::bigint, df._shaped(df._tree(x.id), x.output)::text,
+    SELECT df._text_id(x.id), x.label, x.flow_name, x.status::text, 1::bigint, df._shaped(df._tree(x.id), x.output)::text,
            x.created_at, CASE WHEN x.status = 'completed' THEN x.finished_at END,
            CASE WHEN x.total > lim THEN
                (SELECT encode(convert_to(l.created_at::text || '|' || l.id, 'UTF8'), 'hex') FROM numbered l WHERE l.n = lim)
