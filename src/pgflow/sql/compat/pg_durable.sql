@@ -86,6 +86,43 @@ BEGIN
     END CASE;
 END $$;
 
+-- The largest page list_instances returns (pg_durable.list_instances_max_limit, else 1000).
+CREATE FUNCTION df._list_limit(p_limit integer) RETURNS integer LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    cap integer := coalesce(nullif(current_setting('pg_durable.list_instances_max_limit', true), '')::integer, 1000);
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = '22023';
+    END IF;
+    IF p_limit > cap THEN
+        RAISE EXCEPTION 'limit_count % exceeds pg_durable.list_instances_max_limit (%): page with after_cursor',
+            p_limit, cap USING ERRCODE = '22023';
+    END IF;
+    RETURN p_limit;
+END $$;
+
+-- pg_durable's own node JSON ({"node_type": ...}) is not pgflow's: refuse it with pg_durable's words for an
+-- unknown type, and say what to do for a known one. Other text is returned as it is.
+CREATE FUNCTION df._checked(p_fut text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    t text;
+BEGIN
+    BEGIN
+        t := p_fut::jsonb->>'node_type';
+    EXCEPTION WHEN OTHERS THEN
+        RETURN p_fut;
+    END;
+    IF t IS NULL THEN
+        RETURN p_fut;
+    END IF;
+    IF t NOT IN ('SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE', 'HTTP',
+                 'HTTP_MULTIPART', 'SIGNAL') THEN
+        RAISE EXCEPTION 'Unknown node_type ''%''', t USING ERRCODE = '22023';
+    END IF;
+    RAISE EXCEPTION 'pgflow: pg_durable''s stored node JSON (node_type %) cannot be started here: build the '
+                    'workflow with the df.* functions and operators', t USING ERRCODE = '0A000';
+END $$;
+
 -- The tree an instance runs (NULL for a DAG flow started from Python).
 CREATE FUNCTION df._tree(p_id bigint) RETURNS jsonb LANGUAGE sql STABLE AS $$
     SELECT f.shape->'tree' FROM pgflow.instances i
@@ -224,9 +261,19 @@ BEGIN
                         'in; connect to % (with pgflow initialised there) and start it there', database, database
             USING ERRCODE = '0A000';
     END IF;
+    IF coalesce(current_setting('pg_durable.enable_superuser_instances', true), '') IN ('on', 'true', '1') THEN
+        PERFORM set_config('pgflow.allow_superuser', 'on', true);
+    END IF;
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+       AND coalesce(current_setting('pgflow.allow_superuser', true), '') NOT IN ('on', 'true', '1') THEN
+        RAISE EXCEPTION 'pgflow: refusing to start an instance as superuser % (its SQL would run as superuser): '
+                        'set pg_durable.enable_superuser_instances = on (or pgflow.allow_superuser) to allow it',
+                        current_user USING ERRCODE = '42501';
+    END IF;
     IF fut IS NULL THEN
         RAISE EXCEPTION 'df.start: the workflow is NULL' USING ERRCODE = '22004';
     END IF;
+    fut := df._checked(fut);
     IF transaction_mode = 'new' THEN
         RETURN df._text_id(coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
                                         'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
@@ -264,7 +311,7 @@ LANGUAGE plpgsql STRICT AS $$
 BEGIN
     RETURN pgflow.cancel(df._id(instance_id), reason);
 EXCEPTION WHEN no_data_found THEN
-    RAISE EXCEPTION 'instance % not found', instance_id USING ERRCODE = 'P0002';
+    RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
 END $$;
 
 -- Signal data: valid JSON is kept, other text is sent as a JSON string.
@@ -275,7 +322,7 @@ DECLARE
 BEGIN
     SELECT status INTO st FROM pgflow.instances WHERE id = df._id(instance_id);
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'instance % not found', instance_id USING ERRCODE = 'P0002';
+        RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
     END IF;
     IF NOT st = ANY (pgflow.open_instance_statuses()) THEN  -- as pg_durable: too late, nothing happens
         RETURN format('instance %s is %s: signal %s ignored', instance_id, st, signal_name);
@@ -286,7 +333,7 @@ BEGIN
     END IF;
     RETURN format('signal %s sent to %s', signal_name, instance_id);
 EXCEPTION WHEN no_data_found THEN
-    RAISE EXCEPTION 'instance % not found', instance_id USING ERRCODE = 'P0002';
+    RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
 END $$;
 
 -- ------------------------------------------------------------------------------------------------ variables
@@ -413,7 +460,7 @@ LANGUAGE sql STABLE STRICT AS $$
            (extract(epoch FROM coalesce(i.finished_at, now()) - i.created_at) * 1000)::bigint,
            df._shaped(df._tree(i.id), i.output)::text
     FROM pgflow.instances i WHERE i.id = df._id(instance_executions.instance_id)
-    LIMIT greatest(limit_count, 0)
+    LIMIT df._list_limit(limit_count)
 $$;
 
 CREATE FUNCTION df.metrics()
@@ -425,21 +472,6 @@ LANGUAGE sql STABLE AS $$
            count(*), (SELECT count(*) FROM pgflow.steps)
     FROM pgflow.instances
 $$;
-
--- The largest page list_instances returns (pg_durable.list_instances_max_limit, else 1000).
-CREATE FUNCTION df._list_limit(p_limit integer) RETURNS integer LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    cap integer := coalesce(nullif(current_setting('pg_durable.list_instances_max_limit', true), '')::integer, 1000);
-BEGIN
-    IF p_limit IS NULL OR p_limit < 1 THEN
-        RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = '22023';
-    END IF;
-    IF p_limit > cap THEN
-        RAISE EXCEPTION 'limit_count % exceeds pg_durable.list_instances_max_limit (%): page with after_cursor',
-            p_limit, cap USING ERRCODE = '22023';
-    END IF;
-    RETURN p_limit;
-END $$;
 
 CREATE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count integer DEFAULT 100)
 RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count bigint,
@@ -492,27 +524,81 @@ BEGIN
     FROM numbered x WHERE x.n <= lim ORDER BY x.n;
 END $$;
 
--- The tree of an instance (by id), or of a workflow not started (a dry run: every node pending).
-CREATE FUNCTION df.explain(input text) RETURNS text LANGUAGE plpgsql STABLE STRICT AS $$
+-- A tree as pg_durable's explain shows it: one line per node (result-name nodes folded into their node),
+-- with a marker and status when the instance exists (p_id), "branch N:" before the branches of a join/race.
+CREATE FUNCTION df._explain_lines(p_tree jsonb, p_id bigint) RETURNS text LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE t(path, depth, node, sort, prefix, name) AS (
+        SELECT 'r'::text, 0, p_tree, ARRAY[0], ''::text, NULL::text
+        UNION ALL
+        SELECT t.path || '.' || (c.i - 1),
+               t.depth + CASE WHEN t.node->>'t' IN ('name', 'has_rows') THEN 0 ELSE 1 END, c.child, t.sort || c.i::int,
+               CASE WHEN t.node->>'t' = 'name' THEN t.prefix
+                    WHEN t.node->>'t' IN ('join', 'race') THEN format('branch %s: ', c.i)
+                    WHEN t.node->>'t' = 'if' THEN (ARRAY['condition: ', 'then: ', 'else: '])[c.i]
+                    ELSE '' END,
+               CASE WHEN t.node->>'t' = 'name' THEN t.node->>'name' END
+        FROM t, jsonb_array_elements(CASE WHEN jsonb_typeof(t.node->'c') = 'array' THEN t.node->'c'
+                                          ELSE '[]' END) WITH ORDINALITY AS c(child, i)
+    ), shown AS (
+        SELECT t.*, df._node_status(st.status) AS status,
+               st.status = 'skipped' OR EXISTS (SELECT FROM pgflow.steps sk WHERE sk.instance_id = p_id
+                   AND sk.task_index = -1 AND sk.status = 'skipped' AND t.path LIKE sk.step_name || '.%') AS skipped
+        FROM t
+        LEFT JOIN pgflow.steps st ON st.instance_id = p_id AND st.step_name = t.path AND st.task_index = -1
+        WHERE t.node->>'t' NOT IN ('name', 'has_rows')
+    )
+    SELECT string_agg(repeat('  ', depth)
+        || CASE WHEN p_id IS NULL THEN ''
+                WHEN skipped THEN '⊘ '
+                ELSE CASE status WHEN 'completed' THEN '✓ ' WHEN 'failed' THEN '✗ ' WHEN 'running' THEN '▶ '
+                                 ELSE '○ ' END END
+        || prefix
+        || CASE node->>'t'
+               WHEN 'sql' THEN 'SQL: ' || regexp_replace(btrim(node->>'sql'), '\s+', ' ', 'g')
+               WHEN 'sleep' THEN format('SLEEP %ss', node->>'seconds')
+               WHEN 'schedule' THEN 'WAIT_SCHEDULE ' || (node->>'cron')
+               WHEN 'wait_signal' THEN 'SIGNAL ' || (node->>'name')
+                   || coalesce(format(' (timeout %ss)', node->>'timeout'), '')
+               WHEN 'http' THEN format('HTTP %s %s', node->>'method', node->>'url')
+               WHEN 'break' THEN 'BREAK' || coalesce(' ' || (node->'value')::text, '')
+               ELSE df._node_type(node) END
+        || coalesce(' |=> ' || name, '')
+        || CASE WHEN p_id IS NULL THEN '' WHEN skipped THEN ' (skipped)' ELSE format(' (%s)', status) END,
+        E'\n' ORDER BY sort)
+    FROM shown
+$$;
+
+-- The tree of an instance (by id), or of a workflow not started (a dry run): a node, plain SQL, or the text
+-- of a DSL expression (evaluated as the caller, like the same expression typed in psql).
+CREATE FUNCTION df.explain(input text) RETURNS text LANGUAGE plpgsql STRICT AS $$
 DECLARE
     iid bigint := df._id(input);
-    tree jsonb;
+    node jsonb;
+    inst pgflow.instances;
 BEGIN
-    IF iid IS NOT NULL AND EXISTS (SELECT FROM pgflow.instances WHERE id = iid) THEN
-        RETURN pgflow.explain(iid);
+    SELECT * INTO inst FROM pgflow.instances WHERE id = iid;
+    IF FOUND THEN
+        RETURN format('Instance %s (%s)%s', df._text_id(inst.id), inst.status,
+                      coalesce(' label ' || inst.label, '')) || coalesce(E'\nerror: ' || inst.error, '') || E'\n'
+               || df._explain_lines(df._tree(inst.id), inst.id);
     END IF;
-    tree := pgflow.tree_shape(input)->'tree';
-    RETURN 'workflow (not started)' || E'\n' || (
-        WITH RECURSIVE t(path, depth, node, sort) AS (
-            SELECT 'r'::text, 0, tree, ARRAY[0]
-            UNION ALL
-            SELECT t.path || '.' || (c.i - 1), t.depth + 1, c.child, t.sort || c.i::int
-            FROM t, jsonb_array_elements(CASE WHEN jsonb_typeof(t.node->'c') = 'array' THEN t.node->'c'
-                                              ELSE '[]' END) WITH ORDINALITY AS c(child, i)
-        )
-        SELECT string_agg(repeat('  ', depth) || '[pending] ' || df._node_type(node) || ' ' || pgflow._label(node),
-                          E'\n' ORDER BY sort)
-        FROM t);
+    BEGIN
+        node := input::jsonb;
+    EXCEPTION WHEN invalid_text_representation THEN
+        IF input !~* '^\s*(select|insert|update|delete|with|values|table|call|merge|create|drop|alter)\M' THEN
+            BEGIN
+                EXECUTE format('SELECT (%s)::text', input) INTO input;
+            EXCEPTION WHEN syntax_error OR undefined_function OR undefined_column OR undefined_object THEN
+                NULL;  -- not an expression: SQL text
+            END;
+        END IF;
+    END;
+    BEGIN
+        node := pgflow.tree_shape(df._checked(input))->'tree';
+    EXCEPTION WHEN invalid_parameter_value THEN  -- explaining an invalid graph says why, as text
+        RETURN 'Invalid durable function graph: root: ' || regexp_replace(SQLERRM, '^pgflow: ', '');
+    END;
+    RETURN 'Durable function (dry run, not started)' || E'\n' || df._explain_lines(node, NULL);
 END $$;
 
 -- ------------------------------------------------------------------------------------------------ engine
