@@ -298,6 +298,10 @@ LANGUAGE plpgsql STRICT AS $$
 DECLARE
     iid bigint := df._id(instance_id);
 BEGIN
+    -- a step waiting for an instance would hold a worker (and its transaction) for as long
+    IF current_setting('application_name') LIKE 'pgflow worker %' THEN
+        RAISE EXCEPTION 'df.await_instance cannot be called inside a workflow' USING ERRCODE = '0A000';
+    END IF;
     IF NOT EXISTS (SELECT FROM pgflow.instances WHERE id = iid) THEN
         RETURN NULL;
     END IF;
@@ -411,6 +415,7 @@ LANGUAGE sql STABLE AS $$
                    WHEN 'race' THEN st.output->'value'
                    WHEN 'if' THEN NULL
                    ELSE st.output END
+               WHEN st.status = 'failed' THEN to_jsonb(st.error)
            END,
            st.error, i.owner::regrole, current_database()::text, st.enqueued_at,
            coalesce(st.finished_at, st.started_at, st.enqueued_at),
