@@ -3,6 +3,7 @@ its fix. Real coordinator and worker processes; SQL started as a psql user would
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 
 import psycopg
@@ -81,11 +82,15 @@ def test_numeric_results_keep_every_digit_and_their_scale(dsn, engine):
 
 def test_numeric_references_are_exact_for_granted_users_too(dsn, engine):
     """The same through the executor another owner's steps run in (values travel as one jsonb array)."""
-    sql(dsn, "CREATE ROLE compat_numeric_user LOGIN; SELECT pgflow.grant_usage('compat_numeric_user');"
-             "CREATE TABLE kept (v numeric); GRANT INSERT, SELECT ON kept TO compat_numeric_user")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SET ROLE compat_numeric_user")
-        iid = conn.execute("SELECT pgflow.start(('SELECT 98765432109876543210.000000001::numeric AS n' |=> 'x')"
-                           " ~> 'INSERT INTO kept VALUES ($x) RETURNING v')").fetchone()[0]
-    assert finish(dsn, iid) == [{"v": "98765432109876543210.000000001"}]
-    assert sql(dsn, "SELECT v FROM kept") == [(Decimal("98765432109876543210.000000001"),)]
+    role = f"numeric_user_{uuid.uuid4().hex[:8]}"  # roles are the server's: a name of this run's own
+    sql(dsn, f"CREATE ROLE {role} LOGIN; SELECT pgflow.grant_usage('{role}');"
+             f"CREATE TABLE kept (v numeric); GRANT INSERT, SELECT ON kept TO {role}")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"SET ROLE {role}")
+            iid = conn.execute("SELECT pgflow.start(('SELECT 98765432109876543210.000000001::numeric AS n' |=> 'x')"
+                               " ~> 'INSERT INTO kept VALUES ($x) RETURNING v')").fetchone()[0]
+        assert finish(dsn, iid) == [{"v": "98765432109876543210.000000001"}]
+        assert sql(dsn, "SELECT v FROM kept") == [(Decimal("98765432109876543210.000000001"),)]
+    finally:
+        sql(dsn, f"SELECT pgflow.revoke_usage('{role}'); DROP OWNED BY {role}; DROP ROLE {role}")

@@ -245,7 +245,7 @@ def test_explain_of_an_instance_and_dry_run_of_a_graph(user, df_engine):
     assert "(completed)" in shown and "⊘" in shown and "(skipped)" in shown
 
 
-def test_instance_info_executions_and_metrics(user, df_engine):
+def test_instance_info_executions_and_metrics(user, admin, df_engine):
     iid = start(user, "'SELECT 123 AS v'", "info")
     assert user.finish(iid) == "completed"
     info = user.rows("SELECT instance_id, label, status, output FROM df.instance_info(%s)", (iid,))
@@ -253,7 +253,9 @@ def test_instance_info_executions_and_metrics(user, df_engine):
     assert user.rows("SELECT execution_id, status FROM df.instance_executions(%s)", (iid,)) == [(1, "completed")]
     with pytest.raises(psycopg.errors.InvalidParameterValue):
         user.rows("SELECT * FROM df.instance_executions(%s, 0)", (iid,))
-    total, running, completed, failed = user.rows(
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # engine-wide numbers: administrators only
+        user.rows("SELECT * FROM df.metrics()")
+    total, running, completed, failed = admin.rows(
         "SELECT total_instances, running_instances, completed_instances, failed_instances FROM df.metrics()")[0]
     assert (total, completed, failed) == (1, 1, 0) and running == 0
 
@@ -286,14 +288,19 @@ def test_grant_usage_keeps_http_for_those_granted_it(df_dsn, df_user):
                        (f"{df_user}_nohttp", f"{df_user}_nohttp", f"{df_user}_nohttp")) == [(False, True, False)]
         assert run_sql(df_dsn, "SELECT has_function_privilege(%s, 'df.http(text, text, text, jsonb, integer)', "
                                "'EXECUTE')", (df_user,)) == [(True,)]
+        run_sql(df_dsn, f"SELECT df.grant_usage('{df_user}_nohttp', with_grant => true)")
+        assert run_sql(df_dsn, "SELECT has_function_privilege(%s, 'df.metrics()', 'EXECUTE WITH GRANT OPTION')",
+                       (f"{df_user}_nohttp",)) == [(True,)]
     finally:
         run_sql(df_dsn, f"SELECT df.revoke_usage('{df_user}_nohttp'); DROP ROLE {df_user}_nohttp")
 
 
 def test_init_refreshes_the_layer_and_never_takes_a_foreign_df_schema(dsn, df_dsn, df_user):
-    run_sql(df_dsn, "DROP FUNCTION df.metrics()")  # an older layer, say
+    run_sql(df_dsn, "DROP FUNCTION df.instance_info(text)")  # an older layer, say
     init_schema(df_dsn)  # an upgrade: the layer pgflow installed is rebuilt, grants included
-    assert run_sql(df_dsn, "SELECT has_function_privilege(%s, 'df.metrics()', 'EXECUTE')", (df_user,)) == [(True,)]
+    granted = run_sql(df_dsn, "SELECT has_function_privilege(%s, 'df.instance_info(text)', 'EXECUTE'),"
+                              " has_function_privilege(%s, 'df.metrics()', 'EXECUTE')", (df_user, df_user))
+    assert granted == [(True, False)]
     run_sql(df_dsn, "DROP SCHEMA df CASCADE; CREATE SCHEMA df; CREATE TABLE df.mine (x int)")
     init_schema(df_dsn)  # not ours: untouched
     assert run_sql(df_dsn, "SELECT count(*) FROM df.mine") == [(0,)]

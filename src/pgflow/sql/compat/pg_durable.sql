@@ -632,9 +632,9 @@ BEGIN
     IF NOT include_http THEN
         EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM %I', p_role);
     END IF;
-    IF NOT with_grant THEN
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text) '
-                       'FROM %I', p_role);
+    IF NOT with_grant THEN  -- the engine-wide numbers of df.metrics() are for administrators
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
+                       'df.metrics() FROM %I', p_role);
     END IF;
 END $$;
 
@@ -649,7 +649,8 @@ END $$;
 -- Nothing here is PUBLIC's (PostgreSQL grants EXECUTE on new functions to PUBLIC).
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
 
--- Roles granted usage before this rebuild get their df privileges back.
+-- Roles granted usage before this rebuild get their df privileges back (those granted with_grant get their
+-- administrator functions back by being granted again).
 DO $$
 DECLARE
     r record;
@@ -659,8 +660,8 @@ BEGIN
         EXECUTE format('GRANT USAGE ON SCHEMA df TO %I', r.role_name);
         EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', r.role_name);
         EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', r.role_name);
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text) '
-                       'FROM %I', r.role_name);
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
+                       'df.metrics() FROM %I', r.role_name);
         IF NOT r.http THEN
             EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM %I', r.role_name);
         END IF;
