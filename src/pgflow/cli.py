@@ -22,7 +22,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from . import client, logs, settings
 from .db.connection import connect, resolve_dsn, without_dsn
-from .db.migrations import LATEST_VERSION, init_schema, require_schema
+from .db.migrations import COMPAT_LAYERS, LATEST_VERSION, init_schema, require_schema
 from .errors import InstanceFailed, InstanceNotFinished, PgflowError
 from .registry import forget_current_directory, import_module, load_flow, trust
 from .statuses import InstanceStatus
@@ -135,11 +135,13 @@ def main(log_level: str, log_format: str) -> None:
 @dsn_option
 @click.option("--queue", "-q", "queues", multiple=True, metavar="NAME",
               help="Also create this queue (repeatable): the queues your deployment's workers serve.")
+@click.option("--compat", "compat", multiple=True, type=click.Choice(sorted(COMPAT_LAYERS)),
+              help="Also install a compatibility layer: pg_durable adds its df schema (its SQL runs unchanged).")
 @_friendly_errors
-def init(dsn: str | None, queues: tuple[str, ...]) -> None:
+def init(dsn: str | None, queues: tuple[str, ...], compat: tuple[str, ...]) -> None:
     """Install pgmq, apply pgflow's schema migrations and create the given queues (idempotent)."""
     dsn = resolve_dsn(dsn, setup=True)
-    applied = init_schema(dsn, queues)
+    applied = init_schema(dsn, queues, compat)
     click.echo(f"pgflow schema at version {LATEST_VERSION}"
                + (f" (applied {', '.join(map(str, applied))})" if applied else " (already up to date)")
                + (f"; queues: {', '.join(queues)}" if queues else ""))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -106,7 +107,10 @@ class SqlTemplate:
     def _value(ref: Reference, scope: dict[str, Any], columns: dict[str, list[list[str]]] | None) -> Any:
         value = resolve(ref, scope)
         if not ref.rowset and not ref.path and columns and columns.get(ref.name):
-            value = _first_cell(ref, value, columns[ref.name][0][0])  # $name of a SQL result: first cell
+            column, sql_type = columns[ref.name][0][:2]
+            value = _first_cell(ref, value, column)  # $name of a SQL result: first cell
+            if sql_type.startswith("numeric") and isinstance(value, str):
+                value = Decimal(value)  # exact, as it was stored (numerics are kept as JSON strings)
         return value
 
 
@@ -132,6 +136,8 @@ def _typed_extraction(value: Any, index: int) -> str:
         return f"(($1->>{index})::bigint)"
     if isinstance(value, float):
         return f"(($1->>{index})::float8)"
+    if isinstance(value, Decimal):
+        return f"(($1->>{index})::numeric)"
     if isinstance(value, str):
         return f"($1->>{index})"
     return f"($1->{index})"
@@ -279,7 +285,14 @@ def resolve(ref: Reference, scope: dict[str, Any]) -> Any:
 
 
 def _orjson_dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+    return orjson.dumps(value, default=_exact_decimal).decode()
+
+
+def _exact_decimal(value: Any) -> str:
+    """A Decimal as the JSON string of its exact digits (orjson knows no Decimal)."""
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    raise TypeError(f"{type(value).__name__} is not JSON-serializable")
 
 
 def adapt(value: Any) -> Any:

@@ -193,13 +193,28 @@ def test_a_signal_wait_takes_the_oldest_signal_of_its_name():
 
 def test_a_loop_forgets_a_finished_iteration_and_counts_it():
     node = t.loop(t.sql("SELECT 1"))
-    evaluation = ev.evaluate(*state(node, {"r": ev.Row(StepStatus.RUNNING, {"iteration": 4, "last": None}),
+    began = NOW - timedelta(seconds=5)  # the iteration began long enough ago: the next one begins now
+    evaluation = ev.evaluate(*state(node, {"r": ev.Row(StepStatus.RUNNING, {"iteration": 4, "last": None,
+                                                                             "began": began.isoformat()}),
                                            "r.0": ev.Row(StepStatus.COMPLETED, [{"x": 1}])}))
     assert evaluation.result.status == "running"
     assert evaluation.decisions[:2] == [ev.ForgetIteration("r"),
-                                        ev.WriteRow("r", StepStatus.RUNNING, {"iteration": 5, "last": [{"x": 1}]},
-                                                    None, None)]
+                                        ev.WriteRow("r", StepStatus.RUNNING, {"iteration": 5, "last": [{"x": 1}],
+                                                                              "began": NOW.isoformat()}, NOW, None)]
     assert ev.Wake(NOW) in evaluation.decisions
+
+
+def test_loop_iterations_begin_at_least_the_minimum_interval_apart():
+    node = t.loop(t.sql("SELECT 1"))
+    began = NOW - timedelta(seconds=0.25)
+    finished = ev.evaluate(*state(node, {"r": ev.Row(StepStatus.RUNNING, {"iteration": 1, "began": began.isoformat()}),
+                                         "r.0": ev.Row(StepStatus.COMPLETED, [{"x": 1}])}))
+    due = began + ev.scaled(ev.LOOP_MIN_INTERVAL)
+    assert finished.result.status == "waiting" and ev.Wake(due) in finished.decisions
+    assert not [d for d in finished.decisions if isinstance(d, ev.Enqueue)]  # the body is not queued yet
+    early = ev.evaluate(*state(node, {"r": ev.Row(StepStatus.RUNNING, {"iteration": 2, "began": due.isoformat()},
+                                                  due=due)}))
+    assert early.result.status == "waiting" and early.decisions == []
 
 
 def test_every_node_type_has_a_handler():

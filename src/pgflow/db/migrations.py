@@ -149,10 +149,32 @@ def install_pgmq(conn: psycopg.Connection) -> bool:
     return True
 
 
-def init_schema(dsn: str, queues: tuple[str, ...] | list[str] = ()) -> list[int]:
+#: compatibility layers ``pgflow init --compat NAME`` installs: NAME -> the schema it owns (sql/compat/NAME.sql)
+COMPAT_LAYERS = {"pg_durable": "df"}
+
+
+def install_compat(conn: psycopg.Connection, name: str, requested: bool) -> bool:
+    """(Re)build a compatibility layer: when ``requested``, or when pgflow installed it before (so that an
+    upgrade refreshes it). A schema of that name that pgflow did not create is never touched. Returns
+    whether the layer was built."""
+    exists, ours = Q.one(conn, "compat_schema", {"schema": COMPAT_LAYERS[name]})
+    if exists and not ours:
+        if requested:
+            raise PgflowError(f"schema {COMPAT_LAYERS[name]} exists and is not pgflow's {name} compatibility "
+                              f"layer (is the {name} extension installed in this database?): drop it first")
+        return False
+    if requested or ours:
+        conn.execute(read_sql(f"compat/{name}.sql"))
+        return True
+    return False
+
+
+def init_schema(dsn: str, queues: tuple[str, ...] | list[str] = (), compat: tuple[str, ...] | list[str] = ()
+                ) -> list[int]:
     """Install pgmq and pgflow's schema (a fresh database: built from ``sql/schema/``; an existing one: its
     pending migrations) and create ``queues`` (those the deployment declares, so autoscalers and workers find
-    them before any flow names them); idempotent. Returns the versions applied now."""
+    them before any flow names them); idempotent. Compatibility layers named in ``compat`` are installed,
+    those installed before are refreshed. Returns the versions applied now."""
     from ..queues import ensure_queue
 
     with connect(dsn) as conn, conn.transaction():
@@ -166,6 +188,8 @@ def init_schema(dsn: str, queues: tuple[str, ...] | list[str] = ()) -> list[int]
         if state.before_baseline:
             raise PgflowError(state.problem())
         applied = install_schema(conn) if state.version == 0 else apply_pending_migrations(conn, state.version)
+        for name in COMPAT_LAYERS:
+            install_compat(conn, name, name in compat)
         for name in queues:
             try:
                 with conn.transaction():

@@ -54,6 +54,11 @@ def next_fire(cron: str, after: datetime) -> datetime:
     return croniter(cron, after.astimezone(UTC)).get_next(datetime)
 
 
+#: the least time between the starts of two iterations of a loop (as pg_durable): a loop whose body takes
+#: no time (INSERT ~> sleep(0)) polls once a second, not as fast as the database allows
+LOOP_MIN_INTERVAL = 1.0
+
+
 def scaled(seconds: float) -> timedelta:
     """A timer's duration under ``PGFLOW_TIME_SCALE`` (with 60, a one-minute sleep takes one second)."""
     return timedelta(seconds=seconds / settings.current().time_scale)
@@ -296,6 +301,8 @@ class TreeEvaluator:
         branch = (row.output or {}).get("branch") if row else None
         if branch is None:
             condition = self.child(node, path, 0)
+            if condition.status == "break":  # a break in the condition ends this loop, like one in the body
+                return Result("completed", condition.output)
             if not condition.done:
                 return condition
             branch = "then" if truthy(condition.output) else "else"
@@ -315,27 +322,46 @@ class TreeEvaluator:
     def loop(self, node: dict[str, Any], path: str) -> Result:
         row = self.rows.get(path)
         state = (row.output if row and isinstance(row.output, dict) else None) or {"iteration": 0}
+        if row is not None and row.status == StepStatus.RUNNING and row.due is not None and self.now < row.due:
+            return WAITING  # the next iteration may not begin yet (LOOP_MIN_INTERVAL)
+        if row is None:
+            state = {"iteration": 0, "began": self.now.isoformat()}
+            self.write(path, StepStatus.RUNNING, state)
         body_index = 0
         if node.get("while"):
             body_index = 1
             condition = self.child(node, path, 0)
+            if condition.status == "break":  # a break in the condition ends this loop, like one in the body
+                return self.end_loop(path, state, condition.output)
             if not condition.done:
                 return condition
             if not truthy(condition.output):
-                return Result("completed", state.get("last"))
+                return self.end_loop(path, state, state.get("last"))
         body = self.child(node, path, body_index)
         if body.status == "break":
-            return Result("completed", body.output)
+            return self.end_loop(path, state, body.output)
         if not body.done:
             return body
         # next iteration: forget this one's rows (bounded history), keep the counter and last value
         self.decisions.append(ForgetIteration(path))
         self.rows = {p: r for p, r in self.rows.items() if not p.startswith(path + ".")}
-        self.write(path, StepStatus.RUNNING, {"iteration": state["iteration"] + 1, "last": body.output})
-        self.decisions.append(Wake(self.now))
-        return RUNNING
+        began = datetime.fromisoformat(state["began"]) if isinstance(state.get("began"), str) else self.now
+        at = max(self.now, began + scaled(LOOP_MIN_INTERVAL))
+        self.write(path, StepStatus.RUNNING, {"iteration": state["iteration"] + 1, "last": body.output,
+                                              "began": at.isoformat()}, due=at)
+        self.decisions.append(Wake(at))
+        return RUNNING if at <= self.now else WAITING
+
+    def end_loop(self, path: str, state: dict[str, Any], value: Any) -> Result:
+        """The loop is over: its row keeps the counter and, as "value", what the loop returned."""
+        row = self.rows.get(path)
+        if row is None or row.status != StepStatus.COMPLETED:
+            self.write(path, StepStatus.COMPLETED, {**state, "value": value})
+        return Result("completed", value)
 
     def brk(self, node: dict[str, Any], path: str) -> Result:
+        if "value" in node:  # a literal JSON value (pg_durable's df.break('{"done": true}'))
+            return Result("break", node["value"])
         if not node["c"]:
             return Result("break", None)
         value = self.child(node, path, 0)
@@ -380,12 +406,20 @@ class TreeEvaluator:
         if signal is not None:
             self.signals.remove(signal)
             self.decisions.append(ConsumeSignal(signal.id, path))
-            self.write(path, StepStatus.COMPLETED, signal.data)
-            return Result("completed", signal.data)
+            return self.signalled(node, path, signal.data, False)
         if due is not None and self.now >= due:
-            self.write(path, StepStatus.COMPLETED, {"timed_out": True})
-            return Result("completed", {"timed_out": True})
+            return self.signalled(node, path, None, True)
         return WAITING
+
+    def signalled(self, node: dict[str, Any], path: str, data: Any, timed_out: bool) -> Result:
+        """A wait for a signal ends: with the payload, or {"timed_out": true}; a node marked "envelope"
+        (pg_durable's shape) gives {signal_name, timed_out, data} either way."""
+        if node.get("envelope"):
+            value = {"signal_name": node["name"], "timed_out": timed_out, "data": data}
+        else:
+            value = {"timed_out": True} if timed_out else data
+        self.write(path, StepStatus.COMPLETED, value)
+        return Result("completed", value)
 
     # -------------------------------------------------------------------------------------- rows
 

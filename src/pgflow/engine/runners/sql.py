@@ -80,9 +80,10 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def _sql_value(value: Any) -> Any:
-    """JSON form of column types orjson does not know (numeric, bytea)."""
+    """JSON form of column types orjson does not know (numeric, bytea). A numeric becomes a JSON string of
+    its exact digits, scale included (a JSON number read back as a float would lose both)."""
     if isinstance(value, decimal.Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
+        return format(value, "f")
     if isinstance(value, bytes | memoryview):
         return base64.b64encode(bytes(value)).decode()
     return str(value)
@@ -131,6 +132,8 @@ class SqlRunner:
         """Run the step and ``acknowledge`` it in one transaction: its effect happens exactly once. ``conn``
         (the worker's) is not used for the statement: it runs on the step session."""
         template = self.template(step.sql)
+        if "{sys_instance_id}" in step.sql:  # pg_durable's template (the others are filled in at start)
+            template = compile_sql(step.sql.replace("{sys_instance_id}", f"{task.instance_id:08x}"))
         run_as = task.owner if task.owner != self.session_role else None
         try:
             if run_as:

@@ -34,3 +34,9 @@ SELECT coalesce(max(version), 0),
        coalesce(max(coalesce((to_jsonb(m)->>'compatible_from')::integer, version)), 0),
        coalesce(bool_or(version = %(baseline_version)s AND name <> %(baseline)s), false)
 FROM pgflow.migrations m;
+
+-- name: compat_schema
+-- whether a compatibility layer's schema exists, and whether pgflow installed it (its comment says so)
+SELECT n.oid IS NOT NULL, coalesce(obj_description(n.oid, 'pg_namespace') LIKE 'pgflow compatibility layer%%', false)
+FROM (SELECT %(schema)s::name AS nspname) AS want
+LEFT JOIN pg_namespace n USING (nspname);

@@ -2,6 +2,17 @@
 -- (`SELECT pgflow.start('SELECT 1' ~> pgflow.sleep(60) ~> ...)`). These run as the caller: row-level security
 -- (18_roles_and_rls.sql) limits them to the caller's own instances.
 
+-- A libpq connection string back to this database as the current user, through this server's own socket
+-- directory (127.0.0.1 where it has none): what a detached start connects with. Values are quoted.
+CREATE FUNCTION pgflow.loopback_conninfo() RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT string_agg(k || '=''' || replace(replace(v, '\', '\\'), '''', '\''') || '''', ' ')
+    FROM (VALUES ('dbname', current_database()::text), ('user', current_user::text),
+                 ('host', coalesce(nullif(trim(split_part(current_setting('unix_socket_directories'), ',', 1)),
+                                          ''), '127.0.0.1')),
+                 ('port', current_setting('port'))) AS p(k, v)
+$$;
+REVOKE ALL ON FUNCTION pgflow.loopback_conninfo() FROM PUBLIC;
+
 -- Start a workflow. It joins the caller's transaction (a rollback means it never started) unless
 -- p_detached, which commits it at once through dblink (the extension must be installed).
 CREATE FUNCTION pgflow.start(p_node jsonb, p_input jsonb DEFAULT NULL, p_label text DEFAULT NULL,
@@ -13,12 +24,13 @@ DECLARE
     new_id bigint;
 BEGIN
     IF p_detached THEN
-        IF to_regproc('public.dblink') IS NULL AND to_regproc('dblink') IS NULL THEN
+        -- dblink has several overloads (to_regproc is NULL for an ambiguous name): look for a visible one
+        IF NOT EXISTS (SELECT FROM pg_proc WHERE proname = 'dblink' AND pg_function_is_visible(oid)) THEN
             RAISE EXCEPTION 'pgflow: a detached start needs the dblink extension (CREATE EXTENSION dblink)'
                 USING ERRCODE = '0A000';
         END IF;
         EXECUTE 'SELECT id FROM dblink($1, $2) AS t(id bigint)' INTO new_id
-            USING format('dbname=%s user=%s', current_database(), current_user),
+            USING pgflow.loopback_conninfo(),
                   format('SELECT pgflow.start(%L::jsonb, %L::jsonb, %L, false, %L)', p_node, p_input, p_label,
                          p_name);
         RETURN new_id;

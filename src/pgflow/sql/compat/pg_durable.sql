@@ -1,0 +1,669 @@
+-- The pg_durable compatibility layer (`pgflow init --compat pg_durable`): the df schema with pg_durable's
+-- functions, views and result shapes, so that SQL written for pg_durable runs unchanged on pgflow. It is
+-- thin on purpose: every function here is a wrapper over pgflow's own API and every table a view over
+-- pgflow's tables (one engine, one set of rows; row-level security applies through the views, which are
+-- security_invoker). Instance ids are pgflow's bigint ids written as text, node ids are the nodes' paths.
+--
+-- Rebuilt from scratch by every `pgflow init` once installed (DROP SCHEMA df CASCADE: nothing in it holds
+-- data; the roles granted usage get their df privileges back at the end of this file).
+
+DROP SCHEMA IF EXISTS df CASCADE;
+CREATE SCHEMA df;
+COMMENT ON SCHEMA df IS 'pgflow compatibility layer: pg_durable (rebuilt by pgflow init)';
+REVOKE ALL ON SCHEMA df FROM PUBLIC;
+
+-- ------------------------------------------------------------------------------------------------ helpers
+
+-- pg_durable's ids are 8 hex digits: a pgflow id in hex, zero-padded to 8 (more digits past 4 billion).
+CREATE FUNCTION df._text_id(p_id bigint) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS $$
+    SELECT lpad(to_hex(p_id), 8, '0')
+$$;
+-- ... and back; NULL for text that is no such id (so lookups find nothing).
+CREATE FUNCTION df._id(p_id text) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN btrim(p_id) ~ '^[0-9a-fA-F]{1,15}$' THEN ('x' || lpad(btrim(p_id), 16, '0'))::bit(64)::bigint END
+$$;
+
+-- A literal as pg_durable takes it: valid JSON stays JSON, other text becomes a JSON string.
+CREATE FUNCTION df._json(p_text text) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN p_text::jsonb;
+EXCEPTION WHEN invalid_text_representation THEN
+    RETURN to_jsonb(p_text);
+END $$;
+
+-- pg_durable's node type names for pgflow's node types.
+CREATE FUNCTION df._node_type(p_node jsonb) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE p_node->>'t'
+        WHEN 'sql' THEN 'SQL' WHEN 'seq' THEN 'THEN' WHEN 'if' THEN 'IF' WHEN 'join' THEN 'JOIN'
+        WHEN 'race' THEN 'RACE' WHEN 'loop' THEN 'LOOP' WHEN 'break' THEN 'BREAK' WHEN 'sleep' THEN 'SLEEP'
+        WHEN 'schedule' THEN 'WAIT_SCHEDULE' WHEN 'http' THEN 'HTTP' WHEN 'wait_signal' THEN 'SIGNAL'
+        WHEN 'python' THEN 'PYTHON' ELSE upper(p_node->>'t') END
+$$;
+
+-- pg_durable's physical node status for a pgflow step status (NULL: the node was not reached).
+CREATE FUNCTION df._node_status(p_status text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN p_status IS NULL OR p_status = 'skipped' THEN 'pending'
+        WHEN p_status = 'completed' THEN 'completed'
+        WHEN p_status IN ('failed', 'cancelled') THEN 'failed'
+        ELSE 'running' END
+$$;
+
+-- A SQL step's output in pg_durable's shape: {"rows": [...], "row_count": n}.
+CREATE FUNCTION df._rows(p_output jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE
+        WHEN jsonb_typeof(p_output) = 'array'
+            THEN jsonb_build_object('rows', p_output, 'row_count', jsonb_array_length(p_output))
+        WHEN jsonb_typeof(p_output) = 'object' AND p_output ? 'rowcount'
+            THEN jsonb_build_object('rows', '[]'::jsonb, 'row_count', p_output->'rowcount')
+        ELSE p_output END
+$$;
+
+-- The value a (sub)tree produced, in pg_durable's shapes: SQL results as {"rows", "row_count"}, a join as
+-- the array of its branches' values, a name as its node's value, a sequence as its last node's.
+CREATE FUNCTION df._shaped(p_node jsonb, p_value jsonb) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    t text := p_node->>'t';
+BEGIN
+    IF p_value IS NULL OR p_node IS NULL THEN
+        RETURN p_value;
+    END IF;
+    CASE t
+    WHEN 'sql' THEN
+        RETURN df._rows(p_value);
+    WHEN 'name' THEN
+        RETURN df._shaped(p_node->'c'->0, p_value);
+    WHEN 'seq' THEN
+        RETURN df._shaped(p_node->'c'->(jsonb_array_length(p_node->'c') - 1), p_value);
+    WHEN 'join' THEN
+        IF jsonb_typeof(p_value) = 'array' AND jsonb_array_length(p_value) = jsonb_array_length(p_node->'c') THEN
+            RETURN (SELECT jsonb_agg(df._shaped(p_node->'c'->(i::int - 1), v) ORDER BY i)
+                    FROM jsonb_array_elements(p_value) WITH ORDINALITY AS x(v, i));
+        END IF;
+        RETURN p_value;
+    ELSE
+        RETURN p_value;
+    END CASE;
+END $$;
+
+-- The largest page list_instances returns (pg_durable.list_instances_max_limit, else 1000).
+CREATE FUNCTION df._list_limit(p_limit integer) RETURNS integer LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    cap integer := coalesce(nullif(current_setting('pg_durable.list_instances_max_limit', true), '')::integer, 1000);
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 THEN
+        RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = '22023';
+    END IF;
+    IF p_limit > cap THEN
+        RAISE EXCEPTION 'limit_count % exceeds pg_durable.list_instances_max_limit (%): page with after_cursor',
+            p_limit, cap USING ERRCODE = '22023';
+    END IF;
+    RETURN p_limit;
+END $$;
+
+-- pg_durable's own node JSON ({"node_type": ...}) is not pgflow's: refuse it with pg_durable's words for an
+-- unknown type, and say what to do for a known one. Other text is returned as it is.
+CREATE FUNCTION df._checked(p_fut text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    t text;
+BEGIN
+    BEGIN
+        t := p_fut::jsonb->>'node_type';
+    EXCEPTION WHEN OTHERS THEN
+        RETURN p_fut;
+    END;
+    IF t IS NULL THEN
+        RETURN p_fut;
+    END IF;
+    IF t NOT IN ('SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE', 'HTTP',
+                 'HTTP_MULTIPART', 'SIGNAL') THEN
+        RAISE EXCEPTION 'Unknown node_type ''%''', t USING ERRCODE = '22023';
+    END IF;
+    RAISE EXCEPTION 'pgflow: pg_durable''s stored node JSON (node_type %) cannot be started here: build the '
+                    'workflow with the df.* functions and operators', t USING ERRCODE = '0A000';
+END $$;
+
+-- The tree an instance runs (NULL for a DAG flow started from Python).
+CREATE FUNCTION df._tree(p_id bigint) RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT f.shape->'tree' FROM pgflow.instances i
+    JOIN pgflow.flows f ON f.flow_name = i.flow_name AND f.version = i.flow_version
+    WHERE i.id = p_id
+$$;
+
+-- ------------------------------------------------------------------------------------------------ nodes
+
+CREATE FUNCTION df.sql(query text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow.sql(query) $$;
+CREATE FUNCTION df.seq(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow._op_seq(a, b) $$;
+CREATE FUNCTION df.then(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow._op_seq(a, b) $$;
+CREATE FUNCTION df.as(fut text, name text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow.named(fut, name) $$;
+CREATE FUNCTION df.join(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow.join(a, b) $$;
+CREATE FUNCTION df.join3(a text, b text, c text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow.join(a, b, c) $$;
+CREATE FUNCTION df.race(a text, b text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow.race(a, b) $$;
+CREATE FUNCTION df."if"(condition text, then_branch text, else_branch text DEFAULT NULL) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$ SELECT pgflow.if_then(condition, then_branch, else_branch) $$;
+CREATE FUNCTION df.if_rows(result_name text, then_branch text, else_branch text DEFAULT NULL) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$ SELECT pgflow.if_then(pgflow.has_rows(result_name), then_branch, else_branch) $$;
+CREATE FUNCTION df.loop(body text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow.loop(body) $$;
+CREATE FUNCTION df.loop(body text, condition text) RETURNS text LANGUAGE sql IMMUTABLE AS
+    $$ SELECT CASE WHEN condition IS NULL THEN pgflow.loop(body) ELSE pgflow.loop_while(condition, body) END $$;
+-- pg_durable's break takes a literal JSON value (not a node): valid JSON is kept, other text is a string
+CREATE FUNCTION df."break"(value text DEFAULT NULL) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN value IS NULL THEN pgflow.break_loop()
+                ELSE (pgflow.break_loop()::jsonb || jsonb_build_object('value', df._json(value)))::text END
+$$;
+CREATE FUNCTION df.sleep(seconds integer) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow.sleep(seconds) $$;
+CREATE FUNCTION df.wait_for_schedule(cron_expr text) RETURNS text LANGUAGE sql IMMUTABLE STRICT AS
+    $$ SELECT pgflow.wait_for_schedule(cron_expr) $$;
+-- its result is {signal_name, timed_out, data}
+CREATE FUNCTION df.wait_for_signal(name text, timeout integer DEFAULT NULL) RETURNS text
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (pgflow.wait_for_signal(name, timeout)::jsonb || '{"envelope": true}')::text
+$$;
+CREATE FUNCTION df.http(url text, method text DEFAULT 'POST', body text DEFAULT NULL, headers jsonb DEFAULT NULL,
+                        timeout integer DEFAULT 30) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT pgflow.http(url, coalesce(method, 'POST'), df._json(body), headers, coalesce(timeout, 30))
+$$;
+
+-- ------------------------------------------------------------------------------------------------ control
+-- pg_durable's text templates: {name} is the caller's variable name, {sys_label} the start's label (pgflow's
+-- own $vars.name binds values as parameters instead). {sys_instance_id} is filled in by the workers.
+CREATE FUNCTION df._fill(p_text text, p_label text) RETURNS text LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v record;
+    out text := p_text;
+BEGIN
+    IF out IS NULL OR position('{' IN out) = 0 THEN
+        RETURN out;
+    END IF;
+    FOR v IN SELECT name, CASE WHEN jsonb_typeof(value) = 'string' THEN value #>> '{}' ELSE value::text END AS txt
+             FROM pgflow.variables WHERE owner = current_user AND secret_ref IS NULL LOOP
+        out := replace(out, '{' || v.name || '}', coalesce(v.txt, ''));
+    END LOOP;
+    RETURN replace(out, '{sys_label}', coalesce(p_label, ''));
+END $$;
+
+-- The templates filled in every SQL text, URL and string body of a tree.
+CREATE FUNCTION df._filled(p_node jsonb, p_label text) RETURNS jsonb LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    node jsonb := p_node;
+BEGIN
+    IF jsonb_typeof(node) <> 'object' THEN
+        RETURN node;
+    END IF;
+    IF node->>'t' = 'sql' THEN
+        node := jsonb_set(node, '{sql}', to_jsonb(df._fill(node->>'sql', p_label)));
+    ELSIF node->>'t' = 'http' THEN
+        node := jsonb_set(node, '{url}', to_jsonb(df._fill(node->>'url', p_label)));
+        IF jsonb_typeof(node->'body') = 'string' THEN
+            node := jsonb_set(node, '{body}', to_jsonb(df._fill(node->>'body', p_label)));
+        END IF;
+    END IF;
+    IF jsonb_typeof(node->'c') = 'array' THEN
+        node := jsonb_set(node, '{c}', coalesce((SELECT jsonb_agg(df._filled(c, p_label) ORDER BY i)
+                                                 FROM jsonb_array_elements(node->'c') WITH ORDINALITY AS x(c, i)),
+                                                '[]'));
+    END IF;
+    RETURN node;
+END $$;
+
+
+-- pg_durable's signals, and its starts with transaction_mode => 'new', commit on their own (they go through
+-- the engine, not the caller's transaction): here a second session through dblink, logged in as the owner of
+-- this layer and switched to the caller's role (dblink lets only superusers connect without a password, so
+-- this needs dblink installed and an owner who is a superuser; otherwise NULL: the caller's transaction is
+-- used). Only the two fixed calls below can be made, with quoted values, and only as a role the session's
+-- login may become anyway.
+CREATE FUNCTION df._autonomous(p_role name, p_kind text, p_args jsonb) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    fn text;
+    statement text;
+    out text;
+BEGIN
+    IF NOT pg_has_role(session_user, p_role, 'MEMBER') THEN
+        RAISE EXCEPTION 'pgflow: % may not act as %', session_user, p_role USING ERRCODE = '42501';
+    END IF;
+    SELECT format('%I.dblink', n.nspname) INTO fn FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE p.proname = 'dblink' AND p.pronargs = 2 LIMIT 1;
+    IF fn IS NULL OR NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+        RETURN NULL;
+    END IF;
+    statement := format('SET ROLE %I; ', p_role) || CASE p_kind
+        WHEN 'signal' THEN format('SELECT pgflow.signal(%s, %L, %L::jsonb)::text',
+                                  (p_args->>'id')::bigint, p_args->>'name', p_args->'data')
+        WHEN 'start' THEN format('SELECT pgflow.start(%L::jsonb, NULL, %L)::text', p_args->'node', p_args->>'label')
+    END;
+    EXECUTE format('SELECT r FROM %s($1, $2) AS t(r text)', fn) INTO out
+        USING pgflow.loopback_conninfo(), statement;
+    RETURN out;
+END $$;
+
+-- database: pgflow runs an instance in the database it was started in (one engine per database);
+-- transaction_mode 'new' is pgflow's detached start (through dblink).
+CREATE FUNCTION df.start(fut text, label text DEFAULT NULL, database text DEFAULT NULL,
+                         transaction_mode text DEFAULT 'caller') RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    IF transaction_mode IS NULL OR transaction_mode NOT IN ('caller', 'new') THEN
+        RAISE EXCEPTION 'invalid transaction_mode %: expected ''caller'' or ''new''',
+            coalesce(quote_literal(transaction_mode), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF database IS NOT NULL AND database <> current_database() THEN
+        RAISE EXCEPTION 'pgflow: df.start(database => %): pgflow runs instances in the database they are started '
+                        'in; connect to % (with pgflow initialised there) and start it there', database, database
+            USING ERRCODE = '0A000';
+    END IF;
+    IF coalesce(current_setting('pg_durable.enable_superuser_instances', true), '') IN ('on', 'true', '1') THEN
+        PERFORM set_config('pgflow.allow_superuser', 'on', true);
+    END IF;
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+       AND coalesce(current_setting('pgflow.allow_superuser', true), '') NOT IN ('on', 'true', '1') THEN
+        RAISE EXCEPTION 'pgflow: refusing to start an instance as superuser % (its SQL would run as superuser): '
+                        'set pg_durable.enable_superuser_instances = on (or pgflow.allow_superuser) to allow it',
+                        current_user USING ERRCODE = '42501';
+    END IF;
+    IF fut IS NULL THEN
+        RAISE EXCEPTION 'df.start: the workflow is NULL' USING ERRCODE = '22004';
+    END IF;
+    fut := df._checked(fut);
+    IF transaction_mode = 'new' THEN
+        RETURN df._text_id(coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
+                                        'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
+                                    pgflow.start(df._filled(pgflow.node(fut), label), NULL, label, true)));
+    END IF;
+    RETURN df._text_id(pgflow.start(df._filled(pgflow.node(fut), label), NULL, label));
+END $$;
+
+CREATE FUNCTION df.status(instance_id text) RETURNS text LANGUAGE sql STABLE STRICT AS $$
+    SELECT status::text FROM pgflow.instances WHERE id = df._id(instance_id)
+$$;
+
+-- The root's value as JSON text (NULL until completed).
+CREATE FUNCTION df.result(instance_id text) RETURNS text LANGUAGE sql STABLE STRICT AS $$
+    SELECT df._shaped(df._tree(i.id), i.output)::text FROM pgflow.instances i
+    WHERE i.id = df._id(instance_id) AND i.status = 'completed'
+$$;
+
+-- Wait until the instance ends or timeout_seconds pass; its status (NULL for an unknown id).
+CREATE FUNCTION df.await_instance(instance_id text, timeout_seconds integer DEFAULT 30) RETURNS text
+LANGUAGE plpgsql STRICT AS $$
+DECLARE
+    iid bigint := df._id(instance_id);
+BEGIN
+    -- a step waiting for an instance would hold a worker (and its transaction) for as long
+    IF current_setting('application_name') LIKE 'pgflow worker %' THEN
+        RAISE EXCEPTION 'df.await_instance cannot be called inside a workflow' USING ERRCODE = '0A000';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pgflow.instances WHERE id = iid) THEN
+        RETURN NULL;
+    END IF;
+    RETURN pgflow.await_instance(iid, timeout_seconds)->>'status';
+END $$;
+CREATE FUNCTION df.wait_for_completion(instance_id text, timeout_seconds integer DEFAULT 30) RETURNS text
+LANGUAGE sql STRICT AS $$ SELECT df.await_instance(instance_id, timeout_seconds) $$;
+
+CREATE FUNCTION df.cancel(instance_id text, reason text DEFAULT 'Cancelled by user') RETURNS text
+LANGUAGE plpgsql STRICT AS $$
+BEGIN
+    RETURN pgflow.cancel(df._id(instance_id), reason);
+EXCEPTION WHEN no_data_found THEN
+    RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
+END $$;
+
+-- Signal data: valid JSON is kept, other text is sent as a JSON string.
+CREATE FUNCTION df.signal(instance_id text, signal_name text, signal_data text DEFAULT '{}') RETURNS text
+LANGUAGE plpgsql STRICT AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT status INTO st FROM pgflow.instances WHERE id = df._id(instance_id);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
+    END IF;
+    IF NOT st = ANY (pgflow.open_instance_statuses()) THEN  -- as pg_durable: too late, nothing happens
+        RETURN format('instance %s is %s: signal %s ignored', instance_id, st, signal_name);
+    END IF;
+    IF df._autonomous(current_user, 'signal', jsonb_build_object('id', df._id(instance_id), 'name', signal_name,
+                                                                 'data', df._json(signal_data))) IS NULL THEN
+        PERFORM pgflow.signal(df._id(instance_id), signal_name, df._json(signal_data));
+    END IF;
+    RETURN format('signal %s sent to %s', signal_name, instance_id);
+EXCEPTION WHEN no_data_found THEN
+    RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
+END $$;
+
+-- ------------------------------------------------------------------------------------------------ variables
+
+CREATE VIEW df.vars WITH (security_invoker = true) AS
+    SELECT v.name, CASE WHEN jsonb_typeof(v.value) = 'string' THEN v.value #>> '{}' ELSE v.value::text END AS value,
+           v.owner::regrole AS owner
+    FROM pgflow.variables v WHERE v.secret_ref IS NULL;
+
+CREATE FUNCTION df.setvar(name text, value text) RETURNS text LANGUAGE plpgsql STRICT AS $$
+BEGIN
+    PERFORM pgflow.set_variable(name, to_jsonb(value));
+    RETURN format('variable %s set', name);
+END $$;
+CREATE FUNCTION df.getvar(name text) RETURNS text LANGUAGE sql STABLE STRICT AS $$
+    SELECT CASE WHEN jsonb_typeof(v) = 'string' THEN v #>> '{}' ELSE v::text END FROM pgflow.get_variable(name) v
+$$;
+CREATE FUNCTION df.unsetvar(name text) RETURNS text LANGUAGE plpgsql STRICT AS $$
+BEGIN
+    PERFORM pgflow.delete_variable(name);
+    RETURN format('variable %s removed', name);
+END $$;
+CREATE FUNCTION df.clearvars() RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pgflow.clearvars();
+    RETURN 'variables cleared';
+END $$;
+
+-- ------------------------------------------------------------------------------------------------ views
+
+CREATE VIEW df.instances WITH (security_invoker = true) AS
+    SELECT df._text_id(i.id) AS id, i.label, 'r'::text AS root_node, i.status::text AS status,
+           i.owner::regrole AS submitted_by, current_database()::text AS database, i.created_at,
+           coalesce(i.finished_at, i.started_at, i.created_at) AS updated_at,
+           CASE WHEN i.status = 'completed' THEN i.finished_at END AS completed_at,
+           i.flow_name AS function_name, i.error
+    FROM pgflow.instances i;
+
+-- One row per node of one instance (pgflow's result-name nodes are folded into the node they name).
+CREATE FUNCTION df._nodes(p_id bigint)
+RETURNS TABLE (id text, instance_id text, node_type text, query text, result_name text, left_node text,
+               right_node text, status text, result jsonb, error text, submitted_by regrole, database text,
+               created_at timestamptz, updated_at timestamptz, status_details jsonb, inferred_status text)
+LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE tree(path, node, name, under_name) AS (
+        SELECT 'r'::text, df._tree(p_id), NULL::text, false
+        UNION ALL
+        SELECT t.path || '.' || (c.i - 1), c.child,
+               CASE WHEN t.node->>'t' = 'name' THEN t.node->>'name' END, t.node->>'t' = 'name'
+        FROM tree t,
+             jsonb_array_elements(CASE WHEN jsonb_typeof(t.node->'c') = 'array' THEN t.node->'c' ELSE '[]' END)
+                 WITH ORDINALITY AS c(child, i)
+    ), shown AS (
+        -- a name node is not shown: its child is, with the name
+        SELECT t.* FROM tree t
+        WHERE t.node->>'t' NOT IN ('name', 'has_rows')
+    ), kids AS (
+        -- a child's id: the first shown node at or below it (a named child is shown below its name node)
+        SELECT s.path,
+               (SELECT min(k.path COLLATE "C") FROM shown k WHERE k.path = s.path || '.0' OR k.path LIKE s.path || '.0.%')
+                   AS left_node,
+               (SELECT min(k.path COLLATE "C") FROM shown k WHERE k.path = s.path || '.1' OR k.path LIKE s.path || '.1.%')
+                   AS right_node
+        FROM shown s
+        WHERE s.node ? 'c'
+    )
+    SELECT s.path, df._text_id(p_id), df._node_type(s.node),
+           CASE WHEN s.node->>'t' = 'sql' THEN s.node->>'sql' ELSE (s.node - 'c')::text END,
+           s.name, k.left_node, k.right_node,
+           df._node_status(st.status),
+           CASE WHEN st.status = 'completed' THEN
+               CASE s.node->>'t'
+                   WHEN 'sql' THEN df._rows(st.output)
+                   WHEN 'loop' THEN st.output->'value'
+                   WHEN 'race' THEN st.output->'value'
+                   WHEN 'if' THEN NULL
+                   ELSE st.output END
+               WHEN st.status = 'failed' THEN to_jsonb(st.error)
+           END,
+           st.error, i.owner::regrole, current_database()::text, st.enqueued_at,
+           coalesce(st.finished_at, st.started_at, st.enqueued_at),
+           CASE WHEN st.status IS NOT NULL THEN jsonb_build_object('execution_id', df._text_id(p_id) || '::1', 'attempt', st.attempt) END,
+           CASE
+               WHEN st.status = 'skipped' OR EXISTS (SELECT FROM pgflow.steps sk WHERE sk.instance_id = p_id
+                    AND sk.task_index = -1 AND sk.status = 'skipped' AND s.path LIKE sk.step_name || '.%') THEN 'skipped'
+               WHEN st.status IS NULL AND NOT i.status = ANY (pgflow.open_instance_statuses()) THEN 'skipped'
+               ELSE df._node_status(st.status) END
+    FROM shown s
+    LEFT JOIN kids k USING (path)
+    JOIN pgflow.instances i ON i.id = p_id
+    LEFT JOIN pgflow.steps st ON st.instance_id = p_id AND st.step_name = s.path AND st.task_index = -1
+$$;
+
+CREATE VIEW df.nodes WITH (security_invoker = true) AS
+    SELECT n.* FROM pgflow.instances i, LATERAL df._nodes(i.id) n;
+
+CREATE FUNCTION df.instance_nodes(instance_id_param text, last_n_executions integer DEFAULT 5)
+RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
+               status text, result text, status_details text, inferred_status text,
+               inferred_status_from_ancestor_id text, updated_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status, n.result::text,
+           n.status_details::text, n.inferred_status, NULL::text, n.updated_at
+    FROM df._nodes(df._id(instance_id_param)) n
+    ORDER BY string_to_array(substr(n.id, 3), '.')::int[] NULLS FIRST
+$$;
+
+-- ------------------------------------------------------------------------------------------------ monitoring
+
+CREATE FUNCTION df.instance_info(instance_id text)
+RETURNS TABLE (instance_id text, label text, function_name text, function_version text,
+               current_execution_id bigint, status text, output text)
+LANGUAGE sql STABLE STRICT AS $$
+    SELECT df._text_id(i.id), i.label, i.flow_name, i.flow_version, 1::bigint, i.status::text,
+           df._shaped(df._tree(i.id), i.output)::text
+    FROM pgflow.instances i WHERE i.id = df._id(instance_info.instance_id)
+$$;
+
+-- pgflow has no continue-as-new generations: an instance is one execution.
+CREATE FUNCTION df.instance_executions(instance_id text, limit_count integer DEFAULT 5)
+RETURNS TABLE (execution_id bigint, status text, event_count bigint, duration_ms bigint, output text)
+LANGUAGE sql STABLE STRICT AS $$
+    SELECT 1::bigint, i.status::text,
+           (SELECT count(*) FROM pgflow.steps s WHERE s.instance_id = i.id),
+           (extract(epoch FROM coalesce(i.finished_at, now()) - i.created_at) * 1000)::bigint,
+           df._shaped(df._tree(i.id), i.output)::text
+    FROM pgflow.instances i WHERE i.id = df._id(instance_executions.instance_id)
+    LIMIT df._list_limit(limit_count)
+$$;
+
+CREATE FUNCTION df.metrics()
+RETURNS TABLE (total_instances bigint, running_instances bigint, completed_instances bigint,
+               failed_instances bigint, total_executions bigint, total_events bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT count(*), count(*) FILTER (WHERE status IN ('pending', 'running')),
+           count(*) FILTER (WHERE status = 'completed'), count(*) FILTER (WHERE status = 'failed'),
+           count(*), (SELECT count(*) FROM pgflow.steps)
+    FROM pgflow.instances
+$$;
+
+CREATE FUNCTION df.list_instances(status_filter text DEFAULT NULL, limit_count integer DEFAULT 100)
+RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count bigint,
+               output text)
+LANGUAGE sql STABLE AS $$
+    SELECT df._text_id(i.id), i.label, i.flow_name, i.status::text, 1::bigint, df._shaped(df._tree(i.id), i.output)::text
+    FROM pgflow.instances i
+    WHERE status_filter IS NULL OR i.status = status_filter
+    ORDER BY i.created_at DESC, i.id
+    LIMIT df._list_limit(limit_count)
+$$;
+
+-- The cursor is the last row's (created_at, id), hex-encoded.
+CREATE FUNCTION df.list_instances(status_filter text, limit_count integer, label_filter text,
+                                  after_cursor text DEFAULT NULL)
+RETURNS TABLE (instance_id text, label text, function_name text, status text, execution_count bigint,
+               output text, created_at timestamptz, completed_at timestamptz, next_cursor text)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    lim integer := df._list_limit(limit_count);
+    c_at timestamptz;
+    c_id bigint;
+    decoded text;
+BEGIN
+    IF after_cursor IS NOT NULL THEN
+        BEGIN
+            decoded := convert_from(decode(after_cursor, 'hex'), 'UTF8');
+            c_at := split_part(decoded, '|', 1)::timestamptz;
+            c_id := split_part(decoded, '|', 2)::bigint;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'malformed after_cursor %', after_cursor USING ERRCODE = '22023';
+        END;
+    END IF;
+    RETURN QUERY
+    WITH page AS (
+        SELECT i.* FROM pgflow.instances i
+        WHERE (status_filter IS NULL OR i.status = status_filter)
+          AND (label_filter IS NULL OR i.label = label_filter)
+          AND (after_cursor IS NULL OR i.created_at < c_at OR (i.created_at = c_at AND i.id > c_id))
+        ORDER BY i.created_at DESC, i.id
+        LIMIT lim + 1
+    ), numbered AS (
+        SELECT p.*, row_number() OVER (ORDER BY p.created_at DESC, p.id) AS n, count(*) OVER () AS total FROM page p
+    )
+    SELECT df._text_id(x.id), x.label, x.flow_name, x.status::text, 1::bigint, df._shaped(df._tree(x.id), x.output)::text,
+           x.created_at, CASE WHEN x.status = 'completed' THEN x.finished_at END,
+           CASE WHEN x.total > lim THEN
+               (SELECT encode(convert_to(l.created_at::text || '|' || l.id, 'UTF8'), 'hex') FROM numbered l WHERE l.n = lim)
+           END
+    FROM numbered x WHERE x.n <= lim ORDER BY x.n;
+END $$;
+
+-- A tree as pg_durable's explain shows it: one line per node (result-name nodes folded into their node),
+-- with a marker and status when the instance exists (p_id), "branch N:" before the branches of a join/race.
+CREATE FUNCTION df._explain_lines(p_tree jsonb, p_id bigint) RETURNS text LANGUAGE sql STABLE AS $$
+    WITH RECURSIVE t(path, depth, node, sort, prefix, name) AS (
+        SELECT 'r'::text, 0, p_tree, ARRAY[0], ''::text, NULL::text
+        UNION ALL
+        SELECT t.path || '.' || (c.i - 1),
+               t.depth + CASE WHEN t.node->>'t' IN ('name', 'has_rows') THEN 0 ELSE 1 END, c.child, t.sort || c.i::int,
+               CASE WHEN t.node->>'t' = 'name' THEN t.prefix
+                    WHEN t.node->>'t' IN ('join', 'race') THEN format('branch %s: ', c.i)
+                    WHEN t.node->>'t' = 'if' THEN (ARRAY['condition: ', 'then: ', 'else: '])[c.i]
+                    ELSE '' END,
+               CASE WHEN t.node->>'t' = 'name' THEN t.node->>'name' END
+        FROM t, jsonb_array_elements(CASE WHEN jsonb_typeof(t.node->'c') = 'array' THEN t.node->'c'
+                                          ELSE '[]' END) WITH ORDINALITY AS c(child, i)
+    ), shown AS (
+        SELECT t.*, df._node_status(st.status) AS status,
+               st.status = 'skipped' OR EXISTS (SELECT FROM pgflow.steps sk WHERE sk.instance_id = p_id
+                   AND sk.task_index = -1 AND sk.status = 'skipped' AND t.path LIKE sk.step_name || '.%') AS skipped
+        FROM t
+        LEFT JOIN pgflow.steps st ON st.instance_id = p_id AND st.step_name = t.path AND st.task_index = -1
+        WHERE t.node->>'t' NOT IN ('name', 'has_rows')
+    )
+    SELECT string_agg(repeat('  ', depth)
+        || CASE WHEN p_id IS NULL THEN ''
+                WHEN skipped THEN '⊘ '
+                ELSE CASE status WHEN 'completed' THEN '✓ ' WHEN 'failed' THEN '✗ ' WHEN 'running' THEN '▶ '
+                                 ELSE '○ ' END END
+        || prefix
+        || CASE node->>'t'
+               WHEN 'sql' THEN 'SQL: ' || regexp_replace(btrim(node->>'sql'), '\s+', ' ', 'g')
+               WHEN 'sleep' THEN format('SLEEP %ss', node->>'seconds')
+               WHEN 'schedule' THEN 'WAIT_SCHEDULE ' || (node->>'cron')
+               WHEN 'wait_signal' THEN 'SIGNAL ' || (node->>'name')
+                   || coalesce(format(' (timeout %ss)', node->>'timeout'), '')
+               WHEN 'http' THEN format('HTTP %s %s', node->>'method', node->>'url')
+               WHEN 'break' THEN 'BREAK' || coalesce(' ' || (node->'value')::text, '')
+               ELSE df._node_type(node) END
+        || coalesce(' |=> ' || name, '')
+        || CASE WHEN p_id IS NULL THEN '' WHEN skipped THEN ' (skipped)' ELSE format(' (%s)', status) END,
+        E'\n' ORDER BY sort)
+    FROM shown
+$$;
+
+-- The tree of an instance (by id), or of a workflow not started (a dry run): a node, plain SQL, or the text
+-- of a DSL expression (evaluated as the caller, like the same expression typed in psql).
+CREATE FUNCTION df.explain(input text) RETURNS text LANGUAGE plpgsql STRICT AS $$
+DECLARE
+    iid bigint := df._id(input);
+    node jsonb;
+    inst pgflow.instances;
+BEGIN
+    SELECT * INTO inst FROM pgflow.instances WHERE id = iid;
+    IF FOUND THEN
+        RETURN format('Instance %s (%s)%s', df._text_id(inst.id), inst.status,
+                      coalesce(' label ' || inst.label, '')) || coalesce(E'\nerror: ' || inst.error, '') || E'\n'
+               || df._explain_lines(df._tree(inst.id), inst.id);
+    END IF;
+    BEGIN
+        node := input::jsonb;
+    EXCEPTION WHEN invalid_text_representation THEN
+        IF input !~* '^\s*(select|insert|update|delete|with|values|table|call|merge|create|drop|alter)\M' THEN
+            BEGIN
+                EXECUTE format('SELECT (%s)::text', input) INTO input;
+            EXCEPTION WHEN syntax_error OR undefined_function OR undefined_column OR undefined_object THEN
+                NULL;  -- not an expression: SQL text
+            END;
+        END IF;
+    END;
+    BEGIN
+        node := pgflow.tree_shape(df._checked(input))->'tree';
+    EXCEPTION WHEN invalid_parameter_value THEN  -- explaining an invalid graph says why, as text
+        RETURN 'Invalid durable function graph: root: ' || regexp_replace(SQLERRM, '^pgflow: ', '');
+    END;
+    RETURN 'Durable function (dry run, not started)' || E'\n' || df._explain_lines(node, NULL);
+END $$;
+
+-- ------------------------------------------------------------------------------------------------ engine
+
+-- The schema where pg_durable kept its engine tables; here df, whose _worker_ready view shows a row once a
+-- pgflow coordinator and worker are connected to this database.
+CREATE FUNCTION df.duroxide_schema() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'df'::text $$;
+CREATE VIEW df._worker_ready AS
+    SELECT 1 AS schema_version
+    WHERE EXISTS (SELECT FROM pgflow.engine_processes() WHERE kind = 'coordinator')
+      AND EXISTS (SELECT FROM pgflow.engine_processes() WHERE kind = 'worker');
+
+-- ------------------------------------------------------------------------------------------------ grants
+
+-- Let a role use df (and pgflow underneath). with_grant: it may pass that on (grant_usage/revoke_usage
+-- stay with pgflow's owner, who alone may create executors).
+CREATE FUNCTION df.grant_usage(p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    opt text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
+BEGIN
+    PERFORM pgflow.grant_usage(p_role, include_http);
+    EXECUTE format('GRANT USAGE ON SCHEMA df TO %I', p_role) || opt;
+    EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', p_role) || opt;
+    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', p_role) || opt;
+    IF NOT include_http THEN
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM %I', p_role);
+    END IF;
+    IF NOT with_grant THEN  -- the engine-wide numbers of df.metrics() are for administrators
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
+                       'df.metrics() FROM %I', p_role);
+    END IF;
+END $$;
+
+CREATE FUNCTION df.revoke_usage(p_role text) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM %I', p_role);
+    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA df FROM %I', p_role);
+    EXECUTE format('REVOKE ALL ON SCHEMA df FROM %I', p_role);
+    PERFORM pgflow.revoke_usage(p_role);
+END $$;
+
+-- Nothing here is PUBLIC's (PostgreSQL grants EXECUTE on new functions to PUBLIC).
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
+
+-- Roles granted usage before this rebuild get their df privileges back (those granted with_grant get their
+-- administrator functions back by being granted again).
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT g.role_name, g.http FROM pgflow.role_grants g
+             WHERE EXISTS (SELECT FROM pg_roles WHERE rolname = g.role_name) LOOP
+        EXECUTE format('GRANT USAGE ON SCHEMA df TO %I', r.role_name);
+        EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', r.role_name);
+        EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', r.role_name);
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
+                       'df.metrics() FROM %I', r.role_name);
+        IF NOT r.http THEN
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM %I', r.role_name);
+        END IF;
+    END LOOP;
+END $$;
