@@ -41,11 +41,20 @@ def server():
     if dsn:
         yield dsn, None
         return
+    with embedded_server() as handle:
+        yield handle.get_uri(), handle
+
+
+@contextlib.contextmanager
+def embedded_server() -> Iterator[Any]:
+    """A new embedded PostgreSQL 18 (with pgvector) in a temporary directory; its handle."""
     pgdata = Path(tempfile.mkdtemp(prefix="pgflow-test-")) / "pgdata"
     handle = start_server(pgdata, cleanup_mode="delete")
-    yield handle.get_uri(), handle
-    handle.cleanup()
-    shutil.rmtree(pgdata.parent, ignore_errors=True)
+    try:
+        yield handle
+    finally:
+        handle.cleanup()
+        shutil.rmtree(pgdata.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +72,7 @@ def template_db(server):
 
 
 @contextlib.contextmanager
-def _test_database(admin_dsn: str, template: str | None) -> Iterator[str]:
+def fresh_database(admin_dsn: str, template: str | None) -> Iterator[str]:
     """A new database, a clone of ``template`` (else empty), dropped afterwards; yields its DSN."""
     name = f"pgflow_t_{uuid.uuid4().hex[:12]}"
     with _admin(admin_dsn) as conn:
@@ -80,14 +89,14 @@ def _test_database(admin_dsn: str, template: str | None) -> Iterator[str]:
 @pytest.fixture
 def dsn(server, template_db):
     """A fresh, initialised database for this test."""
-    with _test_database(server[0], template_db) as conninfo:
+    with fresh_database(server[0], template_db) as conninfo:
         yield conninfo
 
 
 @pytest.fixture
 def empty_dsn(server):
     """A fresh database without pgmq or the pgflow schema: for `pgflow init` to install them."""
-    with _test_database(server[0], None) as conninfo:
+    with fresh_database(server[0], None) as conninfo:
         yield conninfo
 
 
@@ -139,7 +148,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH", "")]))
     env.pop("PGFLOW_DSN", None)
     # the test modules whose flows and workflow functions workers may import by name (they trust no other)
-    env.setdefault("PGFLOW_PYTHON_MODULES", "sample_trees,poison_flows,claim_flows,console_flows,log_flows")
+    env.setdefault("PGFLOW_PYTHON_MODULES", "support")  # the test flows (support.sample_trees & co)
     env.update(extra)
     return env
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import _test_database
+from conftest import fresh_database
 
 from pgflow.engine.tree import next_fire
 from pgflow.errors import FlowDefinitionError
@@ -32,7 +32,7 @@ STARTS = [datetime(2025, 1, 1, tzinfo=UTC), datetime(2026, 6, 30, 23, 59, tzinfo
 @pytest.fixture(scope="module")
 def db(server, template_db):
     """One initialised database for all vectors (read-only use)."""
-    with _test_database(server[0], template_db) as conninfo, psycopg.connect(conninfo, autocommit=True) as conn:
+    with fresh_database(server[0], template_db) as conninfo, psycopg.connect(conninfo, autocommit=True) as conn:
         yield conn
 
 

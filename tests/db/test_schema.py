@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import _test_database, pgflow_command, subprocess_env
+from conftest import fresh_database, pgflow_command, subprocess_env
 
 from pgflow import PgflowError, statuses
 from pgflow.db import migrations as store
@@ -64,7 +64,7 @@ def build_from_migrations(dsn: str) -> None:
 @pytest.fixture(scope="module")
 def schema_db(server) -> Iterator[str]:
     """A database built by `pgflow init` from sql/schema/ (how every fresh database is built)."""
-    with _test_database(server[0], None) as dsn:
+    with fresh_database(server[0], None) as dsn:
         store.init_schema(dsn)
         yield dsn
 
@@ -72,7 +72,7 @@ def schema_db(server) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def migrations_db(server) -> Iterator[str]:
     """A database built by applying sql/migrations/ one after the other."""
-    with _test_database(server[0], None) as dsn:
+    with fresh_database(server[0], None) as dsn:
         build_from_migrations(dsn)
         yield dsn
 

@@ -12,9 +12,10 @@ from http.server import BaseHTTPRequestHandler
 
 import psycopg
 import pytest
-from conftest import TESTS, run_sql, serve_http
+from conftest import TESTS, embedded_server, fresh_database, run_sql, serve_http
 
 import pgflow
+from pgflow.db.migrations import init_schema
 
 ROOT = TESTS.parent
 WORDS = ["durable", "workflow", "queue", "worker", "step", "retry", "vector", "embedding", "chunk", "document",
@@ -65,6 +66,27 @@ class QuotaServer:
                 self.wfile.write(payload)
 
         return Handler
+
+
+
+@pytest.fixture(scope="module")
+def vector_server(server):
+    """A server with pgvector, which the example needs: the test server, else (PostgreSQL 15 here has no
+    pgvector package) a second, embedded server, whose wheel ships pgvector."""
+    admin_dsn, _ = server
+    if run_sql(admin_dsn, "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"):
+        yield admin_dsn
+        return
+    with embedded_server() as handle:
+        yield handle.get_uri()
+
+
+@pytest.fixture
+def dsn(vector_server):
+    """This module's databases: initialised, on a server with pgvector (engine_factory uses them too)."""
+    with fresh_database(vector_server, None) as conninfo:
+        init_schema(conninfo)
+        yield conninfo
 
 
 def documents(dsn: str, count: int, batches: int) -> int:

@@ -154,7 +154,8 @@ def test_a_python_node_never_imports_an_untrusted_module(dsn, roles, engine_fact
     engine = engine_factory()
     engine.env["PYTHONPATH"] = os.pathsep.join([engine.env["PYTHONPATH"], str(tmp_path / "path")])
     engine.coordinator()
-    worker = subprocess.Popen(pgflow_command("worker", "--dsn", dsn, "--import", "sample_flows", "--concurrency", "1"),
+    worker = subprocess.Popen(pgflow_command("worker", "--dsn", dsn, "--import", "support.sample_flows",
+                                             "--concurrency", "1"),
                               env=engine.env, cwd=tmp_path / "cwd", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     engine.procs.append(worker)
     for ref in ("evil_on_path:x", "evil_in_cwd:x", "venv.__main__:x", "this.is.not:there"):
@@ -162,7 +163,7 @@ def test_a_python_node_never_imports_an_untrusted_module(dsn, roles, engine_fact
         assert st.status == "failed" and "is not trusted by this worker" in st.error, (ref, st.error)
     assert not list(tmp_path.glob("imported*")), "an untrusted module was imported"
     # trusted code still runs: the --import module's marked functions, and PGFLOW_PYTHON_MODULES ones
-    st = pgflow.wait(pgflow.start(t.python("sample_trees:greet"), {"who": "alice"}, dsn=alice), 60, dsn=alice)
+    st = pgflow.wait(pgflow.start(t.python("support.sample_trees:greet"), {"who": "alice"}, dsn=alice), 60, dsn=alice)
     assert st.status == "completed" and st.output.startswith("hello, alice"), st.error
     assert worker.poll() is None
 
