@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,18 @@ def empty_dsn(server):
     """A fresh database without pgmq or the pgflow schema: for `pgflow init` to install them."""
     with fresh_database(server[0], None) as conninfo:
         yield conninfo
+
+
+def drop_database_and_roles(admin_dsn: str, dsn: str, roles: Iterable[str]) -> None:
+    """Teardown for tests that make login roles: what the roles own in ``dsn``, that database, the roles."""
+    roles = list(roles)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in roles:
+            conn.execute(f'DROP OWNED BY "{name}"')
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')
+        for name in roles:
+            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
 
 
 def run_sql(dsn: str, statement: str, params: tuple | list = ()) -> list[tuple] | None:

@@ -13,11 +13,11 @@ from .client import (
     cancel,
     discard_dead_letter,
     explain,
+    grant_secret,
     list_instances,
     requeue_dead_letter,
     result,
     retry,
-    set_secret,
     set_variable,
     signal,
     start,
@@ -52,7 +52,7 @@ __all__ = [
     "InstanceInfo", "InstanceNotFinished", "InstanceNotFound", "InstanceStatus", "Limit", "NonRetryableError",
     "NotSerializable", "PayloadTooLarge", "PgflowError", "RateLimited", "Step", "StepContext", "StepInfo",
     "StepStatus", "StepTimeout", "cancel", "discard_dead_letter", "explain", "init_schema", "list_instances",
-    "load_flow", "requeue_dead_letter", "resolve_dsn", "result", "retry", "set_secret", "set_variable", "signal",
+    "grant_secret", "load_flow", "requeue_dead_letter", "resolve_dsn", "result", "retry", "set_variable", "signal",
     "start", "start_many", "start_registered", "status", "tree", "wait", "worker_init",
 ]
 __version__ = "0.1.0"

@@ -374,16 +374,13 @@ class Client:
         with self._connection(conn) as c:
             Q.execute(c, "set_variable", {"name": name, "value": payload})
 
-    def set_secret(self, name: str, ref: str, *, conn: psycopg.Connection | None = None) -> None:
-        """Refused: secrets are granted by an administrator (``SELECT pgflow.grant_secret(role, name,
-        'env:NAME' | 'file:/path')``), never chosen by users. HTTP steps use a granted secret as
-        ``$secrets.name``; Python steps call ``ctx.secret(name)``. Raises PgflowError saying so."""
+    def grant_secret(self, role: str, name: str, ref: str, *, conn: psycopg.Connection | None = None) -> None:
+        """Give ``role`` a secret called ``name`` whose value workers read from ``ref`` (``'env:NAME'`` or
+        ``'file:/path'``): run as the pgflow owner or a superuser. Secrets are granted, never chosen by users
+        (any user could otherwise send ``env:PGFLOW_DSN`` anywhere); HTTP steps use ``$secrets.name``, Python
+        steps ``ctx.secret(name)``."""
         with self._connection(conn) as c:
-            try:
-                with c.transaction():
-                    Q.execute(c, "set_secret", {"name": name, "ref": ref})
-            except (psycopg.errors.InvalidParameterValue, psycopg.errors.InsufficientPrivilege) as exc:
-                raise PgflowError(_sql_message(exc)) from None
+            Q.execute(c, "grant_secret", {"role": role, "name": name, "ref": ref})
 
     # ------------------------------------------------------------------------------------------ connections
 
@@ -546,9 +543,10 @@ def set_variable(name: str, value: Any, *, dsn: str | None = None, conn: psycopg
     _client(dsn).set_variable(name, value, conn=conn)
 
 
-def set_secret(name: str, ref: str, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> None:
-    """Declare a secret by reference (see :meth:`Client.set_secret`)."""
-    _client(dsn).set_secret(name, ref, conn=conn)
+def grant_secret(role: str, name: str, ref: str, *, dsn: str | None = None,
+                 conn: psycopg.Connection | None = None) -> None:
+    """Grant ``role`` a secret by reference (see :meth:`Client.grant_secret`)."""
+    _client(dsn).grant_secret(role, name, ref, conn=conn)
 
 
 def retry(instance_id: int, *, dsn: str | None = None, conn: psycopg.Connection | None = None) -> InstanceStatus:

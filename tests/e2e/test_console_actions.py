@@ -8,8 +8,8 @@ import uuid
 
 import psycopg
 import pytest
-from conftest import run_sql, wait_until
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from conftest import drop_database_and_roles, run_sql, wait_until
+from psycopg.conninfo import make_conninfo
 from support.console_helpers import Browserless, console_process
 
 import pgflow
@@ -134,13 +134,7 @@ def roles(dsn, server):
             conn.execute("SELECT pgflow.grant_usage(%s)", (name,))
         conn.execute(f'GRANT pgflow_admin TO "{names["boss"]}"')
     yield {k: make_conninfo(dsn, user=v) for k, v in names.items()}
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        for name in names.values():
-            conn.execute(f'DROP OWNED BY "{name}"')
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(dsn)["dbname"]}" WITH (FORCE)')
-        for name in names.values():
-            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+    drop_database_and_roles(admin_dsn, dsn, names.values())
 
 
 def test_dead_letters_are_requeued_or_discarded_by_operators_only(dsn, roles, engine_factory):
@@ -226,7 +220,7 @@ def test_no_secret_or_password_appears_on_any_page(dsn, engine_factory):
     secret_value = "s3cret-" + uuid.uuid4().hex
     password = "pw-" + uuid.uuid4().hex
     _engine(engine_factory)
-    pgflow.set_secret("token", "env:I15_CONSOLE_SECRET", dsn=dsn)
+    pgflow.grant_secret("postgres", "token", "env:I15_CONSOLE_SECRET", dsn=dsn)
     pgflow.set_variable("region", "eu", dsn=dsn)
     iid = pgflow.start(t.sql("SELECT 1 AS one"), dsn=dsn)
     pgflow.wait(iid, 60, dsn=dsn)

@@ -74,8 +74,8 @@ SELECT pgflow.signal(%(id)s, %(name)s, %(data)s::jsonb);
 -- name: set_variable
 SELECT pgflow.set_variable(%(name)s, %(value)s::jsonb);
 
--- name: set_secret
-SELECT pgflow.set_secret(%(name)s, %(ref)s);
+-- name: grant_secret
+SELECT pgflow.grant_secret(%(role)s, %(name)s, %(ref)s);
 
 -- name: retry_instance
 SELECT pgflow.retry_instance(%(id)s);
