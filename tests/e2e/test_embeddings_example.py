@@ -157,7 +157,8 @@ def test_api_embedder_keeps_within_the_declared_quota(dsn, engine_factory):
         run_example(dsn, engine_factory, url, EMBEDDINGS_RPM="4", EMBEDDINGS_TPM="1000000", EMBEDDINGS_PER="1")
     times = [t for t, _ in quota.accepted]
     assert sum(len(texts) for _, texts in quota.accepted) == chunks
-    # 4 requests per second, paced: any second holds at most 4 (+1 for the time from admission to arrival)
-    assert max(sum(1 for t in times if s <= t < s + 1.0) for s in times) <= 5
+    # 4 requests per second, paced: the requests cannot have come faster than that on average (a slow machine
+    # only stretches this). How they bunch within a second depends on the time from admission to arrival,
+    # which a loaded machine stretches unevenly, so that is measured by loadtests/scenarios/rate_limit.py, not here.
     assert len(times) > 5 and times[-1] - times[0] >= (len(times) - 5) / 4
 
