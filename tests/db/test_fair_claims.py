@@ -96,3 +96,16 @@ def test_queues_created_before_the_migration_get_the_fair_indexes(dsn):
     run_sql(dsn, "SELECT pgflow.ensure_queue_order(queue_name) FROM pgflow.queues ORDER BY queue_name")
     names = {r[0] for r in run_sql(dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'q_legacy'")}
     assert {"q_legacy_fair", "q_legacy_parked"} <= names
+
+
+def test_an_idle_worker_waits_for_a_notification_unless_a_parked_task_comes_due(dsn, coordinator):
+    """next_parked_in says when an idle worker must look again: never (NULL, it waits for a NOTIFY or the
+    poll interval) when nothing is parked, else the seconds until the first parked task comes due. It once
+    said 0 for an empty queue and idle workers read their queues without pause."""
+    due = "SELECT pgflow.next_parked_in('fair')"
+    pgflow.start(cf.small_chain, None, dsn=dsn)
+    schedule(coordinator)
+    assert run_sql(dsn, due)[0][0] is None  # a ready task is found by reading, not by this
+    run_sql(dsn, """UPDATE pgmq.q_fair SET vt = clock_timestamp() + interval '60 seconds',
+                        headers = coalesce(headers, '{}') || '{"parked": true}'""")
+    assert 30 < run_sql(dsn, due)[0][0] <= 60

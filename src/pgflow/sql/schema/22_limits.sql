@@ -251,6 +251,8 @@ DECLARE
     due timestamptz;
 BEGIN
     EXECUTE format('SELECT min(vt) FROM pgmq.%I WHERE (headers->>''parked'') IS NOT NULL', 'q_' || p_queue) INTO due;
-    RETURN greatest(0, extract(epoch FROM due - clock_timestamp()));
+    -- greatest() skips NULLs: without the CASE, no parked message would read as "due now" and an idle
+    -- worker would poll without pause
+    RETURN CASE WHEN due IS NOT NULL THEN greatest(0, extract(epoch FROM due - clock_timestamp())) END;
 END $$;
 REVOKE ALL ON FUNCTION pgflow.next_parked_in(text) FROM PUBLIC;
