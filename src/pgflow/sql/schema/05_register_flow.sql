@@ -165,8 +165,11 @@ BEGIN
     SELECT f.shape, f.ref INTO stored FROM pgflow.flows f WHERE f.flow_name = p_name AND f.version = p_version;
     exists := FOUND;
     IF exists AND stored.shape = p_shape AND stored.ref IS NOT DISTINCT FROM p_ref THEN
-        INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, caller)
-        ON CONFLICT DO NOTHING;
+        IF NOT EXISTS (SELECT 1 FROM pgflow.flow_registrations r  -- every start comes here: read, not write
+                       WHERE r.flow_name = p_name AND r.version = p_version AND r.role_name = caller) THEN
+            INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, caller)
+            ON CONFLICT DO NOTHING;
+        END IF;
         RETURN;
     END IF;
     PERFORM pgflow.check_shape(p_name, p_shape);

@@ -27,6 +27,9 @@ REVOKE ALL ON FUNCTION pgflow.is_admin() FROM PUBLIC;
 CREATE FUNCTION pgflow._check_caller(p_caller name) RETURNS name
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    IF p_caller OPERATOR(pg_catalog.=) session_user THEN  -- the common case, and the session's role exists
+        RETURN p_caller;
+    END IF;
     IF p_caller IS NULL
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
        OR NOT (p_caller OPERATOR(pg_catalog.=) session_user

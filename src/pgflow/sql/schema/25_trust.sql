@@ -55,8 +55,10 @@ $$;
 REVOKE ALL ON FUNCTION pgflow.quotas_of(name) FROM PUBLIC;
 
 -- Whether a role is the pgflow owner (or a member of it): the engine's own role, which quotas do not limit.
+-- Every name in it is schema-qualified, so it needs no pinned search_path, and without one the planner
+-- inlines it into the start path's queries.
 CREATE FUNCTION pgflow.is_engine_role(p_role name) RETURNS boolean
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql STABLE AS $$
     SELECT pg_catalog.pg_has_role(p_role, n.nspowner, 'member')
     FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) 'pgflow'
 $$;
@@ -107,18 +109,19 @@ DECLARE
     open_count bigint;
     bad record;
 BEGIN
-    SELECT x.ord, pg_column_size(x.input) AS bytes INTO bad
+    -- one pass over the inputs for both limits: the first input over either
+    SELECT x.ord, pg_column_size(x.input) AS bytes, pg_column_size(x.input) > q.max_input_bytes AS too_big
+    INTO bad
     FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
-    WHERE pg_column_size(x.input) > q.max_input_bytes LIMIT 1;
-    IF FOUND THEN
+    WHERE pg_column_size(x.input) > q.max_input_bytes
+       OR (jsonb_typeof(x.input) IN ('array', 'object')
+           AND jsonb_path_exists(x.input, format('strict $.**{%s} ? (@.type() == "array" || @.type() == "object")',
+                                                 q.max_input_depth)::jsonpath))
+    ORDER BY x.ord LIMIT 1;
+    IF FOUND AND bad.too_big THEN
         RAISE EXCEPTION 'pgflow: input % is % bytes, over the % bytes allowed (pgflow.set_quota)',
             bad.ord, bad.bytes, q.max_input_bytes USING ERRCODE = '54000';
-    END IF;
-    SELECT x.ord INTO bad FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
-    WHERE jsonb_typeof(x.input) IN ('array', 'object')
-      AND jsonb_path_exists(x.input, format('strict $.**{%s} ? (@.type() == "array" || @.type() == "object")',
-                                            q.max_input_depth)::jsonpath) LIMIT 1;
-    IF FOUND THEN
+    ELSIF FOUND THEN
         RAISE EXCEPTION 'pgflow: input % nests arrays or objects deeper than % levels (pgflow.set_quota)',
             bad.ord, q.max_input_depth USING ERRCODE = '54001';
     END IF;
