@@ -422,7 +422,7 @@ class Coordinator(ConnectedLoop):
         done = [completion(inst) for inst in instances.values() if is_complete(inst)]
         if not done:
             return
-        for iid, flow, owner, seconds, _notified in Q.all(conn, "complete_instances", {"done": dumps(done)}):
+        for iid, flow, owner, seconds in Q.all(conn, "complete_instances", {"done": dumps(done)}):
             self._completed(iid, flow, owner, seconds)
 
     def _evaluate_trees(self, conn: psycopg.Connection, trees: list[DagInstance]) -> None:

@@ -8,7 +8,9 @@
 --   is_engine_role is inlined (every name in it is qualified) and check_start reads the inputs once
 --   (25_trust.sql);
 -- - register_flow, which every start of the Python API calls, wrote a registration row for each start (an
---   INSERT ... ON CONFLICT DO NOTHING): it now reads first (05_register_flow.sql).
+--   INSERT ... ON CONFLICT DO NOTHING): it now reads first (05_register_flow.sql);
+-- - the coordinator notified each finished instance's waiters with a definer call per instance: one call
+--   per batch now (notify_done(name[], bigint[]), 25_trust.sql; queries/coordinator.sql).
 
 CREATE OR REPLACE FUNCTION pgflow.next_parked_in(p_queue text) RETURNS double precision
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgflow, pg_temp AS $$
@@ -126,3 +128,23 @@ BEGIN
         PERFORM pgflow.ensure_queue(q, caller);
     END LOOP;
 END $$;
+
+-- Tell the owners' waiters that instances finished (each id on its owner's channel; a role without one uses
+-- the shared channel, as _channel_of). Anyone may call it: a waiter re-reads the instance's status, so a
+-- false alarm costs one read. One call per batch: the coordinator finishes instances by the hundred, and a
+-- definer call per instance cost more than the rest of finishing it. count() makes the statement run every
+-- row (a SQL function's last statement otherwise stops at its first).
+CREATE FUNCTION pgflow.notify_done(p_owners name[], p_ids bigint[]) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    SELECT count(pg_catalog.pg_notify(coalesce(c.channel, 'pgflow_instance_done'), u.id::text))
+    FROM unnest(p_owners, p_ids) AS u(owner, id)
+    LEFT JOIN pgflow.role_channels c ON c.role_name = u.owner
+$$;
+REVOKE ALL ON FUNCTION pgflow.notify_done(name[], bigint[]) FROM PUBLIC;
+
+-- ... and for one instance (a cancel).
+CREATE OR REPLACE FUNCTION pgflow.notify_done(p_owner name, p_id bigint) RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    SELECT pgflow.notify_done(ARRAY[p_owner], ARRAY[p_id])
+$$;
+REVOKE ALL ON FUNCTION pgflow.notify_done(name, bigint) FROM PUBLIC;

@@ -104,8 +104,10 @@ WITH done AS (
     FROM jsonb_to_recordset(%(done)s::jsonb) AS u(id bigint, terminal text[], single boolean)
     WHERE i.id = u.id
     RETURNING i.id, i.flow_name, i.owner, extract(epoch FROM i.finished_at - i.created_at)::float8 AS seconds
+), notified AS (
+    SELECT pgflow.notify_done(array_agg(owner), array_agg(id)) FROM done
 )
-SELECT id, flow_name, owner, seconds, pgflow.notify_done(owner, id) FROM done;
+SELECT id, flow_name, owner, seconds FROM done, notified;
 
 -- name: complete_tree_instance
 -- waiters are notified in the same statement
@@ -113,8 +115,10 @@ WITH done AS (
     UPDATE pgflow.instances SET status = 'completed', output = %(output)s::jsonb, finished_at = now()
     WHERE id = %(id)s
     RETURNING id, owner, extract(epoch FROM finished_at - created_at)::float8 AS seconds
+), notified AS (
+    SELECT pgflow.notify_done(array_agg(owner), array_agg(id)) FROM done
 )
-SELECT seconds, pgflow.notify_done(owner, id) FROM done;
+SELECT seconds FROM done, notified;
 
 -- name: fail_instances
 UPDATE pgflow.instances i SET status = 'failed', error = u.error, finished_at = now()
@@ -128,7 +132,7 @@ UPDATE pgflow.steps SET status = 'cancelled', finished_at = now()
 WHERE instance_id = ANY(%(ids)s) AND status = ANY (pgflow.open_step_statuses());
 
 -- name: notify_done
-SELECT pgflow.notify_done(i.owner, i.id) FROM pgflow.instances i WHERE i.id = ANY(%(ids)s);
+SELECT pgflow.notify_done(array_agg(i.owner), array_agg(i.id)) FROM pgflow.instances i WHERE i.id = ANY(%(ids)s);
 
 -- name: define_limits
 -- limits declared in flow code, written before their first tasks are enqueued
