@@ -148,3 +148,13 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $
     SELECT pgflow.notify_done(ARRAY[p_owner], ARRAY[p_id])
 $$;
 REVOKE ALL ON FUNCTION pgflow.notify_done(name, bigint) FROM PUBLIC;
+
+-- Roles granted usage before this version may call the new function too (grant_usage grants it from now on).
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT g.role_name FROM pgflow.role_grants g WHERE EXISTS (SELECT 1 FROM pg_roles WHERE rolname = g.role_name) LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION pgflow.notify_done(name[], bigint[]) TO %I', r.role_name);
+    END LOOP;
+END $$;
