@@ -20,6 +20,7 @@ from conftest import run_sql as as_role
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgflow
+from pgflow import InstanceNotFound
 from pgflow import tree as t
 
 WAIT = 90  # seconds: a deadline for states the engine reaches, never a timing assertion
@@ -244,11 +245,92 @@ def test_users_cannot_insert_instances_wakeups_or_signals_directly(site):
     assert as_role(bob, "SELECT pgflow.signal(%s, 'go')", (mine,))[0][0] > 0
 
 
+# The statements a granted role once could run on pgflow's tables directly: each must be refused.
+DIRECT_WRITES = [
+    "UPDATE pgflow.instances SET status = 'cancelled' WHERE id = {mine}",
+    "UPDATE pgflow.instances SET error = 'x', finished_at = now() WHERE id = {mine}",
+    "UPDATE pgflow.steps SET status = 'cancelled' WHERE instance_id = {mine}",
+    "DELETE FROM pgflow.instances WHERE id = {mine}",
+    "DELETE FROM pgflow.steps WHERE instance_id = {mine}",
+    "SELECT 1 FROM pgflow.instances WHERE id = {mine} FOR UPDATE",
+    "SELECT 1 FROM pgflow.instances WHERE id = {mine} FOR KEY SHARE",
+    "SELECT 1 FROM pgflow.steps WHERE instance_id = {mine} FOR UPDATE SKIP LOCKED",
+    "INSERT INTO pgflow.steps (instance_id, step_name, status) VALUES ({mine}, 'forged', 'queued')",
+    "INSERT INTO pgflow.wakeups (instance_id) SELECT {mine} FROM generate_series(1, 1000)",
+    "UPDATE pgflow.signals SET consumed_at = now() WHERE instance_id = {mine}",
+    "INSERT INTO pgflow.variables (name, value) VALUES ('v', '1')",
+    "INSERT INTO pgflow.variables (name, secret_ref) VALUES ('s', 'env:PGFLOW_DSN')",
+    "UPDATE pgflow.variables SET value = '2'",
+    "DELETE FROM pgflow.variables",
+    "SELECT 1 FROM pgflow.variables FOR UPDATE",
+    "TRUNCATE pgflow.wakeups",
+    "DELETE FROM pgflow.http_audit",
+]
+
+
+def test_users_write_only_through_functions(site):
+    """Done-criterion 3: granted roles held UPDATE on their own instance and step rows (cancel and retry ran
+    as the caller), and INSERT/UPDATE/DELETE on variables: enough to forge statuses, lock rows the
+    coordinator needs, or write around the functions' checks. Every direct write (and row lock) is refused;
+    the functions check ownership themselves: another user's instance is "not found" (and never locked),
+    the caller's own and an administrator's any are cancelled and retried."""
+    alice, bob, boss = site.users["alice"], site.users["bob"], site.users["boss"]
+    site.engine()
+    mine = as_role(bob, "SELECT pgflow.start(pgflow.wait_for_signal('go'))")[0][0]
+    pgflow.set_variable("colour", "blue", dsn=bob)
+    for statement in DIRECT_WRITES:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            as_role(bob, statement.format(mine=mine))
+    assert _status(bob, mine) in ("pending", "running")
+    failing = "SELECT pgflow.start(pgflow.with_options('SELECT 1/0 AS x', '{\"max_attempts\": 1}'))"
+    theirs = as_role(alice, "SELECT pgflow.start(pgflow.wait_for_signal('go'))")[0][0]
+    theirs_failed = as_role(alice, failing)[0][0]
+    assert _wait_status(alice, theirs_failed, "completed", "failed") == "failed"
+    pgflow.set_variable("colour", "red", dsn=alice)
+    for statement in ("SELECT pgflow.cancel(%s)", "SELECT pgflow.retry(%s)"):
+        for iid in (theirs, theirs_failed):
+            with pytest.raises(psycopg.errors.NoDataFound):
+                as_role(bob, statement, (iid,))
+    with pytest.raises(InstanceNotFound):
+        pgflow.cancel(theirs, dsn=bob)
+    with pytest.raises(InstanceNotFound):
+        pgflow.retry(theirs_failed, dsn=bob)
+    for statement in ("SELECT pgflow.cancel_instance(%s, 'x', %s)", "SELECT pgflow.retry_instance(%s, %s)"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as role"):
+            as_role(bob, statement, (theirs, site.names["alice"]))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as role"):
+        as_role(bob, "SELECT pgflow.set_variable('colour', '\"green\"', %s)", (site.names["alice"],))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the internal half of a retry is not granted
+        as_role(bob, "SELECT pgflow._reopen_failed_steps(%s)", (theirs_failed,))
+    # a failed cancel in bob's open transaction holds no lock on alice's row
+    with psycopg.connect(bob) as spy, psycopg.connect(site.owner, autocommit=True) as probe:
+        assert spy.execute("SELECT pgflow.cancel_instance(%s, 'x')", (theirs,)).fetchone() == (None,)
+        assert probe.execute("SELECT 1 FROM pgflow.instances WHERE id = %s FOR UPDATE NOWAIT",
+                             (theirs,)).fetchone() == (1,)
+    as_role(bob, "SELECT pgflow.clearvars()")
+    assert _status(alice, theirs) in ("pending", "running")
+    assert _status(alice, theirs_failed) == "failed"
+    assert as_role(alice, "SELECT pgflow.getvar('colour')") == [("red",)]
+    assert as_role(bob, "SELECT pgflow.getvar('colour')") == [(None,)]
+    # the caller's own: cancel, retry and variables work through the functions (SQL and Python)
+    assert pgflow.cancel(mine, dsn=bob) == "cancelled"
+    mine_failed = as_role(bob, failing)[0][0]
+    assert _wait_status(bob, mine_failed, "completed", "failed") == "failed"
+    assert pgflow.retry(mine_failed, dsn=bob) in ("pending", "running", "failed")
+    assert _wait_status(bob, mine_failed, "completed", "failed") == "failed"
+    assert as_role(bob, "SELECT pgflow.retry(%s)", (mine_failed,)) == [("retried",)]
+    as_role(bob, "SELECT pgflow.setvar('n', '1'), pgflow.unsetvar('n')")
+    # an administrator controls everyone's
+    assert as_role(boss, "SELECT pgflow.cancel(%s)", (theirs,)) == [("cancelled",)]
+    assert as_role(boss, "SELECT pgflow.retry(%s)", (theirs_failed,)) == [("retried",)]
+
+
 # ------------------------------------------------------------------------------------ one-statement outages
 
 def test_an_open_transaction_on_an_instance_does_not_stall_the_coordinator(site):
     """Issue 13 bug 5 and attack 11: a user's open transaction holding its instance (a signal, a cancel, a
-    row lock) made the coordinator's lock wait, and every other instance with it."""
+    row lock) made the coordinator's lock wait, and every other instance with it. (A row lock of the user's
+    own making is refused now: test_users_write_only_through_functions; the owner's stands in for it.)"""
     alice, bob = site.users["alice"], site.users["bob"]
     site.engine()
     signalled = as_role(bob, "SELECT pgflow.start(pgflow.sleep(1) ~> 'SELECT 1 AS a')")[0][0]
@@ -256,7 +338,7 @@ def test_an_open_transaction_on_an_instance_does_not_stall_the_coordinator(site)
     locked = as_role(bob, "SELECT pgflow.start(pgflow.sleep(1) ~> 'SELECT 3 AS c')")[0][0]
     for iid in (signalled, cancelled, locked):
         _wait_status(bob, iid, "running")
-    with psycopg.connect(bob) as a, psycopg.connect(bob) as b, psycopg.connect(bob) as c:
+    with psycopg.connect(bob) as a, psycopg.connect(bob) as b, psycopg.connect(site.owner) as c:
         a.execute("SELECT pgflow.signal(%s, 'other', '{}')", (signalled,))
         b.execute("SELECT pgflow.cancel(%s)", (cancelled,))
         c.execute("SELECT 1 FROM pgflow.instances WHERE id = %s FOR UPDATE", (locked,))
