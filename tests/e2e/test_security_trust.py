@@ -442,6 +442,35 @@ def test_per_role_quotas_hold_with_clear_errors(site):
     assert as_role(boss, "SELECT max_open_instances FROM pgflow.quotas_of(%s)", (site.names["bob"],)) == [(2,)]
 
 
+def test_a_queue_depth_quota_fails_the_map_that_would_pass_it(site):
+    """Attack 12: bob's maps filled the queues (30,000 tasks delayed alice's instance by 123 s), each one
+    within the map-width quota. A per-role queue-depth quota counts the tasks a role has on queues: the map
+    that would pass it fails its instance with the reason; other roles (the defaults) are not limited."""
+    alice, bob, boss = site.users["alice"], site.users["bob"], site.users["boss"]
+    from support.sample_flows import input_map
+
+    sql_map = pgflow.Flow("bob_sql_map")
+    sql_map.sql("echo", "SELECT $item AS v", over=pgflow.INPUT)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        as_role(bob, "SELECT pgflow.set_quota(%s, p_max_queued_tasks => 1000000000)", (site.names["bob"],))
+    as_role(boss, "SELECT pgflow.set_quota(%s, p_max_queued_tasks => 5)", (site.names["bob"],))
+    assert as_role(boss, "SELECT max_queued_tasks FROM pgflow.quotas_of(%s)", (site.names["bob"],)) == [(5,)]
+    coordinator = site.engine(workers=0)  # nothing takes the tasks off the queue
+    first = pgflow.start(sql_map, list(range(4)), dsn=bob)
+    wait_until(lambda: as_role(bob, "SELECT count(*) FROM pgflow.steps WHERE instance_id = %s AND task_index >= 0",
+                               (first,)) == [(4,)], WAIT, "bob's first map to fan out")
+    second = pgflow.start(sql_map, list(range(3)), dsn=bob)
+    assert _wait_status(bob, second, "completed", "failed") == "failed"
+    error = as_role(bob, "SELECT error FROM pgflow.instances WHERE id = %s", (second,))[0][0]
+    assert "queue-depth quota of 5" in error and "has 4 on queues" in error, error
+    theirs = pgflow.start(input_map, list(range(10)), dsn=alice)
+    coordinator.worker()
+    assert pgflow.wait(theirs, WAIT, dsn=alice).output == [x * 2 for x in range(10)]
+    assert pgflow.wait(first, WAIT, dsn=bob).status == "completed"
+    # once the queue has drained, the same map is admitted again
+    assert pgflow.wait(pgflow.start(sql_map, list(range(3)), dsn=bob), WAIT, dsn=bob).status == "completed"
+
+
 # ------------------------------------------------------------------------------------ leaks
 
 def test_notifications_name_no_other_users_instances(site):

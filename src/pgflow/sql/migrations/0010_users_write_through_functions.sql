@@ -4,7 +4,8 @@
 -- delete_variable and clearvars become definer functions acting for a defaulted p_caller
 -- (pgflow._check_caller) that check ownership themselves (pgflow._may_control: the caller's own instances,
 -- any for the pgflow owner and pgflow_admin members). _reopen_failed_steps is no longer granted. Older code
--- calls the same names with the same arguments (the new ones are defaulted).
+-- calls the same names with the same arguments (the new ones are defaulted). Done-criterion 6: a per-role
+-- queue-depth quota (role_quotas.max_queued_tasks, set_quota's new last argument).
 
 -- schema/18_roles_and_rls.sql
 CREATE FUNCTION pgflow._may_control(p_caller name, p_owner name) RETURNS boolean
@@ -157,4 +158,42 @@ BEGIN
         EXECUTE format('REVOKE EXECUTE ON FUNCTION pgflow._reopen_failed_steps(bigint) FROM %I', g.role_name);
         PERFORM pgflow.grant_usage(g.role_name, g.http, g.python);
     END LOOP;
+END $$;
+
+-- schema/25_trust.sql: a queue-depth quota per role (tasks on queues at once), checked by the coordinator
+-- when a map fans out
+ALTER TABLE pgflow.role_quotas ADD COLUMN max_queued_tasks       bigint  CHECK (max_queued_tasks >= 0);
+UPDATE pgflow.role_quotas SET max_queued_tasks = 1000000 WHERE role_name = '';
+DROP FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer);
+CREATE FUNCTION pgflow.set_quota(p_role name, p_max_open_instances bigint DEFAULT NULL,
+                                 p_max_map_width bigint DEFAULT NULL, p_max_queues integer DEFAULT NULL,
+                                 p_max_pending_signals bigint DEFAULT NULL, p_max_input_bytes integer DEFAULT NULL,
+                                 p_max_input_depth integer DEFAULT NULL, p_max_queued_tasks bigint DEFAULT NULL)
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    INSERT INTO pgflow.role_quotas AS q (role_name, max_open_instances, max_map_width, max_queues,
+                                         max_pending_signals, max_input_bytes, max_input_depth, max_queued_tasks)
+    SELECT p_role, coalesce(p_max_open_instances, d.max_open_instances), coalesce(p_max_map_width, d.max_map_width),
+           coalesce(p_max_queues, d.max_queues), coalesce(p_max_pending_signals, d.max_pending_signals),
+           coalesce(p_max_input_bytes, d.max_input_bytes), coalesce(p_max_input_depth, d.max_input_depth),
+           coalesce(p_max_queued_tasks, d.max_queued_tasks)
+    FROM pgflow.quotas_of(p_role) d
+    ON CONFLICT (role_name) DO UPDATE
+    SET max_open_instances = coalesce(p_max_open_instances, q.max_open_instances),
+        max_map_width = coalesce(p_max_map_width, q.max_map_width),
+        max_queues = coalesce(p_max_queues, q.max_queues),
+        max_pending_signals = coalesce(p_max_pending_signals, q.max_pending_signals),
+        max_input_bytes = coalesce(p_max_input_bytes, q.max_input_bytes),
+        max_input_depth = coalesce(p_max_input_depth, q.max_input_depth),
+        max_queued_tasks = coalesce(p_max_queued_tasks, q.max_queued_tasks),
+        updated_at = now()
+$$;
+REVOKE ALL ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer, bigint) FROM PUBLIC;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin') THEN
+        GRANT SELECT ON pgflow.role_quotas TO pgflow_admin;
+        GRANT EXECUTE ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer, bigint),
+                                  pgflow.quotas_of(name) TO pgflow_admin;
+    END IF;
 END $$;
