@@ -9,97 +9,18 @@ import re
 import socket
 import subprocess
 import time
-import uuid
-from dataclasses import dataclass, field
 
 import httpx
 import psycopg
 import pytest
 from conftest import Engine, pgflow_command, subprocess_env, wait_until
 from conftest import run_sql as as_role
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgflow
 from pgflow import InstanceNotFound
 from pgflow import tree as t
 
 WAIT = 90  # seconds: a deadline for states the engine reaches, never a timing assertion
-
-
-@dataclass
-class Site:
-    """One pgflow database: its owner's DSN, users' DSNs by name, role names, and engines to stop."""
-
-    owner: str
-    users: dict[str, str]
-    names: dict[str, str]
-    engines: list[Engine] = field(default_factory=list)
-
-    def engine(self, *coordinator_args: str, workers: int = 1, **env: str) -> Engine:
-        engine = Engine(self.owner, subprocess_env(**env))
-        self.engines.append(engine)
-        engine.coordinator(*coordinator_args)
-        for _ in range(workers):
-            engine.worker()
-        return engine
-
-
-def _create_roles(admin_dsn: str, suffix: str) -> dict[str, str]:
-    names = {k: f"pgflow_{k}_{suffix}" for k in ("alice", "bob", "boss")}
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        for name in names.values():
-            conn.execute(f'CREATE ROLE "{name}" LOGIN')
-    return names
-
-
-@pytest.fixture(params=["superuser_owner", "plain_owner"])
-def site(request, server):
-    """A pgflow database with three granted users (alice: HTTP and Python; bob; boss: pgflow_admin), its
-    pgflow owner a superuser or an ordinary role; engines started through it are stopped at teardown."""
-    admin_dsn, _ = server
-    suffix = uuid.uuid4().hex[:8]
-    names = _create_roles(admin_dsn, suffix)
-    owner_role = dbname = None
-    if request.param == "superuser_owner":
-        owner_dsn = request.getfixturevalue("dsn")
-    else:
-        owner_role, dbname = f"pgflow_owner_{suffix}", f"pgflow_trust_{suffix}"
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE ROLE "{owner_role}" LOGIN CREATEROLE')
-            conn.execute(f'CREATE DATABASE "{dbname}" OWNER "{owner_role}"')
-        owner_dsn = make_conninfo(admin_dsn, dbname=dbname, user=owner_role)
-        init = subprocess.run(pgflow_command("init", "--dsn", owner_dsn), env=subprocess_env(),
-                              capture_output=True, text=True, timeout=300)
-        assert init.returncode == 0, init.stderr
-        with psycopg.connect(owner_dsn) as conn:
-            assert not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-    admin_of_db = make_conninfo(admin_dsn, dbname=conninfo_to_dict(owner_dsn)["dbname"])
-    if owner_role:  # grant_usage makes the owner give each role its executor (PostgreSQL 16+: SET ROLE needed)
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            for role in names.values():
-                conn.execute(f'GRANT "{role}" TO "{owner_role}"')
-    with psycopg.connect(owner_dsn, autocommit=True) as conn:
-        for role in names.values():
-            conn.execute("SELECT pgflow.grant_usage(%s)", (role,))
-        conn.execute("SELECT pgflow.grant_usage(%s, p_include_http => true, p_include_python => true)",
-                     (names["alice"],))
-        conn.execute("CREATE TABLE alice_orders (v text)")
-        conn.execute(f'GRANT ALL ON alice_orders TO "{names["alice"]}"')
-        conn.execute("SELECT pgflow.ensure_queue('pgflow')")  # as `pgflow init --queue pgflow` would
-    with psycopg.connect(admin_of_db, autocommit=True) as conn:
-        conn.execute(f'GRANT pgflow_admin TO "{names["boss"]}"')
-        conn.execute(f'CREATE SCHEMA b AUTHORIZATION "{names["bob"]}"')
-    users = {k: make_conninfo(owner_dsn, user=v) for k, v in names.items()}
-    state = Site(owner_dsn, users, names)
-    yield state
-    problems = [p for engine in state.engines for p in engine.stop()]
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(owner_dsn)["dbname"]}" WITH (FORCE)')
-        for name in names.values():
-            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
-        if owner_role:
-            conn.execute(f'DROP ROLE IF EXISTS "{owner_role}"')
-    assert not problems, "\n".join(problems)
 
 
 def _status(dsn: str, iid: int) -> str:
