@@ -186,6 +186,12 @@ DIRECT_WRITES = [
     "SELECT 1 FROM pgflow.variables FOR UPDATE",
     "TRUNCATE pgflow.wakeups",
     "DELETE FROM pgflow.http_audit",
+    # table locks beyond ACCESS SHARE need a write privilege; DELETE on variables once let a user lock the
+    # table every start reads (ACCESS EXCLUSIVE: all starts wait)
+    "DO $$ BEGIN LOCK TABLE pgflow.variables IN ACCESS EXCLUSIVE MODE; END $$",
+    "DO $$ BEGIN LOCK TABLE pgflow.instances IN EXCLUSIVE MODE; END $$",
+    "DO $$ BEGIN LOCK TABLE pgflow.steps IN SHARE MODE; END $$",
+    "DO $$ BEGIN LOCK TABLE pgflow.wakeups IN ROW EXCLUSIVE MODE; END $$",
 ]
 
 
