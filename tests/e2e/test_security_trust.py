@@ -300,6 +300,27 @@ def test_advisory_lock_keys_stop_neither_maintenance_nor_init(site):
                                    (iid,)) == [(0,)], WAIT, "retention to delete the finished instance")
 
 
+def test_a_users_open_transaction_does_not_hang_init(site):
+    """Attack 11's cousin: bob opens a transaction that reads pgflow.migrations (and starts an instance) and
+    leaves it open. `pgflow init` (every deployment runs it) waited for him: its no-op ALTER TABLE ... ADD
+    COLUMN IF NOT EXISTS needed an exclusive lock, and every engine process starting queued behind it. An
+    init with nothing to migrate takes no lock he holds; one that must wait, under a lock_timeout, is one
+    clear line."""
+    with psycopg.connect(site.users["bob"]) as held:
+        held.execute("SELECT count(*) FROM pgflow.migrations")
+        held.execute("SELECT pgflow.start('SELECT 1 AS one')")
+        init = subprocess.run(pgflow_command("init", "--dsn", site.owner), env=subprocess_env(),
+                              capture_output=True, text=True, timeout=WAIT)
+        assert init.returncode == 0 and "already up to date" in init.stdout, init.stderr
+    with psycopg.connect(site.owner) as held:  # a lock init needs (only the owner can take it)
+        held.execute("LOCK TABLE pgflow.migrations IN ACCESS EXCLUSIVE MODE")
+        init = subprocess.run(pgflow_command("init", "--dsn", site.owner),
+                              env=subprocess_env(PGOPTIONS="-c lock_timeout=500ms"),
+                              capture_output=True, text=True, timeout=WAIT)
+    assert init.returncode == 1 and "not granted within lock_timeout" in init.stderr, init.stderr
+    assert "Traceback" not in init.stderr and len(init.stderr.strip().splitlines()) == 1, init.stderr
+
+
 def test_a_poisoned_instance_fails_alone_and_the_coordinator_lives(site):
     """Attack 9: one instance the coordinator cannot handle (here an input nested 1,100 deep, written by
     the owner as data from before the limits existed) aborted the whole batch, and every restart died on
