@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,93 @@ class Engine:
                 problems.append(f"{' '.join(proc.args[:6 + len(self.options)])} exited {proc.returncode}: "
                                 f"{proc.stderr_text[-2000:]}")
         return problems
+
+
+# ---------------------------------------------------------------------------------------------- attack sites
+# Trust between users (issue 12): attacks by one granted role on another, against a database whose pgflow
+# owner is a superuser and one whose owner is not (`pgflow init` run by an ordinary role with CREATEROLE
+# that owns the database). tests/e2e/test_security_trust.py and test_security_worker.py use `site`.
+
+@dataclass
+class Site:
+    """One pgflow database: its owner's DSN, users' DSNs by name, role names, and engines to stop."""
+
+    owner: str
+    users: dict[str, str]
+    names: dict[str, str]
+    engines: list[Engine] = field(default_factory=list)
+
+    def new_engine(self, **env: str) -> Engine:
+        """An engine on this database with nothing started yet (stopped at teardown)."""
+        engine = Engine(self.owner, subprocess_env(**env))
+        self.engines.append(engine)
+        return engine
+
+    def engine(self, *coordinator_args: str, workers: int = 1, concurrency: int = 2, **env: str) -> Engine:
+        """A coordinator (with ``coordinator_args``) and ``workers`` workers of ``concurrency`` each."""
+        engine = self.new_engine(**env)
+        engine.coordinator(*coordinator_args)
+        for _ in range(workers):
+            engine.worker(concurrency=concurrency)
+        return engine
+
+
+def _create_roles(admin_dsn: str, suffix: str) -> dict[str, str]:
+    names = {k: f"pgflow_{k}_{suffix}" for k in ("alice", "bob", "boss")}
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        for name in names.values():
+            conn.execute(f'CREATE ROLE "{name}" LOGIN')
+    return names
+
+
+@pytest.fixture(params=["superuser_owner", "plain_owner"])
+def site(request, server):
+    """A pgflow database with three granted users (alice: HTTP and Python; bob; boss: pgflow_admin), its
+    pgflow owner a superuser or an ordinary role; engines started through it are stopped at teardown."""
+    admin_dsn, _ = server
+    suffix = uuid.uuid4().hex[:8]
+    names = _create_roles(admin_dsn, suffix)
+    owner_role = dbname = None
+    if request.param == "superuser_owner":
+        owner_dsn = request.getfixturevalue("dsn")
+    else:
+        owner_role, dbname = f"pgflow_owner_{suffix}", f"pgflow_trust_{suffix}"
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{owner_role}" LOGIN CREATEROLE')
+            conn.execute(f'CREATE DATABASE "{dbname}" OWNER "{owner_role}"')
+        owner_dsn = make_conninfo(admin_dsn, dbname=dbname, user=owner_role)
+        init = subprocess.run(pgflow_command("init", "--dsn", owner_dsn), env=subprocess_env(),
+                              capture_output=True, text=True, timeout=300)
+        assert init.returncode == 0, init.stderr
+        with psycopg.connect(owner_dsn) as conn:
+            assert not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
+    admin_of_db = make_conninfo(admin_dsn, dbname=conninfo_to_dict(owner_dsn)["dbname"])
+    if owner_role:  # grant_usage makes the owner give each role its executor (PostgreSQL 16+: SET ROLE needed)
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            for role in names.values():
+                conn.execute(f'GRANT "{role}" TO "{owner_role}"')
+    with psycopg.connect(owner_dsn, autocommit=True) as conn:
+        for role in names.values():
+            conn.execute("SELECT pgflow.grant_usage(%s)", (role,))
+        conn.execute("SELECT pgflow.grant_usage(%s, p_include_http => true, p_include_python => true)",
+                     (names["alice"],))
+        conn.execute("CREATE TABLE alice_orders (v text)")
+        conn.execute(f'GRANT ALL ON alice_orders TO "{names["alice"]}"')
+        conn.execute("SELECT pgflow.ensure_queue('pgflow')")  # as `pgflow init --queue pgflow` would
+    with psycopg.connect(admin_of_db, autocommit=True) as conn:
+        conn.execute(f'GRANT pgflow_admin TO "{names["boss"]}"')
+        conn.execute(f'CREATE SCHEMA b AUTHORIZATION "{names["bob"]}"')
+    users = {k: make_conninfo(owner_dsn, user=v) for k, v in names.items()}
+    state = Site(owner_dsn, users, names)
+    yield state
+    problems = [p for engine in state.engines for p in engine.stop()]
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(owner_dsn)["dbname"]}" WITH (FORCE)')
+        for name in names.values():
+            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
+        if owner_role:
+            conn.execute(f'DROP ROLE IF EXISTS "{owner_role}"')
+    assert not problems, "\n".join(problems)
 
 
 @pytest.fixture

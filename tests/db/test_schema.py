@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -204,3 +205,49 @@ def test_a_database_initialised_before_the_squash_is_refused_with_the_fix(empty_
     assert "before the migrations were squashed" in line and "run `pgflow init` again" in line, line
     with connect(empty_dsn) as conn, pytest.raises(PgflowError, match="drop the database"):
         store.require_schema(conn)
+
+
+WRITES = "INSERT, UPDATE, DELETE, TRUNCATE"
+
+
+def test_migrating_takes_every_write_privilege_from_granted_roles(server):
+    """Users write only through functions (migration 0010): a role granted usage before it held UPDATE on
+    instance and step status and INSERT/UPDATE/DELETE on variables. Once migrated, its privileges are
+    exactly those grant_usage gives on a fresh database: no write on any table, the new functions."""
+    target = next(m.version for m in store.migrations() if m.name == "users_write_through_functions")
+    role = f"pgflow_mig_{uuid.uuid4().hex[:8]}"
+    admin = server[0]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}"')
+    try:
+        with fresh_database(admin, None) as old, fresh_database(admin, None) as new:
+            with connect(old) as conn, conn.transaction():
+                store.install_pgmq(conn)
+                store.Q.execute(conn, "create_migrations_table")
+                for migration in store.migrations():
+                    if migration.version < target:
+                        store.apply_migration(conn, migration)
+                conn.execute("SELECT pgflow.grant_usage(%s, true, true)", (role,))
+            assert _writable(old, role) != []  # the premise: the role could write before
+            with connect(old) as conn, conn.transaction():
+                store.apply_pending_migrations(conn, target - 1)
+            store.init_schema(new)
+            with psycopg.connect(new, autocommit=True) as conn:
+                conn.execute("SELECT pgflow.grant_usage(%s, true, true)", (role,))
+            assert _writable(old, role) == [] and _writable(new, role) == []
+            with psycopg.connect(new) as a, psycopg.connect(old) as b:
+                assert differences(catalog(a), catalog(b)) == []
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def _writable(dsn: str, role: str) -> list[tuple]:
+    """pgflow's tables (or columns) ``role`` may write to, or lock beyond reading."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(f"""
+            SELECT c.relname, p.priv FROM pg_class c, unnest(string_to_array('{WRITES}', ', ')) AS p(priv)
+            WHERE c.relnamespace = 'pgflow'::regnamespace AND c.relkind IN ('r', 'p')
+              AND (has_table_privilege(%(role)s, c.oid, p.priv)
+                   OR (p.priv IN ('INSERT', 'UPDATE') AND has_any_column_privilege(%(role)s, c.oid, p.priv)))
+            ORDER BY 1, 2""", {"role": role}).fetchall()

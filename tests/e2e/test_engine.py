@@ -213,6 +213,22 @@ def test_retention_removes_finished_instances_and_archived_messages(dsn, engine_
         pgflow.status(done, dsn=dsn)
 
 
+def test_retention_purges_the_http_audit_trail(dsn, engine_factory):
+    """pgflow.http_audit gains a row per HTTP attempt and was never purged: rows older than the retention go
+    with the finished instances, newer ones stay."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO pgflow.http_audit (owner, method, host, at) VALUES "
+                     "(current_user, 'GET', 'old.example', now() - interval '2 hours'), "
+                     "(current_user, 'GET', 'new.example', now())")
+    engine_factory().coordinator("--retention", "3600", "--maintenance-every", "0.2")
+
+    def hosts() -> list[str]:
+        with psycopg.connect(dsn) as conn:
+            return [r[0] for r in conn.execute("SELECT host FROM pgflow.http_audit ORDER BY id")]
+
+    wait_until(lambda: hosts() == ["new.example"], 60, "retention to purge the old audit row")
+
+
 def test_start_many_starts_all_in_one_statement(dsn, engine):
     ids = pgflow.start_many(sf.diamond, [1, 2, 3], label="many", dsn=dsn)
     assert len(ids) == 3 and ids == sorted(ids)

@@ -9,96 +9,18 @@ import re
 import socket
 import subprocess
 import time
-import uuid
-from dataclasses import dataclass, field
 
 import httpx
 import psycopg
 import pytest
 from conftest import Engine, pgflow_command, subprocess_env, wait_until
 from conftest import run_sql as as_role
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgflow
+from pgflow import InstanceNotFound
 from pgflow import tree as t
 
 WAIT = 90  # seconds: a deadline for states the engine reaches, never a timing assertion
-
-
-@dataclass
-class Site:
-    """One pgflow database: its owner's DSN, users' DSNs by name, role names, and engines to stop."""
-
-    owner: str
-    users: dict[str, str]
-    names: dict[str, str]
-    engines: list[Engine] = field(default_factory=list)
-
-    def engine(self, *coordinator_args: str, workers: int = 1, **env: str) -> Engine:
-        engine = Engine(self.owner, subprocess_env(**env))
-        self.engines.append(engine)
-        engine.coordinator(*coordinator_args)
-        for _ in range(workers):
-            engine.worker()
-        return engine
-
-
-def _create_roles(admin_dsn: str, suffix: str) -> dict[str, str]:
-    names = {k: f"pgflow_{k}_{suffix}" for k in ("alice", "bob", "boss")}
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        for name in names.values():
-            conn.execute(f'CREATE ROLE "{name}" LOGIN')
-    return names
-
-
-@pytest.fixture(params=["superuser_owner", "plain_owner"])
-def site(request, server):
-    """A pgflow database with three granted users (alice: HTTP and Python; bob; boss: pgflow_admin), its
-    pgflow owner a superuser or an ordinary role; engines started through it are stopped at teardown."""
-    admin_dsn, _ = server
-    suffix = uuid.uuid4().hex[:8]
-    names = _create_roles(admin_dsn, suffix)
-    owner_role = dbname = None
-    if request.param == "superuser_owner":
-        owner_dsn = request.getfixturevalue("dsn")
-    else:
-        owner_role, dbname = f"pgflow_owner_{suffix}", f"pgflow_trust_{suffix}"
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            conn.execute(f'CREATE ROLE "{owner_role}" LOGIN CREATEROLE')
-            conn.execute(f'CREATE DATABASE "{dbname}" OWNER "{owner_role}"')
-        owner_dsn = make_conninfo(admin_dsn, dbname=dbname, user=owner_role)
-        init = subprocess.run(pgflow_command("init", "--dsn", owner_dsn), env=subprocess_env(),
-                              capture_output=True, text=True, timeout=300)
-        assert init.returncode == 0, init.stderr
-        with psycopg.connect(owner_dsn) as conn:
-            assert not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]
-    admin_of_db = make_conninfo(admin_dsn, dbname=conninfo_to_dict(owner_dsn)["dbname"])
-    if owner_role:  # grant_usage makes the owner give each role its executor (PostgreSQL 16+: SET ROLE needed)
-        with psycopg.connect(admin_dsn, autocommit=True) as conn:
-            for role in names.values():
-                conn.execute(f'GRANT "{role}" TO "{owner_role}"')
-    with psycopg.connect(owner_dsn, autocommit=True) as conn:
-        for role in names.values():
-            conn.execute("SELECT pgflow.grant_usage(%s)", (role,))
-        conn.execute("SELECT pgflow.grant_usage(%s, p_include_http => true, p_include_python => true)",
-                     (names["alice"],))
-        conn.execute("CREATE TABLE alice_orders (v text)")
-        conn.execute(f'GRANT ALL ON alice_orders TO "{names["alice"]}"')
-        conn.execute("SELECT pgflow.ensure_queue('pgflow')")  # as `pgflow init --queue pgflow` would
-    with psycopg.connect(admin_of_db, autocommit=True) as conn:
-        conn.execute(f'GRANT pgflow_admin TO "{names["boss"]}"')
-        conn.execute(f'CREATE SCHEMA b AUTHORIZATION "{names["bob"]}"')
-    users = {k: make_conninfo(owner_dsn, user=v) for k, v in names.items()}
-    state = Site(owner_dsn, users, names)
-    yield state
-    problems = [p for engine in state.engines for p in engine.stop()]
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{conninfo_to_dict(owner_dsn)["dbname"]}" WITH (FORCE)')
-        for name in names.values():
-            conn.execute(f'DROP ROLE IF EXISTS "{name}"')
-        if owner_role:
-            conn.execute(f'DROP ROLE IF EXISTS "{owner_role}"')
-    assert not problems, "\n".join(problems)
 
 
 def _status(dsn: str, iid: int) -> str:
@@ -244,11 +166,98 @@ def test_users_cannot_insert_instances_wakeups_or_signals_directly(site):
     assert as_role(bob, "SELECT pgflow.signal(%s, 'go')", (mine,))[0][0] > 0
 
 
+# The statements a granted role once could run on pgflow's tables directly: each must be refused.
+DIRECT_WRITES = [
+    "UPDATE pgflow.instances SET status = 'cancelled' WHERE id = {mine}",
+    "UPDATE pgflow.instances SET error = 'x', finished_at = now() WHERE id = {mine}",
+    "UPDATE pgflow.steps SET status = 'cancelled' WHERE instance_id = {mine}",
+    "DELETE FROM pgflow.instances WHERE id = {mine}",
+    "DELETE FROM pgflow.steps WHERE instance_id = {mine}",
+    "SELECT 1 FROM pgflow.instances WHERE id = {mine} FOR UPDATE",
+    "SELECT 1 FROM pgflow.instances WHERE id = {mine} FOR KEY SHARE",
+    "SELECT 1 FROM pgflow.steps WHERE instance_id = {mine} FOR UPDATE SKIP LOCKED",
+    "INSERT INTO pgflow.steps (instance_id, step_name, status) VALUES ({mine}, 'forged', 'queued')",
+    "INSERT INTO pgflow.wakeups (instance_id) SELECT {mine} FROM generate_series(1, 1000)",
+    "UPDATE pgflow.signals SET consumed_at = now() WHERE instance_id = {mine}",
+    "INSERT INTO pgflow.variables (name, value) VALUES ('v', '1')",
+    "INSERT INTO pgflow.variables (name, secret_ref) VALUES ('s', 'env:PGFLOW_DSN')",
+    "UPDATE pgflow.variables SET value = '2'",
+    "DELETE FROM pgflow.variables",
+    "SELECT 1 FROM pgflow.variables FOR UPDATE",
+    "TRUNCATE pgflow.wakeups",
+    "DELETE FROM pgflow.http_audit",
+    # table locks beyond ACCESS SHARE need a write privilege; DELETE on variables once let a user lock the
+    # table every start reads (ACCESS EXCLUSIVE: all starts wait)
+    "DO $$ BEGIN LOCK TABLE pgflow.variables IN ACCESS EXCLUSIVE MODE; END $$",
+    "DO $$ BEGIN LOCK TABLE pgflow.instances IN EXCLUSIVE MODE; END $$",
+    "DO $$ BEGIN LOCK TABLE pgflow.steps IN SHARE MODE; END $$",
+    "DO $$ BEGIN LOCK TABLE pgflow.wakeups IN ROW EXCLUSIVE MODE; END $$",
+]
+
+
+def test_users_write_only_through_functions(site):
+    """Done-criterion 3: granted roles held UPDATE on their own instance and step rows (cancel and retry ran
+    as the caller), and INSERT/UPDATE/DELETE on variables: enough to forge statuses, lock rows the
+    coordinator needs, or write around the functions' checks. Every direct write (and row lock) is refused;
+    the functions check ownership themselves: another user's instance is "not found" (and never locked),
+    the caller's own and an administrator's any are cancelled and retried."""
+    alice, bob, boss = site.users["alice"], site.users["bob"], site.users["boss"]
+    site.engine()
+    mine = as_role(bob, "SELECT pgflow.start(pgflow.wait_for_signal('go'))")[0][0]
+    pgflow.set_variable("colour", "blue", dsn=bob)
+    for statement in DIRECT_WRITES:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            as_role(bob, statement.format(mine=mine))
+    assert _status(bob, mine) in ("pending", "running")
+    failing = "SELECT pgflow.start(pgflow.with_options('SELECT 1/0 AS x', '{\"max_attempts\": 1}'))"
+    theirs = as_role(alice, "SELECT pgflow.start(pgflow.wait_for_signal('go'))")[0][0]
+    theirs_failed = as_role(alice, failing)[0][0]
+    assert _wait_status(alice, theirs_failed, "completed", "failed") == "failed"
+    pgflow.set_variable("colour", "red", dsn=alice)
+    for statement in ("SELECT pgflow.cancel(%s)", "SELECT pgflow.retry(%s)"):
+        for iid in (theirs, theirs_failed):
+            with pytest.raises(psycopg.errors.NoDataFound):
+                as_role(bob, statement, (iid,))
+    with pytest.raises(InstanceNotFound):
+        pgflow.cancel(theirs, dsn=bob)
+    with pytest.raises(InstanceNotFound):
+        pgflow.retry(theirs_failed, dsn=bob)
+    for statement in ("SELECT pgflow.cancel_instance(%s, 'x', %s)", "SELECT pgflow.retry_instance(%s, %s)"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as role"):
+            as_role(bob, statement, (theirs, site.names["alice"]))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as role"):
+        as_role(bob, "SELECT pgflow.set_variable('colour', '\"green\"', %s)", (site.names["alice"],))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # the internal half of a retry is not granted
+        as_role(bob, "SELECT pgflow._reopen_failed_steps(%s)", (theirs_failed,))
+    # a failed cancel in bob's open transaction holds no lock on alice's row
+    with psycopg.connect(bob) as spy, psycopg.connect(site.owner, autocommit=True) as probe:
+        assert spy.execute("SELECT pgflow.cancel_instance(%s, 'x')", (theirs,)).fetchone() == (None,)
+        assert probe.execute("SELECT 1 FROM pgflow.instances WHERE id = %s FOR UPDATE NOWAIT",
+                             (theirs,)).fetchone() == (1,)
+    as_role(bob, "SELECT pgflow.clearvars()")
+    assert _status(alice, theirs) in ("pending", "running")
+    assert _status(alice, theirs_failed) == "failed"
+    assert as_role(alice, "SELECT pgflow.getvar('colour')") == [("red",)]
+    assert as_role(bob, "SELECT pgflow.getvar('colour')") == [(None,)]
+    # the caller's own: cancel, retry and variables work through the functions (SQL and Python)
+    assert pgflow.cancel(mine, dsn=bob) == "cancelled"
+    mine_failed = as_role(bob, failing)[0][0]
+    assert _wait_status(bob, mine_failed, "completed", "failed") == "failed"
+    assert pgflow.retry(mine_failed, dsn=bob) in ("pending", "running", "failed")
+    assert _wait_status(bob, mine_failed, "completed", "failed") == "failed"
+    assert as_role(bob, "SELECT pgflow.retry(%s)", (mine_failed,)) == [("retried",)]
+    as_role(bob, "SELECT pgflow.setvar('n', '1'), pgflow.unsetvar('n')")
+    # an administrator controls everyone's
+    assert as_role(boss, "SELECT pgflow.cancel(%s)", (theirs,)) == [("cancelled",)]
+    assert as_role(boss, "SELECT pgflow.retry(%s)", (theirs_failed,)) == [("retried",)]
+
+
 # ------------------------------------------------------------------------------------ one-statement outages
 
 def test_an_open_transaction_on_an_instance_does_not_stall_the_coordinator(site):
     """Issue 13 bug 5 and attack 11: a user's open transaction holding its instance (a signal, a cancel, a
-    row lock) made the coordinator's lock wait, and every other instance with it."""
+    row lock) made the coordinator's lock wait, and every other instance with it. (A row lock of the user's
+    own making is refused now: test_users_write_only_through_functions; the owner's stands in for it.)"""
     alice, bob = site.users["alice"], site.users["bob"]
     site.engine()
     signalled = as_role(bob, "SELECT pgflow.start(pgflow.sleep(1) ~> 'SELECT 1 AS a')")[0][0]
@@ -256,7 +265,7 @@ def test_an_open_transaction_on_an_instance_does_not_stall_the_coordinator(site)
     locked = as_role(bob, "SELECT pgflow.start(pgflow.sleep(1) ~> 'SELECT 3 AS c')")[0][0]
     for iid in (signalled, cancelled, locked):
         _wait_status(bob, iid, "running")
-    with psycopg.connect(bob) as a, psycopg.connect(bob) as b, psycopg.connect(bob) as c:
+    with psycopg.connect(bob) as a, psycopg.connect(bob) as b, psycopg.connect(site.owner) as c:
         a.execute("SELECT pgflow.signal(%s, 'other', '{}')", (signalled,))
         b.execute("SELECT pgflow.cancel(%s)", (cancelled,))
         c.execute("SELECT 1 FROM pgflow.instances WHERE id = %s FOR UPDATE", (locked,))
@@ -289,6 +298,27 @@ def test_advisory_lock_keys_stop_neither_maintenance_nor_init(site):
         # retention (1 s) deletes the finished instance while bob holds the advisory keys
         wait_until(lambda: as_role(site.owner, "SELECT count(*) FROM pgflow.instances WHERE id = %s",
                                    (iid,)) == [(0,)], WAIT, "retention to delete the finished instance")
+
+
+def test_a_users_open_transaction_does_not_hang_init(site):
+    """Attack 11's cousin: bob opens a transaction that reads pgflow.migrations (and starts an instance) and
+    leaves it open. `pgflow init` (every deployment runs it) waited for him: its no-op ALTER TABLE ... ADD
+    COLUMN IF NOT EXISTS needed an exclusive lock, and every engine process starting queued behind it. An
+    init with nothing to migrate takes no lock he holds; one that must wait, under a lock_timeout, is one
+    clear line."""
+    with psycopg.connect(site.users["bob"]) as held:
+        held.execute("SELECT count(*) FROM pgflow.migrations")
+        held.execute("SELECT pgflow.start('SELECT 1 AS one')")
+        init = subprocess.run(pgflow_command("init", "--dsn", site.owner), env=subprocess_env(),
+                              capture_output=True, text=True, timeout=WAIT)
+        assert init.returncode == 0 and "already up to date" in init.stdout, init.stderr
+    with psycopg.connect(site.owner) as held:  # a lock init needs (only the owner can take it)
+        held.execute("LOCK TABLE pgflow.migrations IN ACCESS EXCLUSIVE MODE")
+        init = subprocess.run(pgflow_command("init", "--dsn", site.owner),
+                              env=subprocess_env(PGOPTIONS="-c lock_timeout=500ms"),
+                              capture_output=True, text=True, timeout=WAIT)
+    assert init.returncode == 1 and "not granted within lock_timeout" in init.stderr, init.stderr
+    assert "Traceback" not in init.stderr and len(init.stderr.strip().splitlines()) == 1, init.stderr
 
 
 def test_a_poisoned_instance_fails_alone_and_the_coordinator_lives(site):
@@ -358,6 +388,35 @@ def test_per_role_quotas_hold_with_clear_errors(site):
     fine = pgflow.start(input_map, list(range(10)), dsn=alice)
     assert pgflow.wait(fine, WAIT, dsn=alice).output == [x * 2 for x in range(10)]
     assert as_role(boss, "SELECT max_open_instances FROM pgflow.quotas_of(%s)", (site.names["bob"],)) == [(2,)]
+
+
+def test_a_queue_depth_quota_fails_the_map_that_would_pass_it(site):
+    """Attack 12: bob's maps filled the queues (30,000 tasks delayed alice's instance by 123 s), each one
+    within the map-width quota. A per-role queue-depth quota counts the tasks a role has on queues: the map
+    that would pass it fails its instance with the reason; other roles (the defaults) are not limited."""
+    alice, bob, boss = site.users["alice"], site.users["bob"], site.users["boss"]
+    from support.sample_flows import input_map
+
+    sql_map = pgflow.Flow("bob_sql_map")
+    sql_map.sql("echo", "SELECT $item AS v", over=pgflow.INPUT)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        as_role(bob, "SELECT pgflow.set_quota(%s, p_max_queued_tasks => 1000000000)", (site.names["bob"],))
+    as_role(boss, "SELECT pgflow.set_quota(%s, p_max_queued_tasks => 5)", (site.names["bob"],))
+    assert as_role(boss, "SELECT max_queued_tasks FROM pgflow.quotas_of(%s)", (site.names["bob"],)) == [(5,)]
+    coordinator = site.engine(workers=0)  # nothing takes the tasks off the queue
+    first = pgflow.start(sql_map, list(range(4)), dsn=bob)
+    wait_until(lambda: as_role(bob, "SELECT count(*) FROM pgflow.steps WHERE instance_id = %s AND task_index >= 0",
+                               (first,)) == [(4,)], WAIT, "bob's first map to fan out")
+    second = pgflow.start(sql_map, list(range(3)), dsn=bob)
+    assert _wait_status(bob, second, "completed", "failed") == "failed"
+    error = as_role(bob, "SELECT error FROM pgflow.instances WHERE id = %s", (second,))[0][0]
+    assert "queue-depth quota of 5" in error and "has 4 on queues" in error, error
+    theirs = pgflow.start(input_map, list(range(10)), dsn=alice)
+    coordinator.worker()
+    assert pgflow.wait(theirs, WAIT, dsn=alice).output == [x * 2 for x in range(10)]
+    assert pgflow.wait(first, WAIT, dsn=bob).status == "completed"
+    # once the queue has drained, the same map is admitted again
+    assert pgflow.wait(pgflow.start(sql_map, list(range(3)), dsn=bob), WAIT, dsn=bob).status == "completed"
 
 
 # ------------------------------------------------------------------------------------ leaks

@@ -1,6 +1,7 @@
 """Attacks on the worker by a hostile but legitimately granted role (issue 12): each test is the attack,
-with real login roles, a real coordinator and a real worker. The worker runs everyone's steps, so nothing a
-step leaves in a session may reach another user's step or pgflow's own statements."""
+with real login roles, a real coordinator and a real worker, against a database whose pgflow owner is a
+superuser and one whose owner is not (the `site` fixture of conftest.py). The worker runs everyone's steps,
+so nothing a step leaves in a session may reach another user's step or pgflow's own statements."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import psycopg
 import pytest
 from conftest import pgflow_command, serve_http, subprocess_env, wait_until
 from conftest import run_sql as as_role
-from test_security import roles  # noqa: F401  (the fixture: alice, bob, boss, stranger)
 
 import pgflow
 from pgflow import tree as t
@@ -21,42 +21,41 @@ from pgflow.db.connection import unavailable
 from pgflow.health import readiness
 
 
-def one_worker(engine_factory, **env: str):
+def one_worker(site, **env: str):
     """A coordinator and one worker process: every step runs on the same worker session."""
-    return engine_factory(**env).start(workers=1, concurrency=1)
+    return site.engine(workers=1, concurrency=1, **env)
 
 
 def run(node, role_dsn: str, timeout: float = 60):
     return pgflow.wait(pgflow.start(node, dsn=role_dsn), timeout, dsn=role_dsn)
 
 
-def test_a_steps_search_path_never_reaches_pgflows_statements(dsn, roles, engine_factory):  # noqa: F811
-    """Bob's step sets the session's search_path to a schema of his whose clock_timestamp() and now()
+def test_a_steps_search_path_never_reaches_pgflows_statements(site):
+    """Bob's step sets the session's search_path to a schema of his (b) whose clock_timestamp() and now()
     record who calls them; pgflow's own statements (run as the pgflow owner) must never call them."""
-    bob, names = roles["bob"], roles["names"]
-    as_role(dsn, f'CREATE SCHEMA b AUTHORIZATION "{names["bob"]}"')
+    bob, names = site.users["bob"], site.names
     as_role(bob, "CREATE TABLE b.calls (who text); GRANT INSERT ON b.calls TO PUBLIC;"
                  "CREATE FUNCTION b.clock_timestamp() RETURNS timestamptz LANGUAGE sql AS"
                  " $$ INSERT INTO b.calls VALUES (current_user); SELECT pg_catalog.clock_timestamp() $$;"
                  "CREATE FUNCTION b.now() RETURNS timestamptz LANGUAGE sql AS"
                  " $$ INSERT INTO b.calls VALUES (current_user); SELECT pg_catalog.now() $$;"
                  "GRANT USAGE ON SCHEMA b TO PUBLIC")
-    one_worker(engine_factory)
+    one_worker(site)
     hijack = "SELECT set_config('search_path', 'b, pg_catalog, public', false) AS path"
     st = run(t.sql(hijack) >> t.sql(hijack) >> "SELECT 1 AS one", bob)
     assert st.status == "completed", st.error
-    st = run(t.sql("SELECT 2 AS two") >> "SELECT 3 AS three", roles["alice"])
+    st = run(t.sql("SELECT 2 AS two") >> "SELECT 3 AS three", site.users["alice"])
     assert st.status == "completed", st.error
-    callers = {r[0] for r in as_role(dsn, "SELECT who FROM b.calls")}
+    callers = {r[0] for r in as_role(bob, "SELECT who FROM b.calls")}
     assert callers <= {names["bob"]}, callers
 
 
-def test_a_temp_table_never_captures_another_users_statement(dsn, roles, engine_factory):  # noqa: F811
+def test_a_temp_table_never_captures_another_users_statement(site):
     """Bob's step creates pg_temp.orders, open to everyone; Alice's later INSERT INTO orders on the same
     worker must go to her table, not his."""
-    alice, bob, names = roles["alice"], roles["bob"], roles["names"]
-    as_role(dsn, f'CREATE TABLE public.orders (v text); GRANT ALL ON public.orders TO "{names["alice"]}"')
-    one_worker(engine_factory)
+    alice, bob, names = site.users["alice"], site.users["bob"], site.names
+    as_role(site.owner, f'CREATE TABLE public.orders (v text); GRANT ALL ON public.orders TO "{names["alice"]}"')
+    one_worker(site)
     trap = ("DO $$ BEGIN CREATE TEMP TABLE orders (v text); GRANT ALL ON pg_temp.orders TO PUBLIC; "
             "PERFORM set_config('pgflow_test.trap', 'set', false); END $$")
     st = run(t.sql(trap) >> "SELECT to_regclass('pg_temp.orders')::text AS mine", bob)
@@ -64,31 +63,31 @@ def test_a_temp_table_never_captures_another_users_statement(dsn, roles, engine_
     st = run(t.sql("INSERT INTO orders VALUES ('alice') RETURNING v") >> "SELECT count(*) AS n FROM orders",
              alice)
     assert st.status == "completed", st.error
-    assert as_role(dsn, "SELECT v FROM public.orders") == [("alice",)]
+    assert as_role(site.owner, "SELECT v FROM public.orders") == [("alice",)]
 
 
-def test_a_session_setting_never_changes_another_users_results(dsn, roles, engine_factory):  # noqa: F811
-    alice, bob = roles["alice"], roles["bob"]
-    one_worker(engine_factory)
+def test_a_session_setting_never_changes_another_users_results(site):
+    alice, bob = site.users["alice"], site.users["bob"]
+    one_worker(site)
     st = run(t.sql("SELECT set_config('DateStyle', 'SQL, DMY', false) AS ds, "
                    "set_config('TimeZone', 'Pacific/Kiritimati', false) AS tz"), bob)
     assert st.status == "completed", st.error
     st = run(t.sql("SELECT '01/02/2026'::date::text AS d, current_setting('TimeZone') AS tz"), alice)
     assert st.status == "completed", st.error
-    server_zone = as_role(dsn, "SELECT current_setting('TimeZone')")[0][0]
+    server_zone = as_role(site.owner, "SELECT current_setting('TimeZone')")[0][0]
     assert st.output == [{"d": "2026-01-02", "tz": server_zone}]
 
 
-def test_a_session_advisory_lock_is_released_after_the_step(dsn, roles, engine_factory):  # noqa: F811
+def test_a_session_advisory_lock_is_released_after_the_step(site):
     """A step takes a session-level advisory lock: it must not outlive the step (it would block whoever
     needs that key, e.g. pgflow's maintenance, for as long as the worker lives)."""
-    bob = roles["bob"]
-    one_worker(engine_factory)
+    bob = site.users["bob"]
+    one_worker(site)
     st = run(t.sql("SELECT pg_advisory_lock(74061120) AS locked"), bob)
     assert st.status == "completed", st.error
 
     def free() -> bool:
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        with psycopg.connect(site.owner, autocommit=True) as conn:
             got = conn.execute("SELECT pg_try_advisory_lock(74061120)").fetchone()[0]
             if got:
                 conn.execute("SELECT pg_advisory_unlock(74061120)")
@@ -97,11 +96,13 @@ def test_a_session_advisory_lock_is_released_after_the_step(dsn, roles, engine_f
     wait_until(free, 30, "the step's advisory lock to be released")
 
 
-def test_void_results_and_one_line_errors_for_granted_users(dsn, roles, engine_factory):  # noqa: F811
+def test_void_results_and_one_line_errors_for_granted_users(site):
     """Issue 13: SELECT pg_sleep(0.1) as a granted role works; a failure is one clear line with the
     database's message and SQLSTATE, none of the executor's internals."""
-    alice = roles["alice"]
-    one_worker(engine_factory)
+    alice = site.users["alice"]
+    as_role(site.owner, f'CREATE TABLE private (v text); CREATE TABLE shared (v text); '
+                        f'GRANT ALL ON shared TO "{site.names["alice"]}"')
+    one_worker(site)
     st = run(t.sql("SELECT pg_sleep(0.01)") >> "SELECT 1 AS after", alice)
     assert st.status == "completed", st.error
     assert st.output == [{"after": 1}]
@@ -114,13 +115,13 @@ def test_void_results_and_one_line_errors_for_granted_users(dsn, roles, engine_f
         assert "\n" not in st.error.strip() and "PL/pgSQL" not in st.error and "pgflow_exec" not in st.error, st.error
 
 
-def test_a_malformed_shape_is_poison_for_its_own_task_only(dsn, roles, engine_factory):  # noqa: F811
+def test_a_malformed_shape_is_poison_for_its_own_task_only(site):
     """Attack 10: a stored shape with "max_attempts": "x" (registered before shapes were validated, or by
     a hand-made register_flow call) once killed the worker on every delivery, and the other tasks of the
     batch spent their attempts. Now its task fails with the reason and is dead-lettered; the worker's
     processes live on and other users' tasks complete."""
-    alice, bob = roles["alice"], roles["bob"]
-    engine = engine_factory()
+    alice, bob, dsn = site.users["alice"], site.users["bob"], site.owner
+    engine = site.new_engine()
     engine.coordinator()
     victim = pgflow.start(t.sql("SELECT 'bob' AS evil"), dsn=bob)
     healthy = [pgflow.start(t.sql(f"SELECT {i} AS n"), dsn=alice) for i in range(3)]
@@ -141,17 +142,17 @@ def test_a_malformed_shape_is_poison_for_its_own_task_only(dsn, roles, engine_fa
     assert worker.poll() is None and [c.pid for c in engine.worker_children(worker, 1)] == [child.pid]
 
 
-def test_a_python_node_never_imports_an_untrusted_module(dsn, roles, engine_factory, tmp_path):  # noqa: F811
+def test_a_python_node_never_imports_an_untrusted_module(site, tmp_path):
     """Attack 5: a Python node naming a module makes the worker import it before the @task marker is
     checked (side effects, process death). Modules on the worker's path but not trusted (not --import'ed,
     not in PGFLOW_PYTHON_MODULES), and modules in the worker's current directory, are never imported."""
-    alice = roles["alice"]
+    alice, dsn = site.users["alice"], site.owner
     marker = tmp_path / "imported"
     for name, where in (("evil_on_path", tmp_path / "path"), ("evil_in_cwd", tmp_path / "cwd")):
         where.mkdir()
         (where / f"{name}.py").write_text(f"open({str(marker)!r} + '-{name}', 'w').close()\n"
                                           "def x(ctx):\n    return 'ran'\n")
-    engine = engine_factory()
+    engine = site.new_engine()
     engine.env["PYTHONPATH"] = os.pathsep.join([engine.env["PYTHONPATH"], str(tmp_path / "path")])
     engine.coordinator()
     worker = subprocess.Popen(pgflow_command("worker", "--dsn", dsn, "--import", "support.sample_flows",
@@ -185,13 +186,13 @@ def web():
         yield url, seen
 
 
-def test_http_steps_reach_no_internal_address_by_default(dsn, roles, engine_factory, web):  # noqa: F811
+def test_http_steps_reach_no_internal_address_by_default(site, web):
     """Attack 7: with no allow-list (the default), metadata through an IPv4-mapped address, 192.0.0.192,
     loopback (the tests' own web server) and bare IPs are refused before any connection; each attempt is in
     the audit trail, which its owner reads and other users do not."""
     url, seen = web
-    alice, bob, names = roles["alice"], roles["bob"], roles["names"]
-    one_worker(engine_factory)
+    alice, bob, names = site.users["alice"], site.users["bob"], site.names
+    one_worker(site)
     port = url.rsplit(":", 1)[1]
     for target in ("http://[::ffff:169.254.169.254]/latest/meta-data/", "http://192.0.0.192/",
                    f"{url}/x", f"http://localhost:{port}/x", f"http://[::ffff:127.0.0.1]:{port}/x",
@@ -205,19 +206,19 @@ def test_http_steps_reach_no_internal_address_by_default(dsn, roles, engine_fact
     assert as_role(bob, "SELECT count(*) FROM pgflow.http_audit") == [(0,)]
 
 
-def test_secrets_are_granted_by_an_administrator_and_checked_when_the_step_runs(dsn, roles, engine_factory, web):  # noqa: F811
+def test_secrets_are_granted_by_an_administrator_and_checked_when_the_step_runs(site, web):
     """Attack 6: a user could point its own secrets at env:PGFLOW_DSN or file:/etc/passwd and send them
     anywhere. Now only secrets an administrator granted the owner exist; a reference stored before (in
     variables) is ignored; a secret in a host name is refused and never stored, whatever its case."""
     url, seen = web
-    alice, bob, names = roles["alice"], roles["bob"], roles["names"]
+    alice, bob, names, dsn = site.users["alice"], site.users["bob"], site.names, site.owner
     token = "Tok-" + uuid.uuid4().hex
     as_role(dsn, "SELECT pgflow.grant_secret(%s, 'token', 'env:PGFLOW_TEST_TOKEN')", (names["alice"],))
     as_role(dsn, "SELECT pgflow.grant_usage(%s, p_include_http => true)", (names["bob"],))
     # what set_secret used to store: bob's own reference to the worker's environment
     as_role(dsn, "INSERT INTO pgflow.variables (owner, name, value, secret_ref) VALUES (%s, 'dsn', NULL, "
                  "'env:PGFLOW_TEST_TOKEN')", (names["bob"],))
-    one_worker(engine_factory, PGFLOW_TEST_TOKEN=token, PGFLOW_HTTP_ALLOW="127.0.0.1")
+    one_worker(site, PGFLOW_TEST_TOKEN=token, PGFLOW_HTTP_ALLOW="127.0.0.1")
     st = run(t.http(f"{url}/ok", headers={"Authorization": "Bearer $secrets.token"}), alice)
     assert st.status == "completed", st.error
     assert seen == [("/ok", f"Bearer {token}", url.removeprefix("http://"))]
@@ -233,15 +234,15 @@ def test_secrets_are_granted_by_an_administrator_and_checked_when_the_step_runs(
     assert token.lower() not in stored.lower()
 
 
-def test_rights_are_checked_when_the_step_runs_not_only_at_start(dsn, roles, engine_factory, web):  # noqa: F811
+def test_rights_are_checked_when_the_step_runs_not_only_at_start(site, web):
     """Attack 4: rights were checked only when an instance started. An HTTP right taken back, or the usage
     revoked, while an instance waits: its next step is refused with one clear line."""
     url, seen = web
-    bob, names = roles["bob"], roles["names"]
+    bob, names, dsn = site.users["bob"], site.names, site.owner
     as_role(dsn, "SELECT pgflow.grant_usage(%s, p_include_http => true)", (names["bob"],))
-    one_worker(engine_factory, PGFLOW_HTTP_ALLOW="127.0.0.1")
+    one_worker(site, PGFLOW_HTTP_ALLOW="127.0.0.1")
     http_iid = pgflow.start(t.wait_for_signal("go") >> t.http(f"{url}/later"), dsn=bob)
-    sql_iid = pgflow.start(t.wait_for_signal("go") >> "SELECT 1 AS one", dsn=roles["alice"])
+    sql_iid = pgflow.start(t.wait_for_signal("go") >> "SELECT 1 AS one", dsn=site.users["alice"])
     as_role(dsn, "SELECT pgflow.grant_usage(%s, p_include_http => false)", (names["bob"],))
     pgflow.signal(http_iid, "go", dsn=bob)
     st = pgflow.wait(http_iid, 60, dsn=bob)

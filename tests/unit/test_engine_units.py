@@ -93,6 +93,18 @@ def test_a_map_has_a_task_per_element_or_per_slice_indexed_by_its_first_element(
     assert c.map_tasks(batched, []) == [] == c.map_tasks(step, [])
 
 
+def test_map_quotas_count_the_maps_admitted_in_one_fan_out():
+    """The queue-depth quota counts tasks (a batched map's slices), including the maps of the same owner
+    admitted earlier in the batch; the width quota counts elements."""
+    quota = c.MapQuotas(width=10, depth=8, queued=3)
+    assert quota.admit("bob", "m", 4, 4) is None and quota.queued == 7
+    refused = quota.admit("bob", "m", 4, 2)
+    assert "would queue 2 tasks while role bob has 7 on queues" in refused and "quota of 8" in refused
+    assert quota.admit("bob", "m", 10, 1) is None and quota.queued == 8  # 10 elements in one batched task
+    assert "maps over 11 elements" in quota.admit("bob", "m", 11, 1)
+    assert c.MapQuotas(None, None, 0).admit("owner", "m", 10**6, 10**6) is None
+
+
 def test_an_instance_is_complete_only_when_every_step_completed():
     inst = dag(diamond())
     inst.states.update({"top": StepStatus.COMPLETED, "left": StepStatus.COMPLETED, "right": StepStatus.COMPLETED,

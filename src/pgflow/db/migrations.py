@@ -174,7 +174,16 @@ def init_schema(dsn: str, queues: tuple[str, ...] | list[str] = (), compat: tupl
     """Install pgmq and pgflow's schema (a fresh database: built from ``sql/schema/``; an existing one: its
     pending migrations) and create ``queues`` (those the deployment declares, so autoscalers and workers find
     them before any flow names them); idempotent. Compatibility layers named in ``compat`` are installed,
-    those installed before are refreshed. Returns the versions applied now."""
+    those installed before are refreshed. Returns the versions applied now. With a lock_timeout (e.g.
+    PGOPTIONS='-c lock_timeout=5s'), a lock held by an open transaction is one clear error, not a wait."""
+    try:
+        return _init_schema(dsn, queues, compat)
+    except psycopg.errors.LockNotAvailable:
+        raise PgflowError("pgflow init: a lock on pgflow's tables was not granted within lock_timeout (an open "
+                          "transaction holds it, see pg_stat_activity); nothing was changed: try again") from None
+
+
+def _init_schema(dsn: str, queues: tuple[str, ...] | list[str], compat: tuple[str, ...] | list[str]) -> list[int]:
     from ..queues import ensure_queue
 
     with connect(dsn) as conn, conn.transaction():

@@ -188,6 +188,27 @@ def map_tasks(step: StepShape, items: list[Any]) -> list[tuple[int, Any]]:
     return [(start, items[start:start + size]) for start in range(0, len(items), size)]
 
 
+@dataclass
+class MapQuotas:
+    """An owner's map quotas in one fan-out (None: no limit): the widest map and the tasks it may have on
+    queues at once (``queued``: how many it has, counting the maps admitted so far)."""
+
+    width: int | None
+    depth: int | None
+    queued: int
+
+    def admit(self, owner: str, step: str, elements: int, tasks: int) -> str | None:
+        """Why a map of ``elements`` elements in ``tasks`` tasks is refused, or None (then it counts)."""
+        if self.width is not None and elements > self.width:
+            return (f"step {step} maps over {elements:,} elements, over role {owner}'s quota of {self.width:,} "
+                    "(pgflow.set_quota)")
+        if self.depth is not None and self.queued + tasks > self.depth:
+            return (f"step {step} would queue {tasks:,} tasks while role {owner} has {self.queued:,} on queues, "
+                    f"over its queue-depth quota of {self.depth:,} tasks (pgflow.set_quota)")
+        self.queued += tasks
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 REWAKE_DELAY = 0.5  # seconds before an instance locked by someone else is looked at again
@@ -387,14 +408,15 @@ class Coordinator(ConnectedLoop):
             outputs = {(iid, step): output for iid, step, output in rows}
         again: set[int] = set()
         failures: dict[int, str] = {}
-        widths = dict(Q.all(conn, "map_width_quotas", {"owners": sorted({inst.owner for inst, _ in maps})}))
+        quotas = {o: MapQuotas(width, depth, queued) for o, width, depth, queued in Q.all(
+            conn, "map_quotas", {"owners": sorted({inst.owner for inst, _ in maps})})}
         for inst, step in maps:
             items = inst.input if step.over == INPUT else outputs.get((inst.id, step.over))
             items, problem = map_elements(step, items)
-            quota = widths.get(inst.owner)
-            if not problem and quota is not None and len(items) > quota:
-                problem = (f"step {step.name} maps over {len(items):,} elements, over role {inst.owner}'s quota "
-                           f"of {quota:,} (pgflow.set_quota)")
+            tasks = [] if problem else map_tasks(step, items)
+            quota = quotas.get(inst.owner)
+            if not problem and quota is not None:
+                problem = quota.admit(inst.owner, step.name, len(items), len(tasks))
             if problem:
                 failures.setdefault(inst.id, problem)
                 continue
@@ -407,7 +429,7 @@ class Coordinator(ConnectedLoop):
             inst.states[step.name] = StepStatus.MAPPING
             log.debug("instance %s: map step %s fans out into %d tasks", inst.id, step.name, len(items), extra={
                 "instance_id": inst.id, "flow": inst.shape.name, "step": step.name, "queue": step.queue})
-            for index, item in map_tasks(step, items):
+            for index, item in tasks:
                 writes.enqueue(step.queue, inst.id, step.name, index,
                                task_message(inst.shape.name, inst.shape.version, inst.id, step.name, index, item),
                                claim_headers(writes, step, inst, item[0] if step.batch_size else item))

@@ -1,7 +1,7 @@
-"""The coordinator's upkeep: the stalled-instance safety net, retention of finished instances and archived
-messages, VACUUM of the tables whose rows live for milliseconds, and the sampled metrics (instances by
-status, queue depth and age, wake-up backlog, dead letters). Maintenance is done by one coordinator at a
-time (a row lock no user can take); the vacuum runs in a thread of its own."""
+"""The coordinator's upkeep: the stalled-instance safety net, retention of finished instances, archived
+messages and HTTP audit rows, VACUUM of the tables whose rows live for milliseconds, and the sampled metrics
+(instances by status, queue depth and age, wake-up backlog, dead letters). Maintenance is done by one
+coordinator at a time (a row lock no user can take); the vacuum runs in a thread of its own."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ class Maintenance:
         self.run(conn)
 
     def run(self, conn: psycopg.Connection) -> None:
-        """Wake stalled instances, purge what retention allows, then sample the metrics."""
+        """Wake stalled instances, purge what retention allows (instances, HTTP audit rows, archived messages),
+        then sample the metrics."""
         with conn.transaction():
             if not Q.value(conn, "try_maintenance_lock"):
                 return
@@ -57,6 +58,7 @@ class Maintenance:
                 log.warning("woke %d stalled instance(s)", len(woken))
             if self.retention_seconds:
                 Q.execute(conn, "delete_finished_instances", {"seconds": self.retention_seconds})
+                Q.execute(conn, "purge_http_audit", {"seconds": self.retention_seconds})
                 self.purge_archives(conn)
         self.sample_metrics(conn)
 

@@ -32,10 +32,19 @@ INSERT INTO pgflow.wakeups (instance_id, due_at)
 SELECT i.id, now() + make_interval(secs => %(delay)s) FROM pgflow.instances i
 WHERE i.id = ANY(%(ids)s) AND i.status = ANY (pgflow.open_instance_statuses());
 
--- name: map_width_quotas
--- the widest map each owner may fan out (NULL: no limit; the pgflow owner has none)
-SELECT o, CASE WHEN pgflow.is_engine_role(o) THEN NULL ELSE (pgflow.quotas_of(o)).max_map_width END
-FROM unnest(%(owners)s::name[]) AS o;
+-- name: map_quotas
+-- per owner: the widest map it may fan out, the tasks it may have on queues at once and how many it has
+-- (counted up to one past the quota). NULL: no limit; the pgflow owner has none.
+SELECT q.o, q.width, q.depth,
+       CASE WHEN q.depth IS NULL THEN 0 ELSE (
+           SELECT count(*) FROM (
+               SELECT 1 FROM pgflow.instances i JOIN pgflow.steps s ON s.instance_id = i.id
+               WHERE i.owner = q.o AND i.status = ANY (pgflow.open_instance_statuses())
+                 AND s.status = ANY (pgflow.claimable_step_statuses())
+               LIMIT q.depth + 1) AS n) END
+FROM (SELECT o, CASE WHEN engine THEN NULL ELSE (pgflow.quotas_of(o)).max_map_width END AS width,
+             CASE WHEN engine THEN NULL ELSE (pgflow.quotas_of(o)).max_queued_tasks END AS depth
+      FROM unnest(%(owners)s::name[]) AS o, pgflow.is_engine_role(o) AS engine) AS q;
 
 -- name: mark_started
 UPDATE pgflow.instances SET status = 'running', started_at = now()

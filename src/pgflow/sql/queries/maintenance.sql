@@ -23,6 +23,11 @@ DELETE FROM pgflow.instances
 WHERE id IN (SELECT id FROM pgflow.instances
              WHERE finished_at < now() - make_interval(secs => %(seconds)s) LIMIT 10000);
 
+-- name: purge_http_audit
+-- the HTTP audit trail is kept as long as finished instances (pgflow.http_audit, 24_secrets_and_egress.sql)
+DELETE FROM pgflow.http_audit
+WHERE id IN (SELECT id FROM pgflow.http_audit WHERE at < now() - make_interval(secs => %(seconds)s) LIMIT 10000);
+
 -- name: purge_archive
 DELETE FROM {archive} WHERE archived_at < now() - make_interval(secs => %(seconds)s);
 

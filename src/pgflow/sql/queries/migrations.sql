@@ -16,12 +16,22 @@ SELECT EXISTS (SELECT 1 FROM pg_proc WHERE proname = 'send_batch' AND pronamespa
 SELECT to_regclass('pgflow.migrations') IS NOT NULL;
 
 -- name: create_migrations_table
--- compatible_from: the oldest code (by schema version) that works once this migration is applied
+-- compatible_from: the oldest code (by schema version) that works once this migration is applied. The
+-- ALTER only when the column is missing: even a no-op ADD COLUMN IF NOT EXISTS waits for an exclusive lock,
+-- so any user's open transaction that read the table held up every `pgflow init` (and, queued behind it,
+-- every engine process starting)
 CREATE SCHEMA IF NOT EXISTS pgflow;
 CREATE TABLE IF NOT EXISTS pgflow.migrations (
     version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now()
 );
-ALTER TABLE pgflow.migrations ADD COLUMN IF NOT EXISTS compatible_from integer;
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+                   WHERE attrelid = 'pgflow.migrations'::regclass AND attname = 'compatible_from'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE pgflow.migrations ADD COLUMN compatible_from integer;
+    END IF;
+END $$;
 
 -- name: record_migration
 INSERT INTO pgflow.migrations (version, name, compatible_from)

@@ -41,6 +41,19 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION pgflow._check_caller(name) FROM PUBLIC;
 
+-- Whether p_caller may act on an instance (or variables) of p_owner: its own, or any for the pgflow owner and
+-- pgflow_admin members. What the definer functions users write through (cancel, retry, signal, ...) check,
+-- since row-level security does not apply to them (they run as the table owner).
+CREATE FUNCTION pgflow._may_control(p_caller name, p_owner name) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT p_owner OPERATOR(pg_catalog.=) p_caller
+        OR pg_catalog.pg_has_role(p_caller, n.nspowner, 'member')
+        OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) 'pgflow_admin')
+            AND pg_catalog.pg_has_role(p_caller, 'pgflow_admin', 'member'))
+    FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) 'pgflow'
+$$;
+REVOKE ALL ON FUNCTION pgflow._may_control(name, name) FROM PUBLIC;
+
 ALTER TABLE pgflow.instances ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_instances ON pgflow.instances
     USING (owner = current_user OR (SELECT pgflow.is_admin()))

@@ -1,6 +1,6 @@
 -- Letting a role use pgflow (and taking it back). Nothing is granted to PUBLIC (00_schemas.sql); a role
 -- granted usage may start, watch, cancel and signal its own instances and keep variables, optionally use
--- HTTP and Python steps. The internal functions workers and coordinators call (they are the owner) are
+-- HTTP and Python steps: it reads its rows and writes only through functions. The internal functions workers and coordinators call (they are the owner) are
 -- never granted.
 
 -- Internal: what workers and coordinators call (they are the owner), and the operators' dead-letter actions
@@ -11,7 +11,8 @@ CREATE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTAB
                  'requeue_dead_letter', 'discard_dead_letter',
                  'read_queue', 'queue_head', 'ensure_queue_order', 'admit_tasks', 'park_task', 'charge_limit',
                  'define_limit', 'define_limits', 'split_task', 'next_parked_in',
-                 'grant_secret', 'revoke_secret', 'set_quota', 'quotas_of', '_channel_of']
+                 'grant_secret', 'revoke_secret', 'set_quota', 'quotas_of', '_channel_of',
+                 '_may_control', '_reopen_failed_steps']
 $$;
 REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
 
@@ -30,12 +31,9 @@ BEGIN
     EXECUTE format('GRANT SELECT ON pgflow.instances, pgflow.steps, pgflow.signals, pgflow.variables, '
                    'pgflow.flows, pgflow.flow_steps, pgflow.flow_registrations, pgflow.role_channels, pgflow.queues, '
                    'pgflow.migrations, pgflow.http_audit TO %I', p_role);
-    -- no INSERT on instances, signals or wake-ups: starts and signals go through definer functions that check
-    -- rights, limits and quotas (start_instances, signal)
-    EXECUTE format('GRANT UPDATE (status, error, finished_at) ON pgflow.instances TO %I', p_role);
-    EXECUTE format('GRANT UPDATE (status, finished_at) ON pgflow.steps TO %I', p_role);
-    EXECUTE format('GRANT INSERT (name, value, secret_ref), UPDATE (value, secret_ref, updated_at), DELETE '
-                   'ON pgflow.variables TO %I', p_role);
+    -- nothing else on any table (no INSERT, UPDATE, DELETE, so no SELECT ... FOR UPDATE either): users write
+    -- through definer functions that check ownership, rights, limits and quotas (start_instances, signal,
+    -- cancel_instance, retry_instance, set_variable, ...)
     FOR fn IN SELECT p.oid::regprocedure AS sig FROM pg_proc p
               WHERE p.pronamespace = 'pgflow'::regnamespace AND NOT p.proname = ANY (pgflow._internal_functions())
     LOOP

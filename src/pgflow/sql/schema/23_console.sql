@@ -1,8 +1,7 @@
 -- What `pgflow console` (and anyone in psql or Python) needs beyond the front door: retrying a failed
 -- instance, starting a registered flow version, requeueing or discarding dead letters, and the aggregate
--- numbers of the queues page. Ownership is decided as everywhere else: the caller's row-level security on
--- pgflow.instances (18_roles_and_rls.sql). Definer functions below check what they may do themselves, and
--- say how.
+-- numbers of the queues page. Users see rows through their row-level security (18_roles_and_rls.sql) and
+-- write through definer functions only, which check what the caller may do themselves, and say how.
 
 -- The console's instance list for a role that sees only its own instances (row-level security): the same
 -- keyset scan, on the owner's rows only (without it, a user owning 1 in 1,000 of 1,000,000 instances waited
@@ -10,25 +9,34 @@
 CREATE INDEX instances_owner_id ON pgflow.instances (owner, id);
 
 -- Retrying a failed instance: the transition 'failed' -> 'running', after which its failed steps run again
--- with fresh attempts and its completed steps are kept. The instance row is changed as the caller (its
--- row-level security decides: another user's instance is "not found"), to 'pending' first; the steps are
--- reopened by the definer function below, which only acts on an instance in that state and makes it
--- 'running' (so that the tasks it queues again can be claimed at once). Returns 'retried', NULL for an unknown
--- (or invisible) instance, or its status when it is not failed (nothing changes).
-CREATE FUNCTION pgflow.retry_instance(p_id bigint) RETURNS text LANGUAGE plpgsql AS $$
+-- with fresh attempts and its completed steps are kept. A definer function acting for p_caller
+-- (pgflow._check_caller): users have no UPDATE on instances or steps, and may retry only instances they own
+-- (pgflow_admin members and the pgflow owner: any; another user's instance is "not found"). The instance
+-- becomes 'pending' first; the steps are reopened by _reopen_failed_steps below, which only acts on an
+-- instance in that state and makes it 'running' (so that the tasks it queues again can be claimed at once).
+-- Returns 'retried', NULL for an unknown (or another user's) instance, or its status when it is not failed
+-- (nothing changes).
+CREATE FUNCTION pgflow.retry_instance(p_id bigint, p_caller name DEFAULT current_user) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
 DECLARE
+    caller name := pgflow._check_caller(p_caller);
+    owner_name name;
     st text;
 BEGIN
+    -- ownership before any row lock: another user's instance is never locked
+    SELECT i.owner, i.status INTO owner_name, st FROM pgflow.instances i WHERE i.id = p_id;
+    IF NOT FOUND OR NOT pgflow._may_control(caller, owner_name) THEN
+        RETURN NULL;
+    END IF;
     UPDATE pgflow.instances SET status = 'pending', error = NULL, finished_at = NULL
     WHERE id = p_id AND status = 'failed';
     IF NOT FOUND THEN
-        SELECT status INTO st FROM pgflow.instances WHERE id = p_id;
         RETURN st;
     END IF;
     PERFORM pgflow._reopen_failed_steps(p_id);
     RETURN 'retried';
 END $$;
-REVOKE ALL ON FUNCTION pgflow.retry_instance(bigint) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow.retry_instance(bigint, name) FROM PUBLIC;
 
 -- The front door's form (like pgflow.cancel): an error for an unknown instance or one that is not failed.
 CREATE FUNCTION pgflow.retry(p_id bigint) RETURNS text LANGUAGE plpgsql AS $$
@@ -46,12 +54,12 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION pgflow.retry(bigint) FROM PUBLIC;
 
--- The steps' half of a retry (a definer: users may not rewrite step rows or send messages). It acts only on
--- a 'pending' instance that has step rows: a pending instance has none until a coordinator first looks at it
--- (it marks it running in the same transaction), so such an instance is one whose owner's retry_instance has
--- just run in this very transaction; for any other instance it only wakes the coordinator (harmless). The
--- instance becomes 'running' again (keeping its first start time): workers claim tasks of running instances
--- only, and the map tasks queued here may be read before a coordinator looks at the instance.
+-- The steps' half of a retry (called by retry_instance only; never granted to users, see
+-- _internal_functions). It acts only on a 'pending' instance that has step rows: a pending instance has none
+-- until a coordinator first looks at it (it marks it running in the same transaction), so such an instance
+-- is one whose retry_instance has just run in this very transaction. The instance becomes 'running' again
+-- (keeping its first start time): workers claim tasks of running instances only, and the map tasks queued
+-- here may be read before a coordinator looks at the instance.
 --   * messages still queued for the instance (tasks cancelled before a worker read them) are archived, so
 --     that they cannot claim the reopened rows a second time;
 --   * DAG: failed or cancelled steps lose their row (the coordinator queues them again, attempt 1); a map

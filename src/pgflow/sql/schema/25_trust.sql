@@ -40,11 +40,12 @@ CREATE TABLE pgflow.role_quotas (
     max_pending_signals    bigint  CHECK (max_pending_signals >= 0),  -- unconsumed signals, per role
     max_input_bytes        integer CHECK (max_input_bytes > 0),       -- an instance's input, stored size
     max_input_depth        integer CHECK (max_input_depth > 0 AND max_input_depth <= 200),  -- nesting levels
-    updated_at             timestamptz NOT NULL DEFAULT now()
+    updated_at             timestamptz NOT NULL DEFAULT now(),
+    max_queued_tasks       bigint  CHECK (max_queued_tasks >= 0)      -- tasks on queues at once, per role
 );
 INSERT INTO pgflow.role_quotas (role_name, max_open_instances, max_map_width, max_queues, max_pending_signals,
-                                max_input_bytes, max_input_depth)
-VALUES ('', 100000, 100000, 20, 10000, 16 * 1024 * 1024, 100);
+                                max_input_bytes, max_input_depth, max_queued_tasks)
+VALUES ('', 100000, 100000, 20, 10000, 16 * 1024 * 1024, 100, 1000000);
 
 -- The quotas that apply to a role: its own row, else the defaults.
 CREATE FUNCTION pgflow.quotas_of(p_role name) RETURNS pgflow.role_quotas
@@ -65,18 +66,21 @@ $$;
 REVOKE ALL ON FUNCTION pgflow.is_engine_role(name) FROM PUBLIC;
 
 -- Set a role's quotas ('' for the defaults); NULL arguments keep the current value of an existing row.
+-- max_queued_tasks (queue depth) is checked by the coordinator when a map fans out: the only way one instance
+-- puts many tasks on the queues (other steps are bounded by max_open_instances times the steps of a shape).
 -- For the pgflow owner and pgflow_admin members (granted below; never by grant_usage: see
 -- _internal_functions); a definer function, so administrators need no write access to the table.
 CREATE FUNCTION pgflow.set_quota(p_role name, p_max_open_instances bigint DEFAULT NULL,
                                  p_max_map_width bigint DEFAULT NULL, p_max_queues integer DEFAULT NULL,
                                  p_max_pending_signals bigint DEFAULT NULL, p_max_input_bytes integer DEFAULT NULL,
-                                 p_max_input_depth integer DEFAULT NULL)
+                                 p_max_input_depth integer DEFAULT NULL, p_max_queued_tasks bigint DEFAULT NULL)
 RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
     INSERT INTO pgflow.role_quotas AS q (role_name, max_open_instances, max_map_width, max_queues,
-                                         max_pending_signals, max_input_bytes, max_input_depth)
+                                         max_pending_signals, max_input_bytes, max_input_depth, max_queued_tasks)
     SELECT p_role, coalesce(p_max_open_instances, d.max_open_instances), coalesce(p_max_map_width, d.max_map_width),
            coalesce(p_max_queues, d.max_queues), coalesce(p_max_pending_signals, d.max_pending_signals),
-           coalesce(p_max_input_bytes, d.max_input_bytes), coalesce(p_max_input_depth, d.max_input_depth)
+           coalesce(p_max_input_bytes, d.max_input_bytes), coalesce(p_max_input_depth, d.max_input_depth),
+           coalesce(p_max_queued_tasks, d.max_queued_tasks)
     FROM pgflow.quotas_of(p_role) d
     ON CONFLICT (role_name) DO UPDATE
     SET max_open_instances = coalesce(p_max_open_instances, q.max_open_instances),
@@ -85,15 +89,16 @@ RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow,
         max_pending_signals = coalesce(p_max_pending_signals, q.max_pending_signals),
         max_input_bytes = coalesce(p_max_input_bytes, q.max_input_bytes),
         max_input_depth = coalesce(p_max_input_depth, q.max_input_depth),
+        max_queued_tasks = coalesce(p_max_queued_tasks, q.max_queued_tasks),
         updated_at = now()
 $$;
-REVOKE ALL ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer, bigint) FROM PUBLIC;
 
 DO $$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin') THEN
         GRANT SELECT ON pgflow.role_quotas TO pgflow_admin;
-        GRANT EXECUTE ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer),
+        GRANT EXECUTE ON FUNCTION pgflow.set_quota(name, bigint, bigint, integer, bigint, integer, integer, bigint),
                                   pgflow.quotas_of(name) TO pgflow_admin;
     END IF;
 END $$;
