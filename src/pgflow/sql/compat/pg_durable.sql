@@ -36,7 +36,8 @@ CREATE FUNCTION df._node_type(p_node jsonb) RETURNS text LANGUAGE sql IMMUTABLE 
     SELECT CASE p_node->>'t'
         WHEN 'sql' THEN 'SQL' WHEN 'seq' THEN 'THEN' WHEN 'if' THEN 'IF' WHEN 'join' THEN 'JOIN'
         WHEN 'race' THEN 'RACE' WHEN 'loop' THEN 'LOOP' WHEN 'break' THEN 'BREAK' WHEN 'sleep' THEN 'SLEEP'
-        WHEN 'schedule' THEN 'WAIT_SCHEDULE' WHEN 'http' THEN 'HTTP' WHEN 'wait_signal' THEN 'SIGNAL'
+        WHEN 'schedule' THEN 'WAIT_SCHEDULE' WHEN 'wait_signal' THEN 'SIGNAL'
+        WHEN 'http' THEN CASE WHEN p_node ? 'multipart' THEN 'HTTP_MULTIPART' ELSE 'HTTP' END
         WHEN 'python' THEN 'PYTHON' ELSE upper(p_node->>'t') END
 $$;
 
@@ -101,11 +102,13 @@ BEGIN
     RETURN p_limit;
 END $$;
 
--- pg_durable's own node JSON ({"node_type": ...}) is not pgflow's: refuse it with pg_durable's words for an
--- unknown type, and say what to do for a known one. Other text is returned as it is.
+-- pg_durable's own node JSON ({"node_type": ...}): its SQL and HTTP leaves become pgflow's nodes (an HTTP
+-- node's URL is checked when it runs, as there); other types are refused with pg_durable's words for an
+-- unknown type, and what to do for a known one. Other text is returned as it is.
 CREATE FUNCTION df._checked(p_fut text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     t text;
+    q jsonb;
 BEGIN
     BEGIN
         t := p_fut::jsonb->>'node_type';
@@ -118,6 +121,21 @@ BEGIN
     IF t NOT IN ('SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE', 'HTTP',
                  'HTTP_MULTIPART', 'SIGNAL') THEN
         RAISE EXCEPTION 'Unknown node_type ''%''', t USING ERRCODE = '22023';
+    END IF;
+    IF t = 'SQL' AND jsonb_typeof(p_fut::jsonb->'query') = 'string' THEN
+        RETURN pgflow.sql(p_fut::jsonb->>'query');
+    END IF;
+    IF t = 'HTTP' THEN
+        BEGIN
+            q := (p_fut::jsonb->>'query')::jsonb;
+        EXCEPTION WHEN OTHERS THEN
+            q := NULL;
+        END;
+        IF jsonb_typeof(q->'url') = 'string' THEN
+            RETURN pgflow.http(q->>'url', coalesce(q->>'method', 'GET'), q->'body',
+                               CASE WHEN jsonb_typeof(q->'headers') = 'object' THEN q->'headers' END,
+                               coalesce((q->>'timeout_seconds')::double precision, 30));
+        END IF;
     END IF;
     RAISE EXCEPTION 'pgflow: pg_durable''s stored node JSON (node_type %) cannot be started here: build the '
                     'workflow with the df.* functions and operators', t USING ERRCODE = '0A000';
@@ -168,10 +186,42 @@ CREATE FUNCTION df.wait_for_signal(name text, timeout integer DEFAULT NULL) RETU
 LANGUAGE sql IMMUTABLE AS $$
     SELECT (pgflow.wait_for_signal(name, timeout)::jsonb || '{"envelope": true}')::text
 $$;
+-- df.http() is refused when it is built if this database says HTTP is off (pgflow.http = off, set where the
+-- workers run with PGFLOW_HTTP_ALLOW=none, which refuses every request whatever a session sets), and for
+-- a URL whose scheme is not http(s) (a URL starting with a {var} template is checked when it runs).
+CREATE FUNCTION df._http_checked(p_url text) RETURNS text LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF lower(coalesce(current_setting('pgflow.http', true), '')) IN ('off', 'false', '0') THEN
+        RAISE EXCEPTION 'df.http() is disabled on this server (pgflow.http = off)' USING ERRCODE = '0A000';
+    END IF;
+    IF p_url ~ '^[A-Za-z][A-Za-z0-9+.-]*:' AND p_url !~* '^https?://' THEN
+        RAISE EXCEPTION 'unsupported URL scheme in %: only http and https', left(p_url, 80)
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN p_url;
+END $$;
+
 CREATE FUNCTION df.http(url text, method text DEFAULT 'POST', body text DEFAULT NULL, headers jsonb DEFAULT NULL,
-                        timeout integer DEFAULT 30) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT pgflow.http(url, coalesce(method, 'POST'), df._json(body), headers, coalesce(timeout, 30))
+                        timeout integer DEFAULT 30) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT pgflow.http(df._http_checked(url), coalesce(method, 'POST'), df._json(body), headers, coalesce(timeout, 30))
 $$;
+
+-- A multipart/form-data request: parts are {name, data_b64, filename?, content_type?} (data_b64 is base64
+-- or exactly one $reference; the worker builds the body).
+CREATE FUNCTION df.http_multipart(url text, method text DEFAULT 'POST', parts jsonb DEFAULT '[]',
+                                  headers jsonb DEFAULT NULL, timeout integer DEFAULT 30) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF jsonb_typeof(parts) IS DISTINCT FROM 'array' OR jsonb_array_length(parts) = 0
+       OR EXISTS (SELECT FROM jsonb_array_elements(parts) p
+                  WHERE jsonb_typeof(p->'name') IS DISTINCT FROM 'string'
+                     OR jsonb_typeof(p->'data_b64') IS DISTINCT FROM 'string') THEN
+        RAISE EXCEPTION 'df.http_multipart: parts must be a non-empty array of {name, data_b64[, filename, '
+                        'content_type]} objects' USING ERRCODE = '22023';
+    END IF;
+    RETURN (pgflow.http(df._http_checked(url), coalesce(method, 'POST'), NULL, headers,
+                        coalesce(timeout, 30))::jsonb || jsonb_build_object('multipart', parts))::text;
+END $$;
 
 -- ------------------------------------------------------------------------------------------------ control
 -- pg_durable's text templates: {name} is the caller's variable name, {sys_label} the start's label (pgflow's
@@ -203,6 +253,11 @@ BEGIN
         node := jsonb_set(node, '{sql}', to_jsonb(df._fill(node->>'sql', p_label)));
     ELSIF node->>'t' = 'http' THEN
         node := jsonb_set(node, '{url}', to_jsonb(df._fill(node->>'url', p_label)));
+        IF jsonb_typeof(node->'multipart') = 'array' THEN
+            node := jsonb_set(node, '{multipart}', (SELECT jsonb_agg(CASE WHEN jsonb_typeof(p->'filename') = 'string'
+                THEN jsonb_set(p, '{filename}', to_jsonb(df._fill(p->>'filename', p_label))) ELSE p END ORDER BY i)
+                FROM jsonb_array_elements(node->'multipart') WITH ORDINALITY AS x(p, i)));
+        END IF;
         IF jsonb_typeof(node->'body') = 'string' THEN
             node := jsonb_set(node, '{body}', to_jsonb(df._fill(node->>'body', p_label)));
         END IF;
@@ -347,8 +402,17 @@ CREATE VIEW df.vars WITH (security_invoker = true) AS
            v.owner::regrole AS owner
     FROM pgflow.variables v WHERE v.secret_ref IS NULL;
 
+-- Variables are the caller's settings for the workflows it starts: a step may not change them.
+CREATE FUNCTION df._outside_workflow(p_function text) RETURNS void LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF current_setting('application_name') LIKE 'pgflow worker %' THEN
+        RAISE EXCEPTION '% cannot be called inside a workflow', p_function USING ERRCODE = '0A000';
+    END IF;
+END $$;
+
 CREATE FUNCTION df.setvar(name text, value text) RETURNS text LANGUAGE plpgsql STRICT AS $$
 BEGIN
+    PERFORM df._outside_workflow('df.setvar');
     PERFORM pgflow.set_variable(name, to_jsonb(value));
     RETURN format('variable %s set', name);
 END $$;
@@ -357,11 +421,13 @@ CREATE FUNCTION df.getvar(name text) RETURNS text LANGUAGE sql STABLE STRICT AS 
 $$;
 CREATE FUNCTION df.unsetvar(name text) RETURNS text LANGUAGE plpgsql STRICT AS $$
 BEGIN
+    PERFORM df._outside_workflow('df.unsetvar');
     PERFORM pgflow.delete_variable(name);
     RETURN format('variable %s removed', name);
 END $$;
 CREATE FUNCTION df.clearvars() RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM df._outside_workflow('df.clearvars');
     PERFORM pgflow.clearvars();
     RETURN 'variables cleared';
 END $$;
@@ -630,7 +696,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', p_role) || opt;
     EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', p_role) || opt;
     IF NOT include_http THEN
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM %I', p_role);
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer), '
+                       'df.http_multipart(text, text, jsonb, jsonb, integer) FROM %I', p_role);
     END IF;
     IF NOT with_grant THEN  -- the engine-wide numbers of df.metrics() are for administrators
         EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
@@ -663,7 +730,8 @@ BEGIN
         EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
                        'df.metrics() FROM %I', r.role_name);
         IF NOT r.http THEN
-            EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM %I', r.role_name);
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer), '
+                       'df.http_multipart(text, text, jsonb, jsonb, integer) FROM %I', r.role_name);
         END IF;
     END LOOP;
 END $$;
