@@ -87,11 +87,48 @@ BEGIN
     END CASE;
 END $$;
 
--- The largest page list_instances returns (pg_durable.list_instances_max_limit, else 1000).
+-- A pg_durable setting as an administrator made it, never a session's SET: ALTER ROLE/DATABASE ... SET
+-- (only superusers may store a setting no extension defines) or the server's configuration files (read
+-- with this layer's owner's rights; NULL when it may not read them). pg_durable's names only: the files
+-- hold other settings users may not read.
+CREATE FUNCTION df._admin_setting(p_name text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v text;
+BEGIN
+    IF p_name NOT LIKE 'pg\_durable.%' THEN
+        RETURN NULL;
+    END IF;
+    SELECT substr(c, length(p_name) + 2) INTO v
+    FROM pg_db_role_setting s, unnest(s.setconfig) AS c
+    WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+      AND s.setrole IN (0, (SELECT oid FROM pg_roles WHERE rolname = session_user))
+      AND c LIKE p_name || '=%'
+    ORDER BY s.setrole <> 0 DESC, s.setdatabase <> 0 DESC
+    LIMIT 1;
+    IF v IS NULL THEN
+        BEGIN
+            SELECT f.setting INTO v FROM pg_file_settings f WHERE f.name = p_name AND f.applied
+            ORDER BY f.seqno DESC LIMIT 1;
+        EXCEPTION WHEN insufficient_privilege THEN
+            v := NULL;
+        END;
+    END IF;
+    RETURN v;
+END $$;
+
+-- The largest page list_instances returns: pg_durable.list_instances_max_limit as an administrator set it
+-- (default 1000). A session's own SET may lower it; only a superuser's raises it (pg_durable's setting is
+-- superuser-only; here any session can SET a name no extension defines, so a user's higher value is
+-- ignored instead of refused).
 CREATE FUNCTION df._list_limit(p_limit integer) RETURNS integer LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    cap integer := coalesce(nullif(current_setting('pg_durable.list_instances_max_limit', true), '')::integer, 1000);
+    cap integer := coalesce(nullif(df._admin_setting('pg_durable.list_instances_max_limit'), '')::integer, 1000);
+    own integer := nullif(current_setting('pg_durable.list_instances_max_limit', true), '')::integer;
 BEGIN
+    IF own IS NOT NULL AND (own < cap OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)) THEN
+        cap := own;
+    END IF;
     IF p_limit IS NULL OR p_limit < 1 THEN
         RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = '22023';
     END IF;
@@ -511,6 +548,89 @@ LANGUAGE sql STABLE AS $$
     ORDER BY string_to_array(substr(n.id, 3), '.')::int[] NULLS FIRST
 $$;
 
+-- ------------------------------------------------------------------------------------------------ writes
+-- pg_durable lets users write a few columns of its tables; here the views take those writes and map them
+-- onto pgflow's API, as the caller (row-level security: nobody reaches another user's rows, whose UPDATE
+-- then affects 0 rows). Columns nobody may write are not granted (grant_usage), so writing them fails
+-- with insufficient_privilege.
+
+-- UPDATE df.instances: status 'cancelled' cancels the instance (df.cancel); setting the status it already
+-- has, or updated_at, changes nothing. submitted_by (which an administrator may grant) has no effect: the
+-- engine runs an instance as the role that started it and never reads the owner back from this view.
+CREATE FUNCTION df._instances_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id IS DISTINCT FROM OLD.id OR NEW.root_node IS DISTINCT FROM OLD.root_node THEN
+        RAISE EXCEPTION 'an instance''s id and root_node cannot change' USING ERRCODE = '42501';
+    END IF;
+    IF NEW.status IS DISTINCT FROM OLD.status THEN
+        IF NEW.status <> 'cancelled' THEN
+            RAISE EXCEPTION 'df.instances.status can only be set to cancelled (the engine sets the others), not %',
+                coalesce(NEW.status, 'NULL') USING ERRCODE = '0A000';
+        END IF;
+        PERFORM pgflow.cancel(df._id(OLD.id), 'cancelled through df.instances');
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER instances_update INSTEAD OF UPDATE ON df.instances
+    FOR EACH ROW EXECUTE FUNCTION df._instances_update();
+
+-- UPDATE df.nodes: the status it already has, updated_at and submitted_by change nothing; a node's other
+-- state is the engine's.
+CREATE FUNCTION df._nodes_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status THEN
+        RAISE EXCEPTION 'df.nodes.status is set by the engine (cancel the instance with df.cancel)'
+            USING ERRCODE = '0A000';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER nodes_update INSTEAD OF UPDATE ON df.nodes
+    FOR EACH ROW EXECUTE FUNCTION df._nodes_update();
+
+-- INSERT: the columns df.start fills are checked as pg_durable checks them (check_violation), then refused:
+-- an instance is started with df.start, which builds and validates its tree.
+CREATE FUNCTION df._instances_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id IS NULL OR NEW.id !~ '^[0-9a-f]{8,16}$' OR NEW.root_node IS NULL THEN
+        RAISE EXCEPTION 'new row for df.instances violates its id/root_node shape (% / %)', NEW.id, NEW.root_node
+            USING ERRCODE = '23514';
+    END IF;
+    RAISE EXCEPTION 'instances are created by df.start, not by INSERT into df.instances' USING ERRCODE = '0A000';
+END $$;
+CREATE TRIGGER instances_insert INSTEAD OF INSERT ON df.instances
+    FOR EACH ROW EXECUTE FUNCTION df._instances_insert();
+
+CREATE FUNCTION df._nodes_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id IS NULL OR NEW.instance_id IS NULL OR NEW.node_type IS NULL
+       OR (NEW.result_name IS NOT NULL AND NEW.result_name !~ '^[A-Za-z_][A-Za-z0-9_]*$') THEN
+        RAISE EXCEPTION 'new row for df.nodes violates its shape (node %, result name %)', NEW.id, NEW.result_name
+            USING ERRCODE = '23514';
+    END IF;
+    RAISE EXCEPTION 'nodes are created by df.start, not by INSERT into df.nodes' USING ERRCODE = '0A000';
+END $$;
+CREATE TRIGGER nodes_insert INSTEAD OF INSERT ON df.nodes
+    FOR EACH ROW EXECUTE FUNCTION df._nodes_insert();
+
+-- DELETE FROM df.vars removes variables (the caller's own; an administrator's reach all).
+CREATE FUNCTION df._vars_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM pgflow.variables WHERE owner = OLD.owner::text AND name = OLD.name AND secret_ref IS NULL;
+    RETURN OLD;
+END $$;
+CREATE TRIGGER vars_delete INSTEAD OF DELETE ON df.vars
+    FOR EACH ROW EXECUTE FUNCTION df._vars_delete();
+
+-- The columns a granted role may write (grant_usage, and the rebuild below).
+CREATE FUNCTION df._grant_writes(p_role text, p_option text DEFAULT '') RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('GRANT UPDATE (status, updated_at) ON df.instances, df.nodes TO %I', p_role) || p_option;
+    EXECUTE format('GRANT INSERT (id, root_node, label, submitted_by) ON df.instances TO %I', p_role) || p_option;
+    EXECUTE format('GRANT INSERT (id, instance_id, node_type, query, result_name, left_node, right_node, '
+                   'submitted_by) ON df.nodes TO %I', p_role) || p_option;
+    EXECUTE format('GRANT DELETE ON df.vars TO %I', p_role) || p_option;
+END $$;
+
 -- ------------------------------------------------------------------------------------------------ monitoring
 
 CREATE FUNCTION df.instance_info(instance_id text)
@@ -684,33 +804,82 @@ CREATE VIEW df._worker_ready AS
 
 -- ------------------------------------------------------------------------------------------------ grants
 
--- Let a role use df (and pgflow underneath). with_grant: it may pass that on (grant_usage/revoke_usage
--- stay with pgflow's owner, who alone may create executors).
+-- The functions only administrators of usage get (with_grant), and the HTTP ones (include_http).
+CREATE FUNCTION df._admin_functions() RETURNS regprocedure[] LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN ARRAY['df.grant_usage(text,boolean,boolean)', 'df.revoke_usage(text)', 'df.metrics()',
+                 'df._pgflow_usage(text)']::regprocedure[];
+END $$;
+CREATE FUNCTION df._http_functions() RETURNS regprocedure[] LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN ARRAY['df.http(text,text,text,jsonb,integer)', 'df.http_multipart(text,text,jsonb,jsonb,integer)']::regprocedure[];
+END $$;
+
+-- pgflow's usage follows a role's df privileges: granted (with HTTP if it may EXECUTE df.http, keeping its
+-- Python right) while it has USAGE on df, revoked when it has none. A definer function that only mirrors
+-- privileges someone already granted or revoked with their own grant options, so a delegated
+-- administrator (with_grant) never reaches further than PostgreSQL's GRANT lets it.
+CREATE FUNCTION df._pgflow_usage(p_role text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+BEGIN
+    IF has_schema_privilege(p_role, 'df', 'USAGE') THEN
+        PERFORM pgflow.grant_usage(p_role, has_function_privilege(p_role, 'df.http(text,text,text,jsonb,integer)',
+                                                                  'EXECUTE'),
+                                   coalesce((SELECT g.python FROM pgflow.role_grants g WHERE g.role_name = p_role),
+                                            false));
+    ELSIF EXISTS (SELECT FROM pgflow.role_grants g WHERE g.role_name = p_role) THEN
+        PERFORM pgflow.revoke_usage(p_role);
+    END IF;
+END $$;
+
+-- Let a role use df (and pgflow underneath), as pg_durable does: whoever may EXECUTE this (pgflow's owner,
+-- or a role granted usage with_grant) grants what they hold with grant option. include_http needs the
+-- right to grant df.http; with_grant makes the role an administrator of usage in turn.
 CREATE FUNCTION df.grant_usage(p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     opt text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
+    f regprocedure;
 BEGIN
-    PERFORM pgflow.grant_usage(p_role, include_http);
+    IF include_http AND NOT has_function_privilege('df.http(text,text,text,jsonb,integer)', 'EXECUTE WITH GRANT OPTION') THEN
+        RAISE EXCEPTION 'permission denied to grant HTTP use (include_http) to %: % may not grant df.http', p_role,
+            current_user USING ERRCODE = '42501';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = p_role) THEN
+        RAISE EXCEPTION 'role "%" does not exist', p_role USING ERRCODE = '42704';
+    END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA df TO %I', p_role) || opt;
-    EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', p_role) || opt;
-    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', p_role) || opt;
-    IF NOT include_http THEN
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer), '
-                       'df.http_multipart(text, text, jsonb, jsonb, integer) FROM %I', p_role);
-    END IF;
-    IF NOT with_grant THEN  -- the engine-wide numbers of df.metrics() are for administrators
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
-                       'df.metrics() FROM %I', p_role);
-    END IF;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = 'df'::regnamespace AND has_function_privilege(p.oid, 'EXECUTE WITH GRANT OPTION')
+    LOOP
+        CONTINUE WHEN f = ANY (df._http_functions()) AND NOT include_http;
+        CONTINUE WHEN f = ANY (df._admin_functions()) AND NOT with_grant;
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_role) || opt;
+    END LOOP;
+    EXECUTE format('GRANT SELECT ON df.instances, df.nodes, df.vars, df._worker_ready TO %I', p_role) || opt;
+    PERFORM df._grant_writes(p_role, opt);
+    FOR f IN SELECT u.f FROM unnest(CASE WHEN include_http THEN '{}' ELSE df._http_functions() END
+                                    || CASE WHEN with_grant THEN '{}' ELSE df._admin_functions() END) AS u(f)
+             WHERE has_function_privilege(u.f, 'EXECUTE WITH GRANT OPTION') LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', f, p_role);  -- granted again with less
+    END LOOP;
+    PERFORM df._pgflow_usage(p_role);
 END $$;
 
+-- Take usage back: the privileges this caller granted (PostgreSQL's REVOKE), then pgflow's usage if the role
+-- has no USAGE on df left.
 CREATE FUNCTION df.revoke_usage(p_role text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    f regprocedure;
 BEGIN
-    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM %I', p_role);
-    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA df FROM %I', p_role);
-    EXECUTE format('REVOKE ALL ON SCHEMA df FROM %I', p_role);
-    PERFORM pgflow.revoke_usage(p_role);
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = 'df'::regnamespace AND has_function_privilege(p.oid, 'EXECUTE WITH GRANT OPTION')
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %I CASCADE', f, p_role);
+    END LOOP;
+    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars, df._worker_ready FROM %I CASCADE', p_role);
+    EXECUTE format('REVOKE ALL ON SCHEMA df FROM %I CASCADE', p_role);
+    PERFORM df._pgflow_usage(p_role);
 END $$;
 
 -- Nothing here is PUBLIC's (PostgreSQL grants EXECUTE on new functions to PUBLIC).
@@ -727,8 +896,9 @@ BEGIN
         EXECUTE format('GRANT USAGE ON SCHEMA df TO %I', r.role_name);
         EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', r.role_name);
         EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', r.role_name);
+        PERFORM df._grant_writes(r.role_name);
         EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
-                       'df.metrics() FROM %I', r.role_name);
+                       'df.metrics(), df._pgflow_usage(text) FROM %I', r.role_name);
         IF NOT r.http THEN
             EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer), '
                        'df.http_multipart(text, text, jsonb, jsonb, integer) FROM %I', r.role_name);
