@@ -23,6 +23,11 @@ CREATE FUNCTION df._id(p_id text) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN btrim(p_id) ~ '^[0-9a-fA-F]{1,15}$' THEN ('x' || lpad(btrim(p_id), 16, '0'))::bit(64)::bigint END
 $$;
 
+-- A role by its name, as regrole (a cast of the text would fold the case of 'labUser' and find no role).
+CREATE FUNCTION df._role(p_name name) RETURNS regrole LANGUAGE sql STABLE AS $$
+    SELECT oid::regrole FROM pg_roles WHERE rolname = p_name
+$$;
+
 -- A literal as pg_durable takes it: valid JSON stays JSON, other text becomes a JSON string.
 CREATE FUNCTION df._json(p_text text) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
@@ -348,6 +353,9 @@ BEGIN
         RAISE EXCEPTION 'invalid transaction_mode %: expected ''caller'' or ''new''',
             coalesce(quote_literal(transaction_mode), 'NULL') USING ERRCODE = '22023';
     END IF;
+    IF database IS NOT NULL AND NOT EXISTS (SELECT FROM pg_database WHERE datname = database) THEN
+        RAISE EXCEPTION 'database "%" does not exist', database USING ERRCODE = '3D000';
+    END IF;
     IF database IS NOT NULL AND database <> current_database() THEN
         RAISE EXCEPTION 'pgflow: df.start(database => %): pgflow runs instances in the database they are started '
                         'in; connect to % (with pgflow initialised there) and start it there', database, database
@@ -436,7 +444,7 @@ END $$;
 
 CREATE VIEW df.vars WITH (security_invoker = true) AS
     SELECT v.name, CASE WHEN jsonb_typeof(v.value) = 'string' THEN v.value #>> '{}' ELSE v.value::text END AS value,
-           v.owner::regrole AS owner
+           df._role(v.owner) AS owner
     FROM pgflow.variables v WHERE v.secret_ref IS NULL;
 
 -- Variables are the caller's settings for the workflows it starts: a step may not change them.
@@ -473,7 +481,7 @@ END $$;
 
 CREATE VIEW df.instances WITH (security_invoker = true) AS
     SELECT df._text_id(i.id) AS id, i.label, 'r'::text AS root_node, i.status::text AS status,
-           i.owner::regrole AS submitted_by, current_database()::text AS database, i.created_at,
+           df._role(i.owner) AS submitted_by, current_database()::text AS database, i.created_at,
            coalesce(i.finished_at, i.started_at, i.created_at) AS updated_at,
            CASE WHEN i.status = 'completed' THEN i.finished_at END AS completed_at,
            i.flow_name AS function_name, i.error
@@ -520,7 +528,7 @@ LANGUAGE sql STABLE AS $$
                    ELSE st.output END
                WHEN st.status = 'failed' THEN to_jsonb(st.error)
            END,
-           st.error, i.owner::regrole, current_database()::text, st.enqueued_at,
+           st.error, df._role(i.owner), current_database()::text, st.enqueued_at,
            coalesce(st.finished_at, st.started_at, st.enqueued_at),
            CASE WHEN st.status IS NOT NULL THEN jsonb_build_object('execution_id', df._text_id(p_id) || '::1', 'attempt', st.attempt) END,
            CASE
@@ -615,7 +623,9 @@ CREATE TRIGGER nodes_insert INSTEAD OF INSERT ON df.nodes
 -- DELETE FROM df.vars removes variables (the caller's own; an administrator's reach all).
 CREATE FUNCTION df._vars_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    DELETE FROM pgflow.variables WHERE owner = OLD.owner::text AND name = OLD.name AND secret_ref IS NULL;
+    DELETE FROM pgflow.variables v
+    WHERE v.owner = (SELECT r.rolname FROM pg_roles r WHERE r.oid = OLD.owner) AND v.name = OLD.name
+      AND v.secret_ref IS NULL;
     RETURN OLD;
 END $$;
 CREATE TRIGGER vars_delete INSTEAD OF DELETE ON df.vars
@@ -796,6 +806,8 @@ END $$;
 
 -- The schema where pg_durable kept its engine tables; here df, whose _worker_ready view shows a row once a
 -- pgflow coordinator and worker are connected to this database.
+-- The database this engine serves (pg_durable's pg_durable.database): the one it is connected to.
+CREATE FUNCTION df.target_database() RETURNS text LANGUAGE sql STABLE AS $$ SELECT current_database()::text $$;
 CREATE FUNCTION df.duroxide_schema() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'df'::text $$;
 CREATE VIEW df._worker_ready AS
     SELECT 1 AS schema_version
