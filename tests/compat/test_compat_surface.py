@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import httpx
 import psycopg
@@ -158,3 +159,122 @@ def test_result_names_are_checked_when_given(user):
         with pytest.raises(psycopg.errors.InvalidParameterValue, match="not a valid identifier"):
             user.one("SELECT df.sql('SELECT 1') |=> %s", (name,))
     assert "my_result" in user.one("SELECT df.sql('SELECT 1') |=> 'my_result'")
+
+
+@pytest.fixture
+def make_role(df_dsn):
+    """Login roles made by the test (unique names), dropped afterwards with what they own."""
+    made: list[str] = []
+
+    def make(prefix: str = "r", grant: str | None = "") -> str:
+        role = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        run_sql(df_dsn, f'CREATE ROLE "{role}" LOGIN; GRANT CREATE ON SCHEMA public TO "{role}"')
+        made.append(role)
+        if grant is not None:
+            run_sql(df_dsn, f"SELECT df.grant_usage(%s{grant})", (role,))
+        return role
+
+    yield make
+    for role in reversed(made):
+        if run_sql(df_dsn, "SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)):
+            run_sql(df_dsn, f'DROP OWNED BY "{role}" CASCADE; DROP ROLE "{role}"')
+
+
+def test_the_list_cap_is_the_administrators_a_user_may_only_lower_it(df_dsn, df_user):
+    run_sql(df_dsn, "DO $$ BEGIN EXECUTE format('ALTER DATABASE %%I SET pg_durable.list_instances_max_limit = 5', "
+                    "current_database()); END $$")
+    user = Session(df_dsn, df_user)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"list_instances_max_limit \(5\)"):
+        user.rows("SELECT * FROM df.list_instances(NULL, 6)")
+    user.run("SET pg_durable.list_instances_max_limit = 100000")  # a session may SET any such name ...
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"list_instances_max_limit \(5\)"):
+        user.rows("SELECT * FROM df.list_instances(NULL, 6, NULL)")  # ... but not raise the cap with it
+    user.run("SET pg_durable.list_instances_max_limit = 3")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"list_instances_max_limit \(3\)"):
+        user.rows("SELECT * FROM df.list_instances(NULL, 4)")
+    admin = Session(df_dsn, None)
+    admin.run("SET pg_durable.list_instances_max_limit = 50")  # a superuser's own SET counts
+    assert admin.rows("SELECT * FROM df.list_instances(NULL, 6)") == []
+
+
+def test_users_write_the_columns_pg_durable_lets_them_on_their_own_rows_only(df_dsn, make_role, http_engine):
+    alice, bob = Session(df_dsn, make_role("alice")), Session(df_dsn, make_role("bob"))
+    mine = start(alice, "'SELECT 1 AS a'")
+    theirs = start(bob, "df.sleep(600)")
+    assert alice.finish(mine) == "completed"
+    assert alice.conn.execute("UPDATE df.instances SET status = 'completed', updated_at = now() WHERE id = %s",
+                              (mine,)).rowcount == 1
+    assert alice.conn.execute("UPDATE df.instances SET status = 'cancelled' WHERE id = %s", (theirs,)).rowcount == 0
+    assert bob.one("SELECT status FROM df.instances WHERE id = %s", (theirs,)) in ("pending", "running")
+    for statement, error in (
+            ("DELETE FROM df.instances WHERE id = %s", psycopg.errors.InsufficientPrivilege),
+            ("UPDATE df.instances SET submitted_by = 'postgres'::regrole WHERE id = %s",
+             psycopg.errors.InsufficientPrivilege),
+            ("UPDATE df.instances SET status = 'failed' WHERE id = %s", psycopg.errors.FeatureNotSupported)):
+        with pytest.raises(error):
+            alice.run(statement, (mine,))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        alice.run("INSERT INTO df.instances (id, root_node, status) VALUES ('deadbeef', 'cafebabe', 'completed')")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        alice.run("INSERT INTO df.instances (id, root_node) VALUES ('not_hex!', 'cafebabe')")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        alice.run("INSERT INTO df.nodes (id, instance_id, node_type, query, result_name) "
+                  "VALUES ('deadbeef', 'cafebabe', 'SQL', 'SELECT 1', 'bad-name')")
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="df.start"):
+        alice.run("INSERT INTO df.instances (id, root_node) VALUES ('deadbeef', 'cafebabe')")
+    assert bob.conn.execute("UPDATE df.instances SET status = 'cancelled' WHERE id = %s", (theirs,)).rowcount == 1
+    assert bob.one("SELECT status FROM df.instances WHERE id = %s", (theirs,)) == "cancelled"
+
+
+def test_a_granted_submitted_by_write_does_not_change_who_runs_it(df_dsn, make_role, http_engine):
+    owner, forger = make_role("owner"), make_role("forger")
+    run_sql(df_dsn, f"GRANT UPDATE (submitted_by) ON df.instances, df.nodes TO {forger}; "
+                    f"ALTER ROLE {forger} BYPASSRLS; CREATE TABLE ran_as (who text); GRANT ALL ON ran_as TO {owner}")
+    session = Session(df_dsn, owner)
+    iid = start(session, "df.sleep(1) ~> 'INSERT INTO ran_as SELECT current_user'")
+    forging = Session(df_dsn, forger)
+    assert forging.conn.execute("UPDATE df.instances SET submitted_by = 'postgres'::regrole WHERE id = %s",
+                                (iid,)).rowcount == 1
+    forging.run("UPDATE df.nodes SET submitted_by = 'postgres'::regrole WHERE instance_id = %s", (iid,))
+    assert session.finish(iid) == "completed"
+    assert run_sql(df_dsn, "SELECT who FROM ran_as") == [(owner,)]
+    assert session.one("SELECT submitted_by::text FROM df.instances WHERE id = %s", (iid,)) == owner
+
+
+def test_an_administrator_of_usage_grants_what_it_holds(df_dsn, make_role, http_engine):
+    delegate = make_role("dg_admin", ", include_http => false, with_grant => true")
+    app, http_target = make_role("dg_app", None), make_role("dg_http", None)
+    admin = Session(df_dsn, delegate)
+    admin.run("SELECT df.grant_usage(%s)", (app,))
+    app_session = Session(df_dsn, app)
+    assert app_session.finish(start(app_session, "'SELECT 200 AS r'")) == "completed"
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="permission denied"):
+        admin.run("SELECT df.grant_usage(%s, include_http => true)", (http_target,))
+    assert not run_sql(df_dsn, "SELECT has_function_privilege(%s, 'df.http(text,text,text,jsonb,integer)', "
+                               "'EXECUTE')", (http_target,))[0][0]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app_session.run("SELECT df.grant_usage(%s)", (http_target,))  # not an administrator of usage
+    admin.run("SELECT df.revoke_usage(%s)", (app,))
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        app_session.run("SELECT df.start('SELECT 1')")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # nor through pgflow's own API underneath
+        app_session.run("SELECT pgflow.start('SELECT 1')")
+
+
+def test_a_dropped_granted_role_does_not_stop_everyone_elses_steps(df_dsn, make_role, user, http_engine):
+    gone = make_role("gone")
+    run_sql(df_dsn, f"DROP OWNED BY {gone}; DROP ROLE {gone}")  # dropped without revoke_usage
+    assert user.finish(start(user, "'SELECT 1 AS still_runs'")) == "completed"
+
+
+def test_mixed_case_role_names_are_kept(df_dsn, make_role, http_engine):
+    role = make_role("labUser")
+    session = Session(df_dsn, None)
+    session.run(f'SET SESSION AUTHORIZATION "{role}"')
+    iid = start(session, "'SELECT 1 AS ok'")
+    assert session.finish(iid) == "completed"
+    assert session.one("SELECT r.rolname FROM df.nodes n JOIN pg_roles r ON r.oid = n.submitted_by::oid "
+                       "WHERE n.instance_id = %s LIMIT 1", (iid,)) == role
+    session.run("SELECT df.setvar('k', 'v')")
+    assert session.conn.execute("DELETE FROM df.vars WHERE name = 'k'").rowcount == 1
+    assert session.one("SELECT df.getvar('k')") is None
