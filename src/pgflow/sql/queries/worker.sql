@@ -63,9 +63,10 @@ SELECT r.rolname IS NOT NULL AS role_exists,
            OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles a WHERE a.rolname = 'pgflow_admin')
                AND pg_catalog.pg_has_role(o.owner, 'pgflow_admin', 'member')) END AS granted,
        CASE WHEN r.rolname IS NOT NULL THEN pgflow.may_use('http', o.owner)
-           AND (pg_catalog.to_regprocedure('df.http(text,text,text,jsonb,integer)') IS NULL
-                OR NOT pg_catalog.has_schema_privilege(o.owner, 'df', 'USAGE')
-                OR pg_catalog.has_function_privilege(o.owner, 'df.http(text,text,text,jsonb,integer)', 'EXECUTE'))
+           AND CASE WHEN pg_catalog.to_regprocedure('df.http(text,text,text,jsonb,integer)') IS NULL THEN true
+                    WHEN NOT pg_catalog.has_schema_privilege(o.owner, 'df', 'USAGE') THEN true
+                    ELSE pg_catalog.has_function_privilege(o.owner, 'df.http(text,text,text,jsonb,integer)',
+                                                           'EXECUTE') END
            ELSE false END AS http,
        CASE WHEN r.rolname IS NOT NULL THEN pgflow.may_use('python', o.owner) ELSE false END AS python,
        (SELECT pg_catalog.jsonb_object_agg(s.name, s.ref) FROM pgflow.secret_grants s WHERE s.role_name = o.owner)
