@@ -902,6 +902,7 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
 DO $$
 DECLARE
     r record;
+    f regprocedure;
 BEGIN
     FOR r IN SELECT g.role_name, g.http FROM pgflow.role_grants g
              WHERE EXISTS (SELECT FROM pg_roles WHERE rolname = g.role_name) LOOP
@@ -909,11 +910,9 @@ BEGIN
         EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', r.role_name);
         EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', r.role_name);
         PERFORM df._grant_writes(r.role_name);
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
-                       'df.metrics(), df._pgflow_usage(text) FROM %I', r.role_name);
-        IF NOT r.http THEN
-            EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer), '
-                       'df.http_multipart(text, text, jsonb, jsonb, integer) FROM %I', r.role_name);
-        END IF;
+        FOR f IN SELECT unnest(df._admin_functions()
+                               || CASE WHEN r.http THEN '{}'::regprocedure[] ELSE df._http_functions() END) LOOP
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', f, r.role_name);
+        END LOOP;
     END LOOP;
 END $$;
