@@ -428,13 +428,18 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
     END IF;
-    IF NOT st = ANY (pgflow.open_instance_statuses()) THEN  -- as pg_durable: too late, nothing happens
+    -- a finished instance refuses it (object_not_in_prerequisite_state), also when it finished after the
+    -- caller looked: as pg_durable, too late means nothing happens
+    BEGIN
+        IF df._autonomous(current_user, 'signal', jsonb_build_object('id', df._id(instance_id), 'name',
+                                                                     signal_name, 'data', df._json(signal_data)))
+           IS NULL THEN
+            PERFORM pgflow.signal(df._id(instance_id), signal_name, df._json(signal_data));
+        END IF;
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        SELECT status INTO st FROM pgflow.instances WHERE id = df._id(instance_id);
         RETURN format('instance %s is %s: signal %s ignored', instance_id, st, signal_name);
-    END IF;
-    IF df._autonomous(current_user, 'signal', jsonb_build_object('id', df._id(instance_id), 'name', signal_name,
-                                                                 'data', df._json(signal_data))) IS NULL THEN
-        PERFORM pgflow.signal(df._id(instance_id), signal_name, df._json(signal_data));
-    END IF;
+    END;
     RETURN format('signal %s sent to %s', signal_name, instance_id);
 EXCEPTION WHEN no_data_found THEN
     RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
