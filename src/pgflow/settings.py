@@ -52,6 +52,7 @@ class Settings:
     http_max_bytes: int  # PGFLOW_HTTP_MAX_BYTES: largest HTTP response (10 MiB)
     http_max_timeout: float  # PGFLOW_HTTP_MAX_TIMEOUT: cap of an HTTP node's timeout in seconds (60)
     python_modules: tuple[str, ...] = ()  # PGFLOW_PYTHON_MODULES: modules workers may import by name (none)
+    http_resolve: tuple[tuple[str, str], ...] = ()  # PGFLOW_HTTP_RESOLVE: name=scheme://address:port overrides
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -93,12 +94,28 @@ class Settings:
             http_max_bytes=read("PGFLOW_HTTP_MAX_BYTES", 10 * 1024 * 1024, int, "use a positive integer", _positive),
             http_max_timeout=read("PGFLOW_HTTP_MAX_TIMEOUT", 60.0, float, "use a number of seconds > 0", _positive),
             python_modules=_names(env.get("PGFLOW_PYTHON_MODULES", "")),
+            http_resolve=_resolve_entries(env.get("PGFLOW_HTTP_RESOLVE", "")),
         )
 
 
 def _names(raw: str) -> tuple[str, ...]:
     """A comma-separated list, blanks dropped."""
     return tuple(filter(None, (item.strip() for item in raw.split(","))))
+
+
+def _resolve_entries(raw: str) -> tuple[tuple[str, str], ...]:
+    """PGFLOW_HTTP_RESOLVE: ``name=http://ADDRESS:PORT`` (or ``https://``, or ``none``) entries."""
+    entries = []
+    for item in _names(raw):
+        name, _, target = item.partition("=")
+        target = target.strip().rstrip("/")
+        scheme, _, address = target.partition("://")
+        valid = target == "none" or (scheme in ("http", "https") and address and "/" not in address)
+        if not name.strip() or not valid:
+            raise SettingsError(f"PGFLOW_HTTP_RESOLVE={raw!r}: use name=http://ADDRESS:PORT entries "
+                                "(or https://, or name=none), comma-separated")
+        entries.append((name.strip().lower(), target))
+    return tuple(entries)
 
 
 def _positive(value: Any) -> bool:

@@ -264,6 +264,8 @@ def test_start_options_transaction_mode_database_and_invalid_nodes(user, df_engi
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="transaction_mode"):
         user.one("SELECT df.start('SELECT 1', transaction_mode => 'sometimes')")
     with pytest.raises(psycopg.errors.FeatureNotSupported, match="database"):
+        user.one("SELECT df.start('SELECT 1', database => 'template1')")  # another database of the cluster
+    with pytest.raises(psycopg.errors.InvalidCatalogName, match='database "elsewhere" does not exist'):
         user.one("SELECT df.start('SELECT 1', database => 'elsewhere')")
     here = user.one("SELECT df.start('SELECT 1', database => current_database())")
     assert user.finish(here) == "completed"

@@ -89,7 +89,7 @@ def test_allow_list(resolver):
     with pytest.raises(EgressDenied, match="never allowed"):
         policy.check("http://[::ffff:169.254.169.254]/")
     resolver[0]["public.example"] = [["93.184.216.34"]]
-    with pytest.raises(EgressDenied, match="not in the HTTP allow-list"):
+    with pytest.raises(EgressDenied, match="not in the allowed hosts"):
         policy.check("http://public.example/")
     with pytest.raises(EgressDenied, match="bare IP"):
         policy.check("http://10.1.1.1/")

@@ -3,7 +3,8 @@ started): the role still exists, is still granted pgflow usage, is not a superus
 role allows it, holds the HTTP or Python right its step needs; and the secrets an administrator granted it.
 
 Answers are kept for a second per owner (one query per owner per second, not per step): a revocation takes
-effect for steps that start at most that long after it.
+effect for steps that start at most that long after it. HTTP steps read them afresh every time (a request
+costs far more than the query, and a revoked HTTP right must stop the very next request).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class Rights:
         if self.refusal:
             raise StepRefused(f"refused when the step ran: {self.refusal}")
         if kind == "http" and not self.http:
-            raise StepRefused(f"refused when the step ran: role {self.owner!r} may not use HTTP steps")
+            raise StepRefused(f"refused when the step ran: role {self.owner!r} does not have EXECUTE privilege "
+                              "for HTTP steps (grant_usage with include_http)")
         if kind == "python" and not self.python:
             raise StepRefused(f"refused when the step ran: role {self.owner!r} may not use Python steps")
 
@@ -65,10 +67,10 @@ class RightsCache:
     def __init__(self) -> None:
         self._rights: dict[str, tuple[float, Rights]] = {}
 
-    def get(self, conn: psycopg.Connection, owner: str) -> Rights:
+    def get(self, conn: psycopg.Connection, owner: str, fresh: bool = False) -> Rights:
         now = time.monotonic()
         cached = self._rights.get(owner)
-        if cached is None or now - cached[0] > self.TTL:
+        if fresh or cached is None or now - cached[0] > self.TTL:
             row = Q.one(conn, "owner_rights", {"owner": owner}, row_factory=dict_row)
             cached = self._rights[owner] = (now, Rights.from_row(owner, row))
         return cached[1]

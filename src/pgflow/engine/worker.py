@@ -445,7 +445,7 @@ class Worker(ConnectedLoop):
     def _dispatch(self, shape: FlowShape, step: StepShape, task: ClaimedTask, acks: _Acks, labels: Labels) -> None:
         """Run the task with the runner of its kind of step, and acknowledge it. The owner's rights are
         checked first (now, not only when the instance started), and its granted secrets given to the task."""
-        rights = self.rights.get(self._conn, task.owner)
+        rights = self.rights.get(self._conn, task.owner, fresh=step.kind == "http")
         rights.check(step.kind)
         task.secret_refs = rights.secrets
         scope, columns = task.values()

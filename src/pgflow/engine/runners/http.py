@@ -9,6 +9,7 @@ response, 4xx included, completes the step with ``ok`` false.
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import fnmatch
 import ipaddress
@@ -99,7 +100,12 @@ class EgressPolicy:
       (``10.0.0.0/8``, ``127.0.0.1``). Unset: any host name whose addresses are all public (global); never
       loopback, private, link-local, shared, reserved, multicast or IPv4-mapped forms of them, and never a
       bare IP address. An allow-listed name may resolve to private addresses; an allow-listed CIDR opens its
-      addresses (bare IPs included). Set, anything else is refused;
+      addresses (bare IPs included). Set, anything else is refused; ``none``: no HTTP request at all;
+    - ``PGFLOW_HTTP_RESOLVE`` (operators only, for tests and development): ``name=http://ADDRESS:PORT``
+      entries (``name`` may be a ``*.`` pattern) send requests for ``name`` to that address instead of its
+      DNS answer (plain HTTP, or ``https://`` with TLS checked against the original name); ``*=none`` makes
+      every other name unresolvable without any DNS query. The name still passes the allow-list; the
+      address is the operator's choice, so it is not checked;
     - link-local and cloud-metadata addresses are always denied, whatever the allow-list says;
     - the name is resolved once, every address checked, and the connection made to the checked address
       (Host header and TLS name of the original name): no second lookup an attacker's DNS could answer
@@ -113,17 +119,21 @@ class EgressPolicy:
     networks: tuple[Any, ...] = ()
     max_bytes: int = 10 * 1024 * 1024
     max_timeout: float = 60.0
+    disabled: bool = False
+    resolve: tuple[tuple[str, str], ...] = ()  # (name pattern, "scheme://address:port" or "none")
 
     @classmethod
     def from_settings(cls) -> EgressPolicy:
         current = settings.current()
         hosts, networks = [], []
-        for item in current.http_allow:
+        disabled = [item.lower() for item in current.http_allow] == ["none"]
+        for item in () if disabled else current.http_allow:
             try:
                 networks.append(ipaddress.ip_network(item, strict=False))
             except ValueError:
                 hosts.append(item.lower())
-        return cls(tuple(hosts), tuple(networks), current.http_max_bytes, current.http_max_timeout)
+        return cls(tuple(hosts), tuple(networks), current.http_max_bytes, current.http_max_timeout, disabled,
+                   current.http_resolve)
 
     @property
     def open(self) -> bool:
@@ -134,9 +144,12 @@ class EgressPolicy:
         """Resolve ``url``'s host once and check every address; the Targets to connect to (one per address,
         tried in order), or EgressDenied. A secret's value in the host is refused before any lookup (a DNS
         query would carry it out)."""
+        if self.disabled:
+            raise EgressDenied("outbound HTTP requests are disabled on this engine (PGFLOW_HTTP_ALLOW=none)")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise EgressDenied(f"only http(s) URLs with a host are allowed, not {parts.scheme or '?'}://")
+            raise EgressDenied(f"unsupported URL scheme {parts.scheme or '?'}://: only http(s) URLs with a host "
+                               "are allowed")
         host = parts.hostname.lower()
         netloc_host = parts.netloc.rpartition("@")[2]
         if any(secret and secret.lower() in netloc_host.lower() for secret in secrets or ()):
@@ -144,6 +157,9 @@ class EgressPolicy:
         port = parts.port or (443 if parts.scheme == "https" else 80)
         literal = _ip_literal(host)
         name_allowed = literal is None and any(fnmatch.fnmatch(host, pattern) for pattern in self.hosts)
+        override = None if literal is not None else self._override(host)
+        if override is not None:
+            return [self._overridden(host, netloc_host, parts, override, name_allowed)]
         if literal is not None:
             addresses = [literal]
         else:
@@ -164,9 +180,30 @@ class EgressPolicy:
                                   str(address), sni))
         return targets
 
+    def _override(self, host: str) -> str | None:
+        """The PGFLOW_HTTP_RESOLVE entry for ``host`` (exact names before patterns), else None."""
+        for pattern, target in sorted(self.resolve, key=lambda entry: "*" in entry[0]):
+            if fnmatch.fnmatch(host, pattern):
+                return target
+        return None
+
+    def _overridden(self, host: str, netloc_host: str, parts: Any, override: str, name_allowed: bool) -> Target:
+        """The Target of a name the operator mapped (PGFLOW_HTTP_RESOLVE): the allow-list still applies to
+        the name; no DNS query is made."""
+        if not self.open and not name_allowed:
+            raise EgressDenied(f"{host} is not in the allowed hosts (PGFLOW_HTTP_ALLOW)")
+        if override == "none":
+            raise httpx.ConnectError(f"cannot resolve {host}: no address for it (PGFLOW_HTTP_RESOLVE)")
+        to = urlsplit(override)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = (userinfo + "@" if userinfo else "") + to.netloc
+        return Target(urlunsplit((to.scheme, netloc, parts.path, parts.query, "")), host, netloc_host,
+                      to.netloc, host if to.scheme == "https" else None)
+
     def _check_address(self, host: str, address: Address, *, bare: bool, name_allowed: bool) -> None:
         if any(address in net for net in ALWAYS_DENIED):
-            raise EgressDenied(f"{host} is {address}: link-local/metadata addresses are never allowed")
+            raise EgressDenied(f"{host} is {address}: link-local/metadata addresses are never allowed"
+                               + (" (bare IP address targets are refused)" if bare else ""))
         if any(address in net for net in self.networks):
             return
         if bare:
@@ -174,7 +211,7 @@ class EgressPolicy:
         if name_allowed:
             return
         if not self.open:
-            raise EgressDenied(f"{host} is not in the HTTP allow-list (PGFLOW_HTTP_ALLOW)")
+            raise EgressDenied(f"{host} is not in the allowed hosts (PGFLOW_HTTP_ALLOW)")
         if not address.is_global or address.is_multicast or any(address in net for net in NOT_PUBLIC):
             raise EgressDenied(f"{host} resolves to {address}: loopback, private, link-local and reserved addresses "
                                "are refused unless allow-listed (PGFLOW_HTTP_ALLOW)")
@@ -233,6 +270,38 @@ def substitute_body(body: Any, scope: dict[str, Any]) -> Any:
     return body
 
 
+def multipart_parts(parts: Any, scope: dict[str, Any]) -> list[tuple[str, tuple[Any, ...]]]:
+    """A multipart/form-data body's parts ({name, data_b64, filename?, content_type?}) as httpx files. A
+    part's ``data_b64`` is base64 (whitespace ignored: PostgreSQL's encode() wraps lines) or exactly one
+    reference whose value is base64; text around a reference could only corrupt the bytes, so it fails."""
+    if not isinstance(parts, list) or not parts:
+        raise NonRetryableError("a multipart request needs a non-empty array of parts")
+    files = []
+    for part in parts:
+        name = part.get("name") if isinstance(part, dict) else None
+        if not isinstance(name, str) or not name:
+            raise NonRetryableError("every multipart part needs a name")
+        data = part.get("data_b64")
+        if isinstance(data, str):
+            template = compile_text(data)
+            if template.whole:
+                data = value_of(template.whole, scope)
+            elif template.references:
+                raise NonRetryableError(f"multipart part {name!r}: data_b64 must be base64 text or a whole-value "
+                                        "reference ($name.col), not text around a reference")
+        if not isinstance(data, str):
+            raise NonRetryableError(f"multipart part {name!r}: data_b64 must be base64 text")
+        try:
+            content = base64.b64decode("".join(data.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise NonRetryableError(f"multipart part {name!r}: data_b64 is not valid base64") from None
+        filename, content_type = part.get("filename"), part.get("content_type")
+        name = substitute_text(name, scope)
+        filename = substitute_text(filename, scope) if isinstance(filename, str) else None
+        files.append((name, (filename, content) if content_type is None else (filename, content, content_type)))
+    return files
+
+
 def run(step: StepShape, task: ClaimedTask, scope: dict[str, Any], attempt: Attempt | None = None
         ) -> dict[str, Any]:
     """Perform an HTTP step (outside any transaction: at least once) and return its envelope. Secrets are
@@ -255,6 +324,7 @@ def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attem
     url = substitute_text(spec["url"], scope, url=True)
     headers = {k: substitute_text(str(v), scope) for k, v in (spec.get("headers") or {}).items()}
     body = substitute_body(spec.get("body"), scope)
+    files = multipart_parts(spec["multipart"], scope) if spec.get("multipart") is not None else None
     retry_on = set(spec.get("retry_on") or range(500, 600))
     policy = EgressPolicy.from_settings()
     timeout = policy.timeout(spec.get("timeout"))
@@ -267,7 +337,8 @@ def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attem
             for index, target in enumerate(targets):  # the checked addresses, in the resolver's order
                 record.address = target.address
                 try:
-                    response, content = _send(policy, target, record.method, headers, body, timeout, deadline)
+                    response, content = _send(policy, target, record.method, headers, body, timeout, deadline,
+                                              files)
                     break
                 except httpx.ConnectError:
                     if index == len(targets) - 1:
@@ -290,22 +361,27 @@ def request(spec: dict[str, Any], scope: dict[str, Any], attempt: int, max_attem
 
 
 def _send(policy: EgressPolicy, target: Target, method: str, headers: dict[str, str], body: Any, timeout: float,
-          deadline: float) -> tuple[httpx.Response, bytes]:
+          deadline: float, files: list[tuple[str, tuple[Any, ...]]] | None = None) -> tuple[httpx.Response, bytes]:
     """One request to a checked address, with the name's Host header and TLS server name; no proxy from the
-    environment (it would connect elsewhere), no redirects."""
+    environment (it would connect elsewhere), no redirects. ``files``: a multipart/form-data body."""
     headers = {k: v for k, v in headers.items() if k.lower() != "host"} | {"Host": target.host_header}
     extensions = {"sni_hostname": target.sni} if target.sni else None
+    payload: dict[str, Any] = {"files": files} if files is not None else {
+        "content": body if isinstance(body, str | bytes) else None,
+        "json": None if body is None or isinstance(body, str | bytes) else body}
     with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client, \
-            client.stream(method, target.url, headers=headers, extensions=extensions,
-                          content=body if isinstance(body, str | bytes) else None,
-                          json=None if body is None or isinstance(body, str | bytes) else body) as response:
+            client.stream(method, target.url, headers=headers, extensions=extensions, **payload) as response:
         return response, policy.read_limited(response, deadline)
 
 
 def envelope_of(response: httpx.Response, content: bytes, duration_ms: float) -> dict[str, Any]:
+    """The step's output. A body that is not UTF-8, or holds a NUL character (which PostgreSQL's text and
+    jsonb cannot store), is kept as base64."""
     try:
         body, encoding = content.decode("utf-8"), "text"
     except UnicodeDecodeError:
+        body, encoding = "", "base64"
+    if encoding == "base64" or "\x00" in body:
         body, encoding = base64.b64encode(content).decode(), "base64"
     envelope = {
         "status": response.status_code,
@@ -315,7 +391,7 @@ def envelope_of(response: httpx.Response, content: bytes, duration_ms: float) ->
         "encoding": encoding,
         "duration_ms": round(duration_ms, 3),
     }
-    if encoding == "text" and "json" in response.headers.get("content-type", ""):
+    if encoding == "text" and "json" in response.headers.get("content-type", "") and "\\u0000" not in body:
         with contextlib.suppress(orjson.JSONDecodeError):
             envelope["json"] = orjson.loads(content)
     return envelope

@@ -23,6 +23,11 @@ CREATE FUNCTION df._id(p_id text) RETURNS bigint LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN btrim(p_id) ~ '^[0-9a-fA-F]{1,15}$' THEN ('x' || lpad(btrim(p_id), 16, '0'))::bit(64)::bigint END
 $$;
 
+-- A role by its name, as regrole (a cast of the text would fold the case of 'labUser' and find no role).
+CREATE FUNCTION df._role(p_name name) RETURNS regrole LANGUAGE sql STABLE AS $$
+    SELECT oid::regrole FROM pg_roles WHERE rolname = p_name
+$$;
+
 -- A literal as pg_durable takes it: valid JSON stays JSON, other text becomes a JSON string.
 CREATE FUNCTION df._json(p_text text) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
@@ -36,7 +41,8 @@ CREATE FUNCTION df._node_type(p_node jsonb) RETURNS text LANGUAGE sql IMMUTABLE 
     SELECT CASE p_node->>'t'
         WHEN 'sql' THEN 'SQL' WHEN 'seq' THEN 'THEN' WHEN 'if' THEN 'IF' WHEN 'join' THEN 'JOIN'
         WHEN 'race' THEN 'RACE' WHEN 'loop' THEN 'LOOP' WHEN 'break' THEN 'BREAK' WHEN 'sleep' THEN 'SLEEP'
-        WHEN 'schedule' THEN 'WAIT_SCHEDULE' WHEN 'http' THEN 'HTTP' WHEN 'wait_signal' THEN 'SIGNAL'
+        WHEN 'schedule' THEN 'WAIT_SCHEDULE' WHEN 'wait_signal' THEN 'SIGNAL'
+        WHEN 'http' THEN CASE WHEN p_node ? 'multipart' THEN 'HTTP_MULTIPART' ELSE 'HTTP' END
         WHEN 'python' THEN 'PYTHON' ELSE upper(p_node->>'t') END
 $$;
 
@@ -86,11 +92,48 @@ BEGIN
     END CASE;
 END $$;
 
--- The largest page list_instances returns (pg_durable.list_instances_max_limit, else 1000).
+-- A pg_durable setting as an administrator made it, never a session's SET: ALTER ROLE/DATABASE ... SET
+-- (only superusers may store a setting no extension defines) or the server's configuration files (read
+-- with this layer's owner's rights; NULL when it may not read them). pg_durable's names only: the files
+-- hold other settings users may not read.
+CREATE FUNCTION df._admin_setting(p_name text) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v text;
+BEGIN
+    IF p_name NOT LIKE 'pg\_durable.%' THEN
+        RETURN NULL;
+    END IF;
+    SELECT substr(c, length(p_name) + 2) INTO v
+    FROM pg_db_role_setting s, unnest(s.setconfig) AS c
+    WHERE s.setdatabase IN (0, (SELECT oid FROM pg_database WHERE datname = current_database()))
+      AND s.setrole IN (0, (SELECT oid FROM pg_roles WHERE rolname = session_user))
+      AND c LIKE p_name || '=%'
+    ORDER BY s.setrole <> 0 DESC, s.setdatabase <> 0 DESC
+    LIMIT 1;
+    IF v IS NULL THEN
+        BEGIN
+            SELECT f.setting INTO v FROM pg_file_settings f WHERE f.name = p_name AND f.applied
+            ORDER BY f.seqno DESC LIMIT 1;
+        EXCEPTION WHEN insufficient_privilege THEN
+            v := NULL;
+        END;
+    END IF;
+    RETURN v;
+END $$;
+
+-- The largest page list_instances returns: pg_durable.list_instances_max_limit as an administrator set it
+-- (default 1000). A session's own SET may lower it; only a superuser's raises it (pg_durable's setting is
+-- superuser-only; here any session can SET a name no extension defines, so a user's higher value is
+-- ignored instead of refused).
 CREATE FUNCTION df._list_limit(p_limit integer) RETURNS integer LANGUAGE plpgsql STABLE AS $$
 DECLARE
-    cap integer := coalesce(nullif(current_setting('pg_durable.list_instances_max_limit', true), '')::integer, 1000);
+    cap integer := coalesce(nullif(df._admin_setting('pg_durable.list_instances_max_limit'), '')::integer, 1000);
+    own integer := nullif(current_setting('pg_durable.list_instances_max_limit', true), '')::integer;
 BEGIN
+    IF own IS NOT NULL AND (own < cap OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)) THEN
+        cap := own;
+    END IF;
     IF p_limit IS NULL OR p_limit < 1 THEN
         RAISE EXCEPTION 'limit_count must be at least 1' USING ERRCODE = '22023';
     END IF;
@@ -101,11 +144,13 @@ BEGIN
     RETURN p_limit;
 END $$;
 
--- pg_durable's own node JSON ({"node_type": ...}) is not pgflow's: refuse it with pg_durable's words for an
--- unknown type, and say what to do for a known one. Other text is returned as it is.
+-- pg_durable's own node JSON ({"node_type": ...}): its SQL and HTTP leaves become pgflow's nodes (an HTTP
+-- node's URL is checked when it runs, as there); other types are refused with pg_durable's words for an
+-- unknown type, and what to do for a known one. Other text is returned as it is.
 CREATE FUNCTION df._checked(p_fut text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     t text;
+    q jsonb;
 BEGIN
     BEGIN
         t := p_fut::jsonb->>'node_type';
@@ -118,6 +163,21 @@ BEGIN
     IF t NOT IN ('SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE', 'HTTP',
                  'HTTP_MULTIPART', 'SIGNAL') THEN
         RAISE EXCEPTION 'Unknown node_type ''%''', t USING ERRCODE = '22023';
+    END IF;
+    IF t = 'SQL' AND jsonb_typeof(p_fut::jsonb->'query') = 'string' THEN
+        RETURN pgflow.sql(p_fut::jsonb->>'query');
+    END IF;
+    IF t = 'HTTP' THEN
+        BEGIN
+            q := (p_fut::jsonb->>'query')::jsonb;
+        EXCEPTION WHEN OTHERS THEN
+            q := NULL;
+        END;
+        IF jsonb_typeof(q->'url') = 'string' THEN
+            RETURN pgflow.http(q->>'url', coalesce(q->>'method', 'GET'), q->'body',
+                               CASE WHEN jsonb_typeof(q->'headers') = 'object' THEN q->'headers' END,
+                               coalesce((q->>'timeout_seconds')::double precision, 30));
+        END IF;
     END IF;
     RAISE EXCEPTION 'pgflow: pg_durable''s stored node JSON (node_type %) cannot be started here: build the '
                     'workflow with the df.* functions and operators', t USING ERRCODE = '0A000';
@@ -168,10 +228,42 @@ CREATE FUNCTION df.wait_for_signal(name text, timeout integer DEFAULT NULL) RETU
 LANGUAGE sql IMMUTABLE AS $$
     SELECT (pgflow.wait_for_signal(name, timeout)::jsonb || '{"envelope": true}')::text
 $$;
+-- df.http() is refused when it is built if this database says HTTP is off (pgflow.http = off, set where the
+-- workers run with PGFLOW_HTTP_ALLOW=none, which refuses every request whatever a session sets), and for
+-- a URL whose scheme is not http(s) (a URL starting with a {var} template is checked when it runs).
+CREATE FUNCTION df._http_checked(p_url text) RETURNS text LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF lower(coalesce(current_setting('pgflow.http', true), '')) IN ('off', 'false', '0') THEN
+        RAISE EXCEPTION 'df.http() is disabled on this server (pgflow.http = off)' USING ERRCODE = '0A000';
+    END IF;
+    IF p_url ~ '^[A-Za-z][A-Za-z0-9+.-]*:' AND p_url !~* '^https?://' THEN
+        RAISE EXCEPTION 'unsupported URL scheme in %: only http and https', left(p_url, 80)
+            USING ERRCODE = '22023';
+    END IF;
+    RETURN p_url;
+END $$;
+
 CREATE FUNCTION df.http(url text, method text DEFAULT 'POST', body text DEFAULT NULL, headers jsonb DEFAULT NULL,
-                        timeout integer DEFAULT 30) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT pgflow.http(url, coalesce(method, 'POST'), df._json(body), headers, coalesce(timeout, 30))
+                        timeout integer DEFAULT 30) RETURNS text LANGUAGE sql STABLE AS $$
+    SELECT pgflow.http(df._http_checked(url), coalesce(method, 'POST'), df._json(body), headers, coalesce(timeout, 30))
 $$;
+
+-- A multipart/form-data request: parts are {name, data_b64, filename?, content_type?} (data_b64 is base64
+-- or exactly one $reference; the worker builds the body).
+CREATE FUNCTION df.http_multipart(url text, method text DEFAULT 'POST', parts jsonb DEFAULT '[]',
+                                  headers jsonb DEFAULT NULL, timeout integer DEFAULT 30) RETURNS text
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF jsonb_typeof(parts) IS DISTINCT FROM 'array' OR jsonb_array_length(parts) = 0
+       OR EXISTS (SELECT FROM jsonb_array_elements(parts) p
+                  WHERE jsonb_typeof(p->'name') IS DISTINCT FROM 'string'
+                     OR jsonb_typeof(p->'data_b64') IS DISTINCT FROM 'string') THEN
+        RAISE EXCEPTION 'df.http_multipart: parts must be a non-empty array of {name, data_b64[, filename, '
+                        'content_type]} objects' USING ERRCODE = '22023';
+    END IF;
+    RETURN (pgflow.http(df._http_checked(url), coalesce(method, 'POST'), NULL, headers,
+                        coalesce(timeout, 30))::jsonb || jsonb_build_object('multipart', parts))::text;
+END $$;
 
 -- ------------------------------------------------------------------------------------------------ control
 -- pg_durable's text templates: {name} is the caller's variable name, {sys_label} the start's label (pgflow's
@@ -203,6 +295,11 @@ BEGIN
         node := jsonb_set(node, '{sql}', to_jsonb(df._fill(node->>'sql', p_label)));
     ELSIF node->>'t' = 'http' THEN
         node := jsonb_set(node, '{url}', to_jsonb(df._fill(node->>'url', p_label)));
+        IF jsonb_typeof(node->'multipart') = 'array' THEN
+            node := jsonb_set(node, '{multipart}', (SELECT jsonb_agg(CASE WHEN jsonb_typeof(p->'filename') = 'string'
+                THEN jsonb_set(p, '{filename}', to_jsonb(df._fill(p->>'filename', p_label))) ELSE p END ORDER BY i)
+                FROM jsonb_array_elements(node->'multipart') WITH ORDINALITY AS x(p, i)));
+        END IF;
         IF jsonb_typeof(node->'body') = 'string' THEN
             node := jsonb_set(node, '{body}', to_jsonb(df._fill(node->>'body', p_label)));
         END IF;
@@ -255,6 +352,9 @@ BEGIN
     IF transaction_mode IS NULL OR transaction_mode NOT IN ('caller', 'new') THEN
         RAISE EXCEPTION 'invalid transaction_mode %: expected ''caller'' or ''new''',
             coalesce(quote_literal(transaction_mode), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF database IS NOT NULL AND NOT EXISTS (SELECT FROM pg_database WHERE datname = database) THEN
+        RAISE EXCEPTION 'database "%" does not exist', database USING ERRCODE = '3D000';
     END IF;
     IF database IS NOT NULL AND database <> current_database() THEN
         RAISE EXCEPTION 'pgflow: df.start(database => %): pgflow runs instances in the database they are started '
@@ -328,13 +428,18 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
     END IF;
-    IF NOT st = ANY (pgflow.open_instance_statuses()) THEN  -- as pg_durable: too late, nothing happens
+    -- a finished instance refuses it (object_not_in_prerequisite_state), also when it finished after the
+    -- caller looked: as pg_durable, too late means nothing happens
+    BEGIN
+        IF df._autonomous(current_user, 'signal', jsonb_build_object('id', df._id(instance_id), 'name',
+                                                                     signal_name, 'data', df._json(signal_data)))
+           IS NULL THEN
+            PERFORM pgflow.signal(df._id(instance_id), signal_name, df._json(signal_data));
+        END IF;
+    EXCEPTION WHEN object_not_in_prerequisite_state THEN
+        SELECT status INTO st FROM pgflow.instances WHERE id = df._id(instance_id);
         RETURN format('instance %s is %s: signal %s ignored', instance_id, st, signal_name);
-    END IF;
-    IF df._autonomous(current_user, 'signal', jsonb_build_object('id', df._id(instance_id), 'name', signal_name,
-                                                                 'data', df._json(signal_data))) IS NULL THEN
-        PERFORM pgflow.signal(df._id(instance_id), signal_name, df._json(signal_data));
-    END IF;
+    END;
     RETURN format('signal %s sent to %s', signal_name, instance_id);
 EXCEPTION WHEN no_data_found THEN
     RAISE EXCEPTION 'instance % not found or access denied', instance_id USING ERRCODE = 'P0002';
@@ -344,11 +449,20 @@ END $$;
 
 CREATE VIEW df.vars WITH (security_invoker = true) AS
     SELECT v.name, CASE WHEN jsonb_typeof(v.value) = 'string' THEN v.value #>> '{}' ELSE v.value::text END AS value,
-           v.owner::regrole AS owner
+           df._role(v.owner) AS owner
     FROM pgflow.variables v WHERE v.secret_ref IS NULL;
+
+-- Variables are the caller's settings for the workflows it starts: a step may not change them.
+CREATE FUNCTION df._outside_workflow(p_function text) RETURNS void LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF current_setting('application_name') LIKE 'pgflow worker %' THEN
+        RAISE EXCEPTION '% cannot be called inside a workflow', p_function USING ERRCODE = '0A000';
+    END IF;
+END $$;
 
 CREATE FUNCTION df.setvar(name text, value text) RETURNS text LANGUAGE plpgsql STRICT AS $$
 BEGIN
+    PERFORM df._outside_workflow('df.setvar');
     PERFORM pgflow.set_variable(name, to_jsonb(value));
     RETURN format('variable %s set', name);
 END $$;
@@ -357,11 +471,13 @@ CREATE FUNCTION df.getvar(name text) RETURNS text LANGUAGE sql STABLE STRICT AS 
 $$;
 CREATE FUNCTION df.unsetvar(name text) RETURNS text LANGUAGE plpgsql STRICT AS $$
 BEGIN
+    PERFORM df._outside_workflow('df.unsetvar');
     PERFORM pgflow.delete_variable(name);
     RETURN format('variable %s removed', name);
 END $$;
 CREATE FUNCTION df.clearvars() RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM df._outside_workflow('df.clearvars');
     PERFORM pgflow.clearvars();
     RETURN 'variables cleared';
 END $$;
@@ -370,7 +486,7 @@ END $$;
 
 CREATE VIEW df.instances WITH (security_invoker = true) AS
     SELECT df._text_id(i.id) AS id, i.label, 'r'::text AS root_node, i.status::text AS status,
-           i.owner::regrole AS submitted_by, current_database()::text AS database, i.created_at,
+           df._role(i.owner) AS submitted_by, current_database()::text AS database, i.created_at,
            coalesce(i.finished_at, i.started_at, i.created_at) AS updated_at,
            CASE WHEN i.status = 'completed' THEN i.finished_at END AS completed_at,
            i.flow_name AS function_name, i.error
@@ -417,7 +533,7 @@ LANGUAGE sql STABLE AS $$
                    ELSE st.output END
                WHEN st.status = 'failed' THEN to_jsonb(st.error)
            END,
-           st.error, i.owner::regrole, current_database()::text, st.enqueued_at,
+           st.error, df._role(i.owner), current_database()::text, st.enqueued_at,
            coalesce(st.finished_at, st.started_at, st.enqueued_at),
            CASE WHEN st.status IS NOT NULL THEN jsonb_build_object('execution_id', df._text_id(p_id) || '::1', 'attempt', st.attempt) END,
            CASE
@@ -444,6 +560,91 @@ LANGUAGE sql STABLE AS $$
     FROM df._nodes(df._id(instance_id_param)) n
     ORDER BY string_to_array(substr(n.id, 3), '.')::int[] NULLS FIRST
 $$;
+
+-- ------------------------------------------------------------------------------------------------ writes
+-- pg_durable lets users write a few columns of its tables; here the views take those writes and map them
+-- onto pgflow's API, as the caller (row-level security: nobody reaches another user's rows, whose UPDATE
+-- then affects 0 rows). Columns nobody may write are not granted (grant_usage), so writing them fails
+-- with insufficient_privilege.
+
+-- UPDATE df.instances: status 'cancelled' cancels the instance (df.cancel); setting the status it already
+-- has, or updated_at, changes nothing. submitted_by (which an administrator may grant) has no effect: the
+-- engine runs an instance as the role that started it and never reads the owner back from this view.
+CREATE FUNCTION df._instances_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id IS DISTINCT FROM OLD.id OR NEW.root_node IS DISTINCT FROM OLD.root_node THEN
+        RAISE EXCEPTION 'an instance''s id and root_node cannot change' USING ERRCODE = '42501';
+    END IF;
+    IF NEW.status IS DISTINCT FROM OLD.status THEN
+        IF NEW.status <> 'cancelled' THEN
+            RAISE EXCEPTION 'df.instances.status can only be set to cancelled (the engine sets the others), not %',
+                coalesce(NEW.status, 'NULL') USING ERRCODE = '0A000';
+        END IF;
+        PERFORM pgflow.cancel(df._id(OLD.id), 'cancelled through df.instances');
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER instances_update INSTEAD OF UPDATE ON df.instances
+    FOR EACH ROW EXECUTE FUNCTION df._instances_update();
+
+-- UPDATE df.nodes: the status it already has, updated_at and submitted_by change nothing; a node's other
+-- state is the engine's.
+CREATE FUNCTION df._nodes_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status IS DISTINCT FROM OLD.status THEN
+        RAISE EXCEPTION 'df.nodes.status is set by the engine (cancel the instance with df.cancel)'
+            USING ERRCODE = '0A000';
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER nodes_update INSTEAD OF UPDATE ON df.nodes
+    FOR EACH ROW EXECUTE FUNCTION df._nodes_update();
+
+-- INSERT: the columns df.start fills are checked as pg_durable checks them (check_violation), then refused:
+-- an instance is started with df.start, which builds and validates its tree.
+CREATE FUNCTION df._instances_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id IS NULL OR NEW.id !~ '^[0-9a-f]{8,16}$' OR NEW.root_node IS NULL THEN
+        RAISE EXCEPTION 'new row for df.instances violates its id/root_node shape (% / %)', NEW.id, NEW.root_node
+            USING ERRCODE = '23514';
+    END IF;
+    RAISE EXCEPTION 'instances are created by df.start, not by INSERT into df.instances' USING ERRCODE = '0A000';
+END $$;
+CREATE TRIGGER instances_insert INSTEAD OF INSERT ON df.instances
+    FOR EACH ROW EXECUTE FUNCTION df._instances_insert();
+
+CREATE FUNCTION df._nodes_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id IS NULL OR NEW.instance_id IS NULL OR NEW.node_type IS NULL
+       OR (NEW.result_name IS NOT NULL AND NEW.result_name !~ '^[A-Za-z_][A-Za-z0-9_]*$') THEN
+        RAISE EXCEPTION 'new row for df.nodes violates its shape (node %, result name %)', NEW.id, NEW.result_name
+            USING ERRCODE = '23514';
+    END IF;
+    RAISE EXCEPTION 'nodes are created by df.start, not by INSERT into df.nodes' USING ERRCODE = '0A000';
+END $$;
+CREATE TRIGGER nodes_insert INSTEAD OF INSERT ON df.nodes
+    FOR EACH ROW EXECUTE FUNCTION df._nodes_insert();
+
+-- DELETE FROM df.vars removes variables (the caller's own; an administrator's reach all).
+CREATE FUNCTION df._vars_delete() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM pgflow.variables v
+    WHERE v.owner = (SELECT r.rolname FROM pg_roles r WHERE r.oid = OLD.owner) AND v.name = OLD.name
+      AND v.secret_ref IS NULL;
+    RETURN OLD;
+END $$;
+CREATE TRIGGER vars_delete INSTEAD OF DELETE ON df.vars
+    FOR EACH ROW EXECUTE FUNCTION df._vars_delete();
+
+-- The columns a granted role may write (grant_usage, and the rebuild below).
+CREATE FUNCTION df._grant_writes(p_role text, p_option text DEFAULT '') RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('GRANT UPDATE (status, updated_at) ON df.instances, df.nodes TO %I', p_role) || p_option;
+    EXECUTE format('GRANT INSERT (id, root_node, label, submitted_by) ON df.instances TO %I', p_role) || p_option;
+    EXECUTE format('GRANT INSERT (id, instance_id, node_type, query, result_name, left_node, right_node, '
+                   'submitted_by) ON df.nodes TO %I', p_role) || p_option;
+    EXECUTE format('GRANT DELETE ON df.vars TO %I', p_role) || p_option;
+END $$;
 
 -- ------------------------------------------------------------------------------------------------ monitoring
 
@@ -610,6 +811,8 @@ END $$;
 
 -- The schema where pg_durable kept its engine tables; here df, whose _worker_ready view shows a row once a
 -- pgflow coordinator and worker are connected to this database.
+-- The database this engine serves (pg_durable's pg_durable.database): the one it is connected to.
+CREATE FUNCTION df.target_database() RETURNS text LANGUAGE sql STABLE AS $$ SELECT current_database()::text $$;
 CREATE FUNCTION df.duroxide_schema() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'df'::text $$;
 CREATE VIEW df._worker_ready AS
     SELECT 1 AS schema_version
@@ -618,32 +821,82 @@ CREATE VIEW df._worker_ready AS
 
 -- ------------------------------------------------------------------------------------------------ grants
 
--- Let a role use df (and pgflow underneath). with_grant: it may pass that on (grant_usage/revoke_usage
--- stay with pgflow's owner, who alone may create executors).
+-- The functions only administrators of usage get (with_grant), and the HTTP ones (include_http).
+CREATE FUNCTION df._admin_functions() RETURNS regprocedure[] LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN ARRAY['df.grant_usage(text,boolean,boolean)', 'df.revoke_usage(text)', 'df.metrics()',
+                 'df._pgflow_usage(text)']::regprocedure[];
+END $$;
+CREATE FUNCTION df._http_functions() RETURNS regprocedure[] LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN ARRAY['df.http(text,text,text,jsonb,integer)', 'df.http_multipart(text,text,jsonb,jsonb,integer)']::regprocedure[];
+END $$;
+
+-- pgflow's usage follows a role's df privileges: granted (with HTTP if it may EXECUTE df.http, keeping its
+-- Python right) while it has USAGE on df, revoked when it has none. A definer function that only mirrors
+-- privileges someone already granted or revoked with their own grant options, so a delegated
+-- administrator (with_grant) never reaches further than PostgreSQL's GRANT lets it.
+CREATE FUNCTION df._pgflow_usage(p_role text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+BEGIN
+    IF has_schema_privilege(p_role, 'df', 'USAGE') THEN
+        PERFORM pgflow.grant_usage(p_role, has_function_privilege(p_role, 'df.http(text,text,text,jsonb,integer)',
+                                                                  'EXECUTE'),
+                                   coalesce((SELECT g.python FROM pgflow.role_grants g WHERE g.role_name = p_role),
+                                            false));
+    ELSIF EXISTS (SELECT FROM pgflow.role_grants g WHERE g.role_name = p_role) THEN
+        PERFORM pgflow.revoke_usage(p_role);
+    END IF;
+END $$;
+
+-- Let a role use df (and pgflow underneath), as pg_durable does: whoever may EXECUTE this (pgflow's owner,
+-- or a role granted usage with_grant) grants what they hold with grant option. include_http needs the
+-- right to grant df.http; with_grant makes the role an administrator of usage in turn.
 CREATE FUNCTION df.grant_usage(p_role text, include_http boolean DEFAULT false, with_grant boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     opt text := CASE WHEN with_grant THEN ' WITH GRANT OPTION' ELSE '' END;
+    f regprocedure;
 BEGIN
-    PERFORM pgflow.grant_usage(p_role, include_http);
+    IF include_http AND NOT has_function_privilege('df.http(text,text,text,jsonb,integer)', 'EXECUTE WITH GRANT OPTION') THEN
+        RAISE EXCEPTION 'permission denied to grant HTTP use (include_http) to %: % may not grant df.http', p_role,
+            current_user USING ERRCODE = '42501';
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = p_role) THEN
+        RAISE EXCEPTION 'role "%" does not exist', p_role USING ERRCODE = '42704';
+    END IF;
     EXECUTE format('GRANT USAGE ON SCHEMA df TO %I', p_role) || opt;
-    EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', p_role) || opt;
-    EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', p_role) || opt;
-    IF NOT include_http THEN
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM %I', p_role);
-    END IF;
-    IF NOT with_grant THEN  -- the engine-wide numbers of df.metrics() are for administrators
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
-                       'df.metrics() FROM %I', p_role);
-    END IF;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = 'df'::regnamespace AND has_function_privilege(p.oid, 'EXECUTE WITH GRANT OPTION')
+    LOOP
+        CONTINUE WHEN f = ANY (df._http_functions()) AND NOT include_http;
+        CONTINUE WHEN f = ANY (df._admin_functions()) AND NOT with_grant;
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_role) || opt;
+    END LOOP;
+    EXECUTE format('GRANT SELECT ON df.instances, df.nodes, df.vars, df._worker_ready TO %I', p_role) || opt;
+    PERFORM df._grant_writes(p_role, opt);
+    FOR f IN SELECT u.f FROM unnest(CASE WHEN include_http THEN '{}' ELSE df._http_functions() END
+                                    || CASE WHEN with_grant THEN '{}' ELSE df._admin_functions() END) AS u(f)
+             WHERE has_function_privilege(u.f, 'EXECUTE WITH GRANT OPTION') LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', f, p_role);  -- granted again with less
+    END LOOP;
+    PERFORM df._pgflow_usage(p_role);
 END $$;
 
+-- Take usage back: the privileges this caller granted (PostgreSQL's REVOKE), then pgflow's usage if the role
+-- has no USAGE on df left.
 CREATE FUNCTION df.revoke_usage(p_role text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    f regprocedure;
 BEGIN
-    EXECUTE format('REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM %I', p_role);
-    EXECUTE format('REVOKE ALL ON ALL TABLES IN SCHEMA df FROM %I', p_role);
-    EXECUTE format('REVOKE ALL ON SCHEMA df FROM %I', p_role);
-    PERFORM pgflow.revoke_usage(p_role);
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+             WHERE p.pronamespace = 'df'::regnamespace AND has_function_privilege(p.oid, 'EXECUTE WITH GRANT OPTION')
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %I CASCADE', f, p_role);
+    END LOOP;
+    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars, df._worker_ready FROM %I CASCADE', p_role);
+    EXECUTE format('REVOKE ALL ON SCHEMA df FROM %I CASCADE', p_role);
+    PERFORM df._pgflow_usage(p_role);
 END $$;
 
 -- Nothing here is PUBLIC's (PostgreSQL grants EXECUTE on new functions to PUBLIC).
@@ -654,16 +907,17 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA df FROM PUBLIC;
 DO $$
 DECLARE
     r record;
+    f regprocedure;
 BEGIN
     FOR r IN SELECT g.role_name, g.http FROM pgflow.role_grants g
              WHERE EXISTS (SELECT FROM pg_roles WHERE rolname = g.role_name) LOOP
         EXECUTE format('GRANT USAGE ON SCHEMA df TO %I', r.role_name);
         EXECUTE format('GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA df TO %I', r.role_name);
         EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA df TO %I', r.role_name);
-        EXECUTE format('REVOKE EXECUTE ON FUNCTION df.grant_usage(text, boolean, boolean), df.revoke_usage(text), '
-                       'df.metrics() FROM %I', r.role_name);
-        IF NOT r.http THEN
-            EXECUTE format('REVOKE EXECUTE ON FUNCTION df.http(text, text, text, jsonb, integer) FROM %I', r.role_name);
-        END IF;
+        PERFORM df._grant_writes(r.role_name);
+        FOR f IN SELECT unnest(df._admin_functions()
+                               || CASE WHEN r.http THEN '{}'::regprocedure[] ELSE df._http_functions() END) LOOP
+            EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', f, r.role_name);
+        END LOOP;
     END LOOP;
 END $$;

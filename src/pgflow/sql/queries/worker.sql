@@ -49,18 +49,25 @@ VALUES (%(queue)s, %(msg_id)s, %(message)s, %(reason)s);
 SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(vt)s);
 
 -- name: owner_rights
--- what a step's owner may do now (engine/rights.py): checked when each step runs, not only at start
+-- what a step's owner may do now (engine/rights.py): checked when each step runs, not only at start. A role
+-- using the pg_durable layer (USAGE on schema df) has HTTP only while it may EXECUTE df.http, as there.
 SELECT r.rolname IS NOT NULL AS role_exists,
        coalesce(r.rolsuper, false) AS superuser,
        coalesce(pg_catalog.current_setting('pgflow.allow_superuser', true), '') IN ('on', 'true', '1')
-           AS superuser_allowed,
+           OR coalesce(pg_catalog.current_setting('pg_durable.enable_superuser_instances', true), '')
+               IN ('on', 'true', '1') AS superuser_allowed,
        CASE WHEN r.rolname IS NULL THEN false ELSE
            o.owner = (SELECT n.nspowner::regrole::name FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgflow')
            OR r.rolsuper
            OR EXISTS (SELECT 1 FROM pgflow.role_grants g WHERE g.role_name = o.owner)
            OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles a WHERE a.rolname = 'pgflow_admin')
                AND pg_catalog.pg_has_role(o.owner, 'pgflow_admin', 'member')) END AS granted,
-       CASE WHEN r.rolname IS NOT NULL THEN pgflow.may_use('http', o.owner) ELSE false END AS http,
+       CASE WHEN r.rolname IS NOT NULL THEN pgflow.may_use('http', o.owner)
+           AND CASE WHEN pg_catalog.to_regprocedure('df.http(text,text,text,jsonb,integer)') IS NULL THEN true
+                    WHEN NOT pg_catalog.has_schema_privilege(o.owner, 'df', 'USAGE') THEN true
+                    ELSE pg_catalog.has_function_privilege(o.owner, 'df.http(text,text,text,jsonb,integer)',
+                                                           'EXECUTE') END
+           ELSE false END AS http,
        CASE WHEN r.rolname IS NOT NULL THEN pgflow.may_use('python', o.owner) ELSE false END AS python,
        (SELECT pg_catalog.jsonb_object_agg(s.name, s.ref) FROM pgflow.secret_grants s WHERE s.role_name = o.owner)
            AS secrets

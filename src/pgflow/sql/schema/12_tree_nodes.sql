@@ -61,9 +61,15 @@ REVOKE ALL ON FUNCTION pgflow.join(VARIADIC text[]) FROM PUBLIC;
 CREATE FUNCTION pgflow.race(VARIADIC p_nodes text[]) RETURNS text LANGUAGE sql IMMUTABLE AS
     $$ SELECT pgflow._list('race', p_nodes) $$;
 REVOKE ALL ON FUNCTION pgflow.race(VARIADIC text[]) FROM PUBLIC;
-CREATE FUNCTION pgflow.named(p_node text, p_name text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
-    SELECT jsonb_build_object('t', 'name', 'name', p_name, 'c', jsonb_build_array(pgflow.node(p_node)))::text
-$$;
+-- A result's name is checked when it is given (an error at the line that named it, not at start).
+CREATE FUNCTION pgflow.named(p_node text, p_name text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_name IS NOT NULL AND (p_name !~ '^[A-Za-z_][A-Za-z0-9_]*$' OR p_name IN ('input', 'vars', 'item')) THEN
+        RAISE EXCEPTION 'pgflow: result name % is not a valid identifier (letters, digits and _, not starting '
+                        'with a digit; not input, vars or item)', left(p_name, 80) USING ERRCODE = '22023';
+    END IF;
+    RETURN jsonb_build_object('t', 'name', 'name', p_name, 'c', jsonb_build_array(pgflow.node(p_node)))::text;
+END $$;
 REVOKE ALL ON FUNCTION pgflow.named(text, text) FROM PUBLIC;
 CREATE FUNCTION pgflow.if_then(p_cond text, p_then text, p_else text DEFAULT NULL) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$

@@ -100,7 +100,7 @@ BEGIN
             AND pg_catalog.pg_has_role(p_role, 'pgflow_admin', 'member'))
         OR coalesce((SELECT bool_or(CASE p_what WHEN 'http' THEN g.http WHEN 'python' THEN g.python END)
                      FROM pgflow.role_grants g
-                     WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname = g.role_name)
-                       AND pg_catalog.pg_has_role(p_role, g.role_name, 'member')), false);
+                     JOIN pg_catalog.pg_roles r ON r.rolname = g.role_name  -- by oid: a dropped role's grant
+                     WHERE pg_catalog.pg_has_role(p_role, r.oid, 'member')), false);  -- row is skipped
 END $$;
 REVOKE ALL ON FUNCTION pgflow.may_use(text, name) FROM PUBLIC;
