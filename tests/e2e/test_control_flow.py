@@ -364,7 +364,6 @@ def test_sql_read_api(dsn, fast_engine):
     ("pgflow.wait_for_schedule('61 * * * *')", "invalid cron expression '61 * * * *'"),
     ("pgflow.wait_for_schedule('* * * *')", "invalid cron expression"),
     ("'SELECT $nope'", "$nope in SQL step"),
-    ("pgflow.break_loop()", "break outside a loop"),
     ("pgflow.has_rows('ghost')", "has_rows(ghost) names no earlier result"),
     ("'{not json'", "malformed node JSON"),
 ])
@@ -381,7 +380,6 @@ def test_bad_sql_input_is_a_clear_error_and_starts_nothing(dsn, expr, message):
     (t.Node({"t": "bogus"}), "unknown node type 'bogus'"),
     (t.wait_for_schedule("*/0 * * * *"), "invalid cron expression"),
     (t.sql("SELECT $nope"), "$nope in SQL step"),
-    (t.brk(), "break outside a loop"),
 ])
 def test_bad_python_input_is_a_clear_error_and_starts_nothing(dsn, node, message):
     with pytest.raises(FlowDefinitionError, match=message.replace("$", r"\$").replace("*", r"\*")):
