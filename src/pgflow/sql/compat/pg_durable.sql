@@ -101,26 +101,105 @@ BEGIN
     RETURN p_limit;
 END $$;
 
--- pg_durable's own node JSON ({"node_type": ...}) is not pgflow's: refuse it with pg_durable's words for an
--- unknown type, and say what to do for a known one. Other text is returned as it is.
+-- pg_durable's own node JSON ({"node_type": "SQL", "query": ..., "left_node": {...}, ...}), as its functions
+-- build it and as users stored it, turned into pgflow's node: the same workflow, checked the way pg_durable
+-- checks it (its error texts). Other text is returned as it is (a node of pgflow's, or SQL).
 CREATE FUNCTION df._checked(p_fut text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
-    t text;
+    parsed jsonb;
 BEGIN
     BEGIN
-        t := p_fut::jsonb->>'node_type';
+        parsed := p_fut::jsonb;
     EXCEPTION WHEN OTHERS THEN
         RETURN p_fut;
     END;
-    IF t IS NULL THEN
+    IF jsonb_typeof(parsed) <> 'object' OR NOT parsed ? 'node_type' THEN
         RETURN p_fut;
     END IF;
-    IF t NOT IN ('SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE', 'HTTP',
-                 'HTTP_MULTIPART', 'SIGNAL') THEN
-        RAISE EXCEPTION 'Unknown node_type ''%''', t USING ERRCODE = '22023';
+    RETURN df._from_durofut(parsed, 0)::text;
+END $$;
+
+CREATE FUNCTION df._from_durofut(p jsonb, p_depth integer) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    t text := p->>'node_type';
+    q text := p->>'query';
+    cfg jsonb;
+    node jsonb;
+    kids jsonb := '[]';
+    extra jsonb;
+BEGIN
+    IF p_depth > 256 THEN
+        RAISE EXCEPTION 'Graph exceeds maximum nesting depth of 256' USING ERRCODE = '22023';
     END IF;
-    RAISE EXCEPTION 'pgflow: pg_durable''s stored node JSON (node_type %) cannot be started here: build the '
-                    'workflow with the df.* functions and operators', t USING ERRCODE = '0A000';
+    IF t IS NULL OR t NOT IN ('SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE',
+                              'HTTP', 'SIGNAL') THEN
+        RAISE EXCEPTION 'Unknown node_type ''%''. Valid types: SQL, THEN, IF, JOIN, LOOP, BREAK, RACE, SLEEP, '
+                        'WAIT_SCHEDULE, HTTP, SIGNAL', coalesce(t, (p->'node_type')::text) USING ERRCODE = '22023';
+    END IF;
+    IF p ? 'condition_node' AND (jsonb_typeof(p->'condition_node') <> 'object'
+                                 OR jsonb_typeof(p->'condition_node'->'node_type') IS DISTINCT FROM 'string') THEN
+        RAISE EXCEPTION 'condition_node must be a Durofut JSON object' USING ERRCODE = '22023';
+    END IF;
+    IF p ? 'condition_node' AND t NOT IN ('IF', 'LOOP') THEN
+        RAISE EXCEPTION 'condition_node is not valid for % nodes', t USING ERRCODE = '22023';
+    END IF;
+    IF p ? 'extra_nodes' AND (jsonb_typeof(p->'extra_nodes') <> 'array' OR EXISTS (
+            SELECT FROM jsonb_array_elements(p->'extra_nodes') e WHERE jsonb_typeof(e) <> 'object')) THEN
+        RAISE EXCEPTION 'extra_nodes entries must be Durofut JSON objects' USING ERRCODE = '22023';
+    END IF;
+    IF p ? 'extra_nodes' AND t <> 'JOIN' THEN
+        RAISE EXCEPTION 'extra_nodes is not valid for % nodes', t USING ERRCODE = '22023';
+    END IF;
+    IF t <> 'SQL' AND q IS NOT NULL THEN
+        BEGIN
+            cfg := q::jsonb;
+        EXCEPTION WHEN OTHERS THEN
+            IF p ? 'condition_node' OR p ? 'extra_nodes' THEN
+                RAISE EXCEPTION 'query in % must be valid JSON config', t USING ERRCODE = '22023';
+            END IF;
+        END;
+        IF jsonb_typeof(cfg) = 'object' AND ((t IN ('IF', 'LOOP') AND cfg ? 'condition_node')
+                                             OR (t = 'JOIN' AND cfg ? 'extra_nodes')) THEN
+            RAISE EXCEPTION '% in % must be a first-class Durofut field, not embedded in query',
+                CASE WHEN t = 'JOIN' THEN 'extra_nodes' ELSE 'condition_node' END, t USING ERRCODE = '22023';
+        END IF;
+    END IF;
+    IF t IN ('IF', 'LOOP') AND p ? 'condition_node' THEN
+        kids := kids || jsonb_build_array(df._from_durofut(p->'condition_node', p_depth + 1));
+    END IF;
+    IF jsonb_typeof(p->'left_node') = 'object' THEN
+        kids := kids || jsonb_build_array(df._from_durofut(p->'left_node', p_depth + 1));
+    END IF;
+    IF jsonb_typeof(p->'right_node') = 'object' THEN
+        kids := kids || jsonb_build_array(df._from_durofut(p->'right_node', p_depth + 1));
+    END IF;
+    FOR extra IN SELECT e FROM jsonb_array_elements(coalesce(p->'extra_nodes', '[]')) e LOOP
+        kids := kids || jsonb_build_array(df._from_durofut(extra, p_depth + 1));
+    END LOOP;
+    node := CASE t
+        WHEN 'SQL' THEN jsonb_build_object('t', 'sql', 'sql', q)
+        WHEN 'THEN' THEN jsonb_build_object('t', 'seq', 'c', kids)
+        WHEN 'JOIN' THEN jsonb_build_object('t', 'join', 'c', kids)
+        WHEN 'RACE' THEN jsonb_build_object('t', 'race', 'c', kids)
+        WHEN 'IF' THEN jsonb_build_object('t', 'if', 'c', kids)
+        WHEN 'LOOP' THEN jsonb_build_object('t', 'loop', 'c', kids)
+                         || CASE WHEN p ? 'condition_node' THEN '{"while": true}'::jsonb ELSE '{}'::jsonb END
+        WHEN 'BREAK' THEN jsonb_build_object('t', 'break', 'c', '[]'::jsonb)
+                          || CASE WHEN cfg->>'break_value' IS NOT NULL
+                                  THEN jsonb_build_object('value', df._json(cfg->>'break_value')) ELSE '{}'::jsonb END
+        WHEN 'SLEEP' THEN pgflow.sleep(coalesce(q, '0')::double precision)::jsonb
+        WHEN 'WAIT_SCHEDULE' THEN pgflow.wait_for_schedule(cfg->>'cron_expr')::jsonb
+        WHEN 'SIGNAL' THEN df.wait_for_signal(cfg->>'signal_name', (cfg->>'timeout_seconds')::integer)::jsonb
+        WHEN 'HTTP' THEN pgflow.http(cfg->>'url', coalesce(cfg->>'method', 'POST'),
+                                     CASE WHEN cfg->'body' IS NULL OR cfg->'body' = 'null' THEN NULL
+                                          ELSE df._json(cfg->>'body') END,
+                                     nullif(cfg->'headers', 'null'),
+                                     coalesce((cfg->>'timeout_seconds')::double precision, 30))::jsonb
+    END;
+    IF coalesce(p->>'result_name', '') <> '' THEN
+        node := jsonb_build_object('t', 'name', 'name', p->>'result_name', 'c', jsonb_build_array(node));
+    END IF;
+    RETURN node;
 END $$;
 
 -- The tree an instance runs (NULL for a DAG flow started from Python).
