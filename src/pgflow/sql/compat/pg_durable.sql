@@ -316,10 +316,18 @@ BEGIN
     IF fn IS NULL OR NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         RETURN NULL;
     END IF;
-    statement := format('SET ROLE %I; ', p_role) || CASE p_kind
+    -- the caller's own choice to allow a superuser instance (a setting anyone may set) goes along
+    statement := format('SET ROLE %I; ', p_role)
+        || CASE WHEN coalesce(current_setting('pgflow.allow_superuser', true), '') IN ('on', 'true', '1')
+                THEN 'SET pgflow.allow_superuser = on; ' ELSE '' END
+        || CASE p_kind
         WHEN 'signal' THEN format('SELECT pgflow.signal(%s, %L, %L::jsonb)::text',
                                   (p_args->>'id')::bigint, p_args->>'name', p_args->'data')
-        WHEN 'start' THEN format('SELECT pgflow.start(%L::jsonb, NULL, %L)::text', p_args->'node', p_args->>'label')
+        -- the new instance is read back through df.instances, so that a LOCK TABLE df.instances holds the
+        -- launch back there, as it holds back pg_durable's insert
+        WHEN 'start' THEN format('WITH s AS MATERIALIZED (SELECT pgflow.start(%L::jsonb, NULL, %L) AS id) '
+                                 'SELECT s.id::text FROM s WHERE NOT EXISTS (SELECT FROM df.instances WHERE false)',
+                                 p_args->'node', p_args->>'label')
     END;
     EXECUTE format('SELECT r FROM %s($1, $2) AS t(r text)', fn) INTO out
         USING pgflow.loopback_conninfo(), statement;
@@ -328,8 +336,35 @@ END $$;
 
 -- database: pgflow runs an instance in the database it was started in (one engine per database);
 -- transaction_mode 'new' is pgflow's detached start (through dblink).
+-- A launch slot for a start with transaction_mode 'new' (each opens a loopback session): at most
+-- pg_durable.max_new_transaction_starts (default 16) at once in the cluster, a caller waiting at most
+-- pg_durable.new_transaction_start_timeout seconds (default 10) for one. A slot is a session advisory lock
+-- (1346982470, n), released by the caller as soon as its launch has returned or failed.
+CREATE FUNCTION df._launch_slot() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    slots integer := coalesce(nullif(current_setting('pg_durable.max_new_transaction_starts', true), '')::integer, 16);
+    wait integer := coalesce(nullif(current_setting('pg_durable.new_transaction_start_timeout', true), '')::integer, 10);
+    deadline timestamptz := clock_timestamp() + make_interval(secs => wait);
+BEGIN
+    LOOP
+        FOR n IN 1..greatest(slots, 1) LOOP
+            IF pg_try_advisory_lock(1346982470, n) THEN
+                RETURN n;
+            END IF;
+        END LOOP;
+        IF clock_timestamp() >= deadline THEN
+            RAISE EXCEPTION 'Timed out after %s waiting for a launch slot for df.start(transaction_mode => ''new'') '
+                            '(pg_durable.max_new_transaction_starts=%)', wait, slots USING ERRCODE = '53400';
+        END IF;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+END $$;
+
 CREATE FUNCTION df.start(fut text, label text DEFAULT NULL, database text DEFAULT NULL,
                          transaction_mode text DEFAULT 'caller') RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    slot integer;
+    new_id bigint;
 BEGIN
     IF transaction_mode IS NULL OR transaction_mode NOT IN ('caller', 'new') THEN
         RAISE EXCEPTION 'invalid transaction_mode %: expected ''caller'' or ''new''',
@@ -354,9 +389,17 @@ BEGIN
     END IF;
     fut := df._checked(fut);
     IF transaction_mode = 'new' THEN
-        RETURN df._text_id(coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
-                                        'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
-                                    pgflow.start(df._filled(pgflow.node(fut), label), NULL, label, true)));
+        slot := df._launch_slot();
+        BEGIN
+            new_id := coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
+                                   'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
+                               pgflow.start(df._filled(pgflow.node(fut), label), NULL, label, true));
+        EXCEPTION WHEN OTHERS THEN
+            PERFORM pg_advisory_unlock(1346982470, slot);  -- a failed launch gives its slot back too
+            RAISE;
+        END;
+        PERFORM pg_advisory_unlock(1346982470, slot);
+        RETURN df._text_id(new_id);
     END IF;
     RETURN df._text_id(pgflow.start(df._filled(pgflow.node(fut), label), NULL, label));
 END $$;

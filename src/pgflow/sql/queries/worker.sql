@@ -52,8 +52,10 @@ SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(vt)s);
 -- what a step's owner may do now (engine/rights.py): checked when each step runs, not only at start
 SELECT r.rolname IS NOT NULL AS role_exists,
        coalesce(r.rolsuper, false) AS superuser,
+       -- pg_durable.enable_superuser_instances: the same switch under pg_durable's name (README)
        coalesce(pg_catalog.current_setting('pgflow.allow_superuser', true), '') IN ('on', 'true', '1')
-           AS superuser_allowed,
+       OR coalesce(pg_catalog.current_setting('pg_durable.enable_superuser_instances', true), '')
+          IN ('on', 'true', '1') AS superuser_allowed,
        CASE WHEN r.rolname IS NULL THEN false ELSE
            o.owner = (SELECT n.nspowner::regrole::name FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgflow')
            OR r.rolsuper
