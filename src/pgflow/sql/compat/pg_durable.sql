@@ -782,7 +782,7 @@ CREATE FUNCTION df._explain_lines(p_tree jsonb, p_id bigint) RETURNS text LANGUA
                                           ELSE '[]' END) WITH ORDINALITY AS c(child, i)
     ), shown AS (
         SELECT t.*, df._shown_status(t.node, st.status) AS status,
-               NOT (t.node->>'t' = 'loop' AND st.status IN ('skipped', 'cancelled'))
+               NOT (t.node->>'t' = 'loop' AND coalesce(st.status IN ('skipped', 'cancelled'), false))
                AND (st.status = 'skipped'
                     OR EXISTS (SELECT FROM pgflow.steps sk WHERE sk.instance_id = p_id AND sk.task_index = -1
                                AND sk.status = 'skipped' AND t.path LIKE sk.step_name || '.%')
