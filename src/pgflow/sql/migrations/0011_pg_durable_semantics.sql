@@ -119,8 +119,8 @@ BEGIN
             names := pgflow._validate(child, true, names, d);
         END LOOP;
     WHEN 'break' THEN  -- outside a loop it fails the instance when it runs (as pg_durable's)
-        IF n > 1 THEN
-            RAISE EXCEPTION 'pgflow: break takes at most one node (its value)' USING ERRCODE = '22023';
+        IF jsonb_typeof(p_node->'c') IS DISTINCT FROM 'array' OR n > 1 THEN
+            RAISE EXCEPTION 'pgflow: break takes a list of at most one node (its value) in "c"' USING ERRCODE = '22023';
         END IF;
         IF n = 1 THEN
             names := pgflow._validate(p_node->'c'->0, p_in_loop, names, d);
