@@ -394,8 +394,8 @@ BEGIN
             new_id := coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
                                    'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
                                pgflow.start(df._filled(pgflow.node(fut), label), NULL, label, true));
-        EXCEPTION WHEN OTHERS THEN
-            PERFORM pg_advisory_unlock(1346982470, slot);  -- a failed launch gives its slot back too
+        EXCEPTION WHEN OTHERS OR query_canceled THEN  -- a failed or cancelled launch gives its slot back too
+            PERFORM pg_advisory_unlock(1346982470, slot);
             RAISE;
         END;
         PERFORM pg_advisory_unlock(1346982470, slot);
