@@ -525,7 +525,8 @@ RETURNS TABLE (id text, instance_id text, node_type text, query text, result_nam
                right_node text, status text, result jsonb, error text, submitted_by regrole, database text,
                created_at timestamptz, updated_at timestamptz, status_details jsonb, inferred_status text,
                inferred_status_from_ancestor_id text, sort_key integer[])
-LANGUAGE sql STABLE AS $$
+-- jit off: the planner's guess for the recursive walk makes JIT compile it, seconds for a few rows
+LANGUAGE sql STABLE SET jit = off AS $$
     WITH RECURSIVE st AS (
         SELECT s.step_name, s.status, s.output, s.error, s.attempt, s.enqueued_at, s.started_at, s.finished_at
         FROM pgflow.steps s WHERE s.instance_id = p_id AND s.task_index = -1
@@ -765,7 +766,7 @@ END $$;
 -- sequence's steps one under the other, each after the first marked →), with a marker and status when the
 -- instance exists (p_id; nodes that will never run are skipped, ⊘), "branch N:" before a join's or race's
 -- branches.
-CREATE FUNCTION df._explain_lines(p_tree jsonb, p_id bigint) RETURNS text LANGUAGE sql STABLE AS $$
+CREATE FUNCTION df._explain_lines(p_tree jsonb, p_id bigint) RETURNS text LANGUAGE sql STABLE SET jit = off AS $$
     WITH RECURSIVE t(path, depth, node, sort, prefix, name) AS (
         SELECT 'r'::text, 0, p_tree, ARRAY[0], ''::text, NULL::text
         UNION ALL
