@@ -234,3 +234,17 @@ def test_workers_run_superuser_instances_when_pg_durable_allows_them(df_dsn, adm
         assert result(admin, iid)["rows"][0]["who"] == admin.one("SELECT current_user")
     finally:
         run_sql(df_dsn, f'ALTER DATABASE "{database}" RESET pg_durable.enable_superuser_instances')
+
+
+def test_views_show_owners_with_quoted_names_and_survive_a_dropped_owner(df_dsn, admin, df_engine):
+    role = 'Mixed Case Owner'
+    run_sql(df_dsn, f'CREATE ROLE "{role}" LOGIN; SELECT df.grant_usage(\'{role}\')')
+    owner = Session(df_dsn, f'"{role}"')
+    iid = start(owner, "df.if('SELECT true', 'SELECT 1', 'SELECT 2')")
+    assert owner.finish(iid) == "completed"
+    owner.conn.close()
+    assert admin.one("SELECT submitted_by::text FROM df.instances WHERE id = %s", (iid,)) == f'"{role}"'
+    run_sql(df_dsn, f'SELECT df.revoke_usage(\'{role}\'); DROP OWNED BY "{role}"; DROP ROLE "{role}"')
+    # the instance outlives its owner: the views show no owner rather than failing
+    assert admin.one("SELECT submitted_by FROM df.instances WHERE id = %s", (iid,)) is None
+    assert len(nodes(admin, iid)) == 4 and "IF" in admin.one("SELECT df.explain(%s)", (iid,))

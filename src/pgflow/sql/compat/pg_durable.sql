@@ -466,7 +466,7 @@ END $$;
 
 CREATE VIEW df.vars WITH (security_invoker = true) AS
     SELECT v.name, CASE WHEN jsonb_typeof(v.value) = 'string' THEN v.value #>> '{}' ELSE v.value::text END AS value,
-           v.owner::regrole AS owner
+           to_regrole(quote_ident(v.owner)) AS owner  -- NULL once the role is dropped (a cast would fail)
     FROM pgflow.variables v WHERE v.secret_ref IS NULL;
 
 CREATE FUNCTION df.setvar(name text, value text) RETURNS text LANGUAGE plpgsql STRICT AS $$
@@ -492,7 +492,7 @@ END $$;
 
 CREATE VIEW df.instances WITH (security_invoker = true) AS
     SELECT df._text_id(i.id) AS id, i.label, 'r'::text AS root_node, i.status::text AS status,
-           i.owner::regrole AS submitted_by, current_database()::text AS database, i.created_at,
+           to_regrole(quote_ident(i.owner)) AS submitted_by, current_database()::text AS database, i.created_at,
            coalesce(i.finished_at, i.started_at, i.created_at) AS updated_at,
            CASE WHEN i.status = 'completed' THEN i.finished_at END AS completed_at,
            i.flow_name AS function_name, i.error
@@ -648,7 +648,7 @@ LANGUAGE sql STABLE SET jit = off AS $$
                         WHEN 'if' THEN NULL
                         ELSE j.output END
            END,
-           j.failure, (SELECT i.owner FROM inst i)::regrole, current_database()::text, j.enqueued_at, j.updated,
+           j.failure, (SELECT to_regrole(quote_ident(i.owner)) FROM inst i), current_database()::text, j.enqueued_at, j.updated,
            CASE WHEN j.raw IS NOT NULL THEN jsonb_build_object('execution_id', j.orch || '::' || j.gen,
                                                                'attempt', j.attempt) END,
            j.inferred,
