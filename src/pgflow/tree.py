@@ -62,8 +62,11 @@ def as_node(value: Any) -> Node:
 
 
 def _compose(kind: str, left: Any, right: Any) -> Node:
+    """``a >> b >> c`` is one sequence of three, ``a | b | c`` one race; ``a & b & c`` stays ``(a & b) & c``
+    (its result nests, ``[[a, b], c]``, as the SQL operator's); ``join(a, b, c)`` is one join of three."""
     left_node, right_node = as_node(left), as_node(right)
-    children = left_node.data["c"] if left_node.data["t"] == kind else [left_node.data]
+    flat = kind != "join" and left_node.data["t"] == kind
+    children = left_node.data["c"] if flat else [left_node.data]
     return Node({"t": kind, "c": [*children, right_node.data]})
 
 

@@ -219,8 +219,9 @@ def test_instances_and_nodes_views_show_only_the_callers_own(user, df_engine, df
     row = user.rows("SELECT id, label, root_node, status, submitted_by::text, database FROM df.instances"
                     " WHERE id = %s", (iid,))
     assert row == [(iid, "views", "r", "completed", df_user, user.one("SELECT current_database()"))]
-    nodes = user.rows("SELECT node_type, result_name, status FROM df.nodes WHERE instance_id = %s ORDER BY id", (iid,))
-    assert nodes == [("THEN", None, "completed"), ("SQL", "seven", "completed"), ("SQL", None, "completed")]
+    nodes = user.rows("SELECT node_type, result_name, status FROM df.nodes WHERE instance_id = %s"
+                      " ORDER BY node_type, result_name", (iid,))
+    assert nodes == [("SQL", "seven", "completed"), ("SQL", None, "completed"), ("THEN", None, "completed")]
     run_sql(df_dsn, f"CREATE ROLE {df_user}_other LOGIN; SELECT df.grant_usage('{df_user}_other')")
     try:
         other = Session(df_dsn, f"{df_user}_other")

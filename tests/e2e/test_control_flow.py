@@ -146,9 +146,10 @@ def test_fan_out_of_three_counts_joined_into_a_report(dsn, fast_engine, door):
              "CREATE TABLE report (a int, b int, c int, total int)")
     counts = [f"SELECT count(*) AS n FROM {x}" for x in "abc"]
     insert = "INSERT INTO report VALUES ($a.n, $b.n, $c.n, $total) RETURNING *"
-    node = (t.sql(counts[0]).named("a") & t.sql(counts[1]).named("b") & t.sql(counts[2]).named("c")).named("counts") \
-        >> t.python("support.sample_trees:total").named("total") >> t.sql(insert)
-    expr = (f"(('{counts[0]}' |=> 'a') & ('{counts[1]}' |=> 'b') & ('{counts[2]}' |=> 'c')) |=> 'counts'"
+    # one join of three (a & b & c would be (a & b) & c, whose result nests)
+    node = t.join(t.sql(counts[0]).named("a"), t.sql(counts[1]).named("b"), t.sql(counts[2]).named("c")).named(
+        "counts") >> t.python("support.sample_trees:total").named("total") >> t.sql(insert)
+    expr = (f"pgflow.join('{counts[0]}' |=> 'a', '{counts[1]}' |=> 'b', '{counts[2]}' |=> 'c') |=> 'counts'"
             f" ~> (pgflow.python('support.sample_trees:total') |=> 'total') ~> '{insert}'")
     assert finish(dsn, start(dsn, door, expr, node)) == [{"a": 1, "b": 2, "c": 3, "total": 6}]
 
@@ -364,7 +365,6 @@ def test_sql_read_api(dsn, fast_engine):
     ("pgflow.wait_for_schedule('61 * * * *')", "invalid cron expression '61 * * * *'"),
     ("pgflow.wait_for_schedule('* * * *')", "invalid cron expression"),
     ("'SELECT $nope'", "$nope in SQL step"),
-    ("pgflow.break_loop()", "break outside a loop"),
     ("pgflow.has_rows('ghost')", "has_rows(ghost) names no earlier result"),
     ("'{not json'", "malformed node JSON"),
 ])
@@ -381,7 +381,6 @@ def test_bad_sql_input_is_a_clear_error_and_starts_nothing(dsn, expr, message):
     (t.Node({"t": "bogus"}), "unknown node type 'bogus'"),
     (t.wait_for_schedule("*/0 * * * *"), "invalid cron expression"),
     (t.sql("SELECT $nope"), "$nope in SQL step"),
-    (t.brk(), "break outside a loop"),
 ])
 def test_bad_python_input_is_a_clear_error_and_starts_nothing(dsn, node, message):
     with pytest.raises(FlowDefinitionError, match=message.replace("$", r"\$").replace("*", r"\*")):

@@ -190,6 +190,8 @@ def evaluate(state: TreeState, tree: dict[str, Any]) -> Evaluation:
     """Advance one instance's tree as far as it can go now (no I/O)."""
     evaluator = TreeEvaluator(state)
     result = evaluator.evaluate(tree)
+    if result.status == "break":  # no loop caught it: the instance fails (as pg_durable's)
+        result = Result("failed", error="break outside a loop: a break ends the innermost loop around it")
     return Evaluation(result, evaluator.decisions)
 
 

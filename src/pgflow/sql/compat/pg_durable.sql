@@ -144,43 +144,105 @@ BEGIN
     RETURN p_limit;
 END $$;
 
--- pg_durable's own node JSON ({"node_type": ...}): its SQL and HTTP leaves become pgflow's nodes (an HTTP
--- node's URL is checked when it runs, as there); other types are refused with pg_durable's words for an
--- unknown type, and what to do for a known one. Other text is returned as it is.
+-- pg_durable's own node JSON ({"node_type": "SQL", "query": ..., "left_node": {...}, ...}), as its functions
+-- build it and as users stored it, turned into pgflow's node: the same workflow, checked the way pg_durable
+-- checks it (its error texts). Other text is returned as it is (a node of pgflow's, or SQL).
 CREATE FUNCTION df._checked(p_fut text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
-    t text;
-    q jsonb;
+    parsed jsonb;
 BEGIN
     BEGIN
-        t := p_fut::jsonb->>'node_type';
+        parsed := p_fut::jsonb;
     EXCEPTION WHEN OTHERS THEN
         RETURN p_fut;
     END;
-    IF t IS NULL THEN
+    IF jsonb_typeof(parsed) <> 'object' OR NOT parsed ? 'node_type' THEN
         RETURN p_fut;
     END IF;
-    IF t NOT IN ('SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE', 'HTTP',
-                 'HTTP_MULTIPART', 'SIGNAL') THEN
-        RAISE EXCEPTION 'Unknown node_type ''%''', t USING ERRCODE = '22023';
+    RETURN df._from_durofut(parsed, 0)::text;
+END $$;
+
+CREATE FUNCTION df._from_durofut(p jsonb, p_depth integer) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    t text := p->>'node_type';
+    q text := p->>'query';
+    cfg jsonb;
+    node jsonb;
+    kids jsonb := '[]';
+    extra jsonb;
+BEGIN
+    IF p_depth > 256 THEN
+        RAISE EXCEPTION 'Graph exceeds maximum nesting depth of 256' USING ERRCODE = '22023';
     END IF;
-    IF t = 'SQL' AND jsonb_typeof(p_fut::jsonb->'query') = 'string' THEN
-        RETURN pgflow.sql(p_fut::jsonb->>'query');
+    IF t IS NULL OR t NOT IN ('SQL', 'THEN', 'IF', 'JOIN', 'LOOP', 'BREAK', 'RACE', 'SLEEP', 'WAIT_SCHEDULE',
+                              'HTTP', 'SIGNAL') THEN
+        RAISE EXCEPTION 'Unknown node_type ''%''. Valid types: SQL, THEN, IF, JOIN, LOOP, BREAK, RACE, SLEEP, '
+                        'WAIT_SCHEDULE, HTTP, SIGNAL', coalesce(t, (p->'node_type')::text) USING ERRCODE = '22023';
     END IF;
-    IF t = 'HTTP' THEN
+    IF p ? 'condition_node' AND (jsonb_typeof(p->'condition_node') <> 'object'
+                                 OR jsonb_typeof(p->'condition_node'->'node_type') IS DISTINCT FROM 'string') THEN
+        RAISE EXCEPTION 'condition_node must be a Durofut JSON object' USING ERRCODE = '22023';
+    END IF;
+    IF p ? 'condition_node' AND t NOT IN ('IF', 'LOOP') THEN
+        RAISE EXCEPTION 'condition_node is not valid for % nodes', t USING ERRCODE = '22023';
+    END IF;
+    IF p ? 'extra_nodes' AND (jsonb_typeof(p->'extra_nodes') <> 'array' OR EXISTS (
+            SELECT FROM jsonb_array_elements(p->'extra_nodes') e WHERE jsonb_typeof(e) <> 'object')) THEN
+        RAISE EXCEPTION 'extra_nodes entries must be Durofut JSON objects' USING ERRCODE = '22023';
+    END IF;
+    IF p ? 'extra_nodes' AND t <> 'JOIN' THEN
+        RAISE EXCEPTION 'extra_nodes is not valid for % nodes', t USING ERRCODE = '22023';
+    END IF;
+    IF t <> 'SQL' AND q IS NOT NULL THEN
         BEGIN
-            q := (p_fut::jsonb->>'query')::jsonb;
+            cfg := q::jsonb;
         EXCEPTION WHEN OTHERS THEN
-            q := NULL;
+            IF p ? 'condition_node' OR p ? 'extra_nodes' THEN
+                RAISE EXCEPTION 'query in % must be valid JSON config', t USING ERRCODE = '22023';
+            END IF;
         END;
-        IF jsonb_typeof(q->'url') = 'string' THEN
-            RETURN pgflow.http(q->>'url', coalesce(q->>'method', 'GET'), q->'body',
-                               CASE WHEN jsonb_typeof(q->'headers') = 'object' THEN q->'headers' END,
-                               coalesce((q->>'timeout_seconds')::double precision, 30));
+        IF jsonb_typeof(cfg) = 'object' AND ((t IN ('IF', 'LOOP') AND cfg ? 'condition_node')
+                                             OR (t = 'JOIN' AND cfg ? 'extra_nodes')) THEN
+            RAISE EXCEPTION '% in % must be a first-class Durofut field, not embedded in query',
+                CASE WHEN t = 'JOIN' THEN 'extra_nodes' ELSE 'condition_node' END, t USING ERRCODE = '22023';
         END IF;
     END IF;
-    RAISE EXCEPTION 'pgflow: pg_durable''s stored node JSON (node_type %) cannot be started here: build the '
-                    'workflow with the df.* functions and operators', t USING ERRCODE = '0A000';
+    IF t IN ('IF', 'LOOP') AND p ? 'condition_node' THEN
+        kids := kids || jsonb_build_array(df._from_durofut(p->'condition_node', p_depth + 1));
+    END IF;
+    IF jsonb_typeof(p->'left_node') = 'object' THEN
+        kids := kids || jsonb_build_array(df._from_durofut(p->'left_node', p_depth + 1));
+    END IF;
+    IF jsonb_typeof(p->'right_node') = 'object' THEN
+        kids := kids || jsonb_build_array(df._from_durofut(p->'right_node', p_depth + 1));
+    END IF;
+    FOR extra IN SELECT e FROM jsonb_array_elements(coalesce(p->'extra_nodes', '[]')) e LOOP
+        kids := kids || jsonb_build_array(df._from_durofut(extra, p_depth + 1));
+    END LOOP;
+    node := CASE t
+        WHEN 'SQL' THEN jsonb_build_object('t', 'sql', 'sql', q)
+        WHEN 'THEN' THEN jsonb_build_object('t', 'seq', 'c', kids)
+        WHEN 'JOIN' THEN jsonb_build_object('t', 'join', 'c', kids)
+        WHEN 'RACE' THEN jsonb_build_object('t', 'race', 'c', kids)
+        WHEN 'IF' THEN jsonb_build_object('t', 'if', 'c', kids)
+        WHEN 'LOOP' THEN jsonb_build_object('t', 'loop', 'c', kids)
+                         || CASE WHEN p ? 'condition_node' THEN '{"while": true}'::jsonb ELSE '{}'::jsonb END
+        WHEN 'BREAK' THEN jsonb_build_object('t', 'break', 'c', '[]'::jsonb)
+                          || CASE WHEN cfg->>'break_value' IS NOT NULL
+                                  THEN jsonb_build_object('value', df._json(cfg->>'break_value')) ELSE '{}'::jsonb END
+        WHEN 'SLEEP' THEN pgflow.sleep(coalesce(q, '0')::double precision)::jsonb
+        WHEN 'WAIT_SCHEDULE' THEN pgflow.wait_for_schedule(cfg->>'cron_expr')::jsonb
+        WHEN 'SIGNAL' THEN df.wait_for_signal(cfg->>'signal_name', (cfg->>'timeout_seconds')::integer)::jsonb
+        WHEN 'HTTP' THEN pgflow.http(cfg->>'url', coalesce(cfg->>'method', 'POST'),
+                                     CASE WHEN cfg->'body' IS NULL OR cfg->'body' = 'null' THEN NULL
+                                          ELSE df._json(cfg->>'body') END,
+                                     nullif(cfg->'headers', 'null'),
+                                     coalesce((cfg->>'timeout_seconds')::double precision, 30))::jsonb
+    END;
+    IF coalesce(p->>'result_name', '') <> '' THEN
+        node := jsonb_build_object('t', 'name', 'name', p->>'result_name', 'c', jsonb_build_array(node));
+    END IF;
+    RETURN node;
 END $$;
 
 -- The tree an instance runs (NULL for a DAG flow started from Python).
@@ -334,10 +396,18 @@ BEGIN
     IF fn IS NULL OR NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
         RETURN NULL;
     END IF;
-    statement := format('SET ROLE %I; ', p_role) || CASE p_kind
+    -- the caller's own choice to allow a superuser instance (a setting anyone may set) goes along
+    statement := format('SET ROLE %I; ', p_role)
+        || CASE WHEN coalesce(current_setting('pgflow.allow_superuser', true), '') IN ('on', 'true', '1')
+                THEN 'SET pgflow.allow_superuser = on; ' ELSE '' END
+        || CASE p_kind
         WHEN 'signal' THEN format('SELECT pgflow.signal(%s, %L, %L::jsonb)::text',
                                   (p_args->>'id')::bigint, p_args->>'name', p_args->'data')
-        WHEN 'start' THEN format('SELECT pgflow.start(%L::jsonb, NULL, %L)::text', p_args->'node', p_args->>'label')
+        -- the new instance is read back through df.instances, so that a LOCK TABLE df.instances holds the
+        -- launch back there, as it holds back pg_durable's insert
+        WHEN 'start' THEN format('WITH s AS MATERIALIZED (SELECT pgflow.start(%L::jsonb, NULL, %L) AS id) '
+                                 'SELECT s.id::text FROM s WHERE NOT EXISTS (SELECT FROM df.instances WHERE false)',
+                                 p_args->'node', p_args->>'label')
     END;
     EXECUTE format('SELECT r FROM %s($1, $2) AS t(r text)', fn) INTO out
         USING pgflow.loopback_conninfo(), statement;
@@ -346,8 +416,35 @@ END $$;
 
 -- database: pgflow runs an instance in the database it was started in (one engine per database);
 -- transaction_mode 'new' is pgflow's detached start (through dblink).
+-- A launch slot for a start with transaction_mode 'new' (each opens a loopback session): at most
+-- pg_durable.max_new_transaction_starts (default 16) at once in the cluster, a caller waiting at most
+-- pg_durable.new_transaction_start_timeout seconds (default 10) for one. A slot is a session advisory lock
+-- (1346982470, n), released by the caller as soon as its launch has returned or failed.
+CREATE FUNCTION df._launch_slot() RETURNS integer LANGUAGE plpgsql AS $$
+DECLARE
+    slots integer := coalesce(nullif(current_setting('pg_durable.max_new_transaction_starts', true), '')::integer, 16);
+    wait integer := coalesce(nullif(current_setting('pg_durable.new_transaction_start_timeout', true), '')::integer, 10);
+    deadline timestamptz := clock_timestamp() + make_interval(secs => wait);
+BEGIN
+    LOOP
+        FOR n IN 1..greatest(slots, 1) LOOP
+            IF pg_try_advisory_lock(1346982470, n) THEN
+                RETURN n;
+            END IF;
+        END LOOP;
+        IF clock_timestamp() >= deadline THEN
+            RAISE EXCEPTION 'Timed out after %s waiting for a launch slot for df.start(transaction_mode => ''new'') '
+                            '(pg_durable.max_new_transaction_starts=%)', wait, slots USING ERRCODE = '53400';
+        END IF;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+END $$;
+
 CREATE FUNCTION df.start(fut text, label text DEFAULT NULL, database text DEFAULT NULL,
                          transaction_mode text DEFAULT 'caller') RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    slot integer;
+    new_id bigint;
 BEGIN
     IF transaction_mode IS NULL OR transaction_mode NOT IN ('caller', 'new') THEN
         RAISE EXCEPTION 'invalid transaction_mode %: expected ''caller'' or ''new''',
@@ -375,9 +472,17 @@ BEGIN
     END IF;
     fut := df._checked(fut);
     IF transaction_mode = 'new' THEN
-        RETURN df._text_id(coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
-                                        'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
-                                    pgflow.start(df._filled(pgflow.node(fut), label), NULL, label, true)));
+        slot := df._launch_slot();
+        BEGIN
+            new_id := coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
+                                   'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
+                               pgflow.start(df._filled(pgflow.node(fut), label), NULL, label, true));
+        EXCEPTION WHEN OTHERS OR query_canceled THEN  -- a failed or cancelled launch gives its slot back too
+            PERFORM pg_advisory_unlock(1346982470, slot);
+            RAISE;
+        END;
+        PERFORM pg_advisory_unlock(1346982470, slot);
+        RETURN df._text_id(new_id);
     END IF;
     RETURN df._text_id(pgflow.start(df._filled(pgflow.node(fut), label), NULL, label));
 END $$;
@@ -492,63 +597,174 @@ CREATE VIEW df.instances WITH (security_invoker = true) AS
            i.flow_name AS function_name, i.error
     FROM pgflow.instances i;
 
--- One row per node of one instance (pgflow's result-name nodes are folded into the node they name).
+-- A node's id as pg_durable shows it: 8 hex digits, fixed by the instance and the node's place in its tree.
+CREATE FUNCTION df._node_id(p_id bigint, p_path text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT left(md5(p_id::text || '/' || p_path), 8)
+$$;
+
+-- A LOOP node stopped from outside (a race it lost, a cancelled instance) shows as failed, as pg_durable
+-- records the end of the loop's own execution.
+CREATE FUNCTION df._shown_status(p_node jsonb, p_status text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_node->>'t' = 'loop' AND p_status IN ('skipped', 'cancelled') THEN 'failed'
+                ELSE df._node_status(p_status) END
+$$;
+
+-- One row per node of one instance, shaped as pg_durable's df.nodes:
+-- - result-name nodes are folded into the node they name, and a sequence of n steps shows as the n - 1
+--   nested THEN pairs pg_durable builds for a ~> b ~> c ((a ~> b) ~> c);
+-- - an IF's condition and a LOOP's while-condition are named in query (condition_node), a JOIN's branches
+--   past the second too (extra_nodes);
+-- - status_details.execution_id names the execution that ran the node as pg_durable's does: the instance
+--   (<id>::1), a JOIN/RACE branch (<parent execution>::<branch node>::1), a loop that is not the root
+--   (<parent execution>::<loop node>::<iteration>);
+-- - inferred_status: nodes that will never run (an untaken branch, a race's loser, what follows a failure)
+--   are 'skipped', with the nearest ancestor that ran in inferred_status_from_ancestor_id.
 CREATE FUNCTION df._nodes(p_id bigint)
 RETURNS TABLE (id text, instance_id text, node_type text, query text, result_name text, left_node text,
                right_node text, status text, result jsonb, error text, submitted_by regrole, database text,
-               created_at timestamptz, updated_at timestamptz, status_details jsonb, inferred_status text)
-LANGUAGE sql STABLE AS $$
-    WITH RECURSIVE tree(path, node, name, under_name) AS (
-        SELECT 'r'::text, df._tree(p_id), NULL::text, false
+               created_at timestamptz, updated_at timestamptz, status_details jsonb, inferred_status text,
+               inferred_status_from_ancestor_id text, sort_key integer[])
+-- jit off: the planner's guess for the recursive walk makes JIT compile it, seconds for a few rows
+LANGUAGE sql STABLE SET jit = off AS $$
+    WITH RECURSIVE st AS (
+        SELECT s.step_name, s.status, s.output, s.error, s.attempt, s.enqueued_at, s.started_at, s.finished_at
+        FROM pgflow.steps s WHERE s.instance_id = p_id AND s.task_index = -1
+    ), tree(path, node, name, sort, orch, gen, branch, anchor) AS (
+        -- orch/gen: the execution that runs the node; branch: a JOIN/RACE branch not yet given its own
+        -- execution (passed through result names); anchor: the child slot a node fills (its topmost name)
+        SELECT 'r'::text, df._tree(p_id), NULL::text, ARRAY[0], df._text_id(p_id), 1, false, 'r'::text
         UNION ALL
-        SELECT t.path || '.' || (c.i - 1), c.child,
-               CASE WHEN t.node->>'t' = 'name' THEN t.node->>'name' END, t.node->>'t' = 'name'
-        FROM tree t,
-             jsonb_array_elements(CASE WHEN jsonb_typeof(t.node->'c') = 'array' THEN t.node->'c' ELSE '[]' END)
-                 WITH ORDINALITY AS c(child, i)
+        SELECT c.path, c.child, CASE WHEN t.node->>'t' = 'name' THEN t.node->>'name' END, t.sort || c.i::int,
+               CASE WHEN c.own THEN t.orch || '::' || t.gen || '::' || df._node_id(p_id, c.path) ELSE t.orch END,
+               CASE WHEN NOT c.own THEN t.gen
+                    WHEN c.child->>'t' = 'loop' THEN 1 + coalesce(
+                        (SELECT (l.output->>'iteration')::int FROM st l WHERE l.step_name = c.path), 0)
+                    ELSE 1 END,
+               c.branch AND NOT c.shown,
+               CASE WHEN t.node->>'t' = 'name' THEN t.anchor ELSE c.path END
+        FROM tree t
+        CROSS JOIN LATERAL (
+            SELECT x.*, x.shown AND (x.branch OR x.child->>'t' = 'loop') AS own
+            FROM (SELECT t.path || '.' || (e.i - 1) AS path, e.child, e.i,
+                         e.child->>'t' NOT IN ('name', 'has_rows') AS shown,
+                         t.node->>'t' IN ('join', 'race') OR (t.node->>'t' = 'name' AND t.branch) AS branch
+                  FROM jsonb_array_elements(CASE WHEN jsonb_typeof(t.node->'c') = 'array' THEN t.node->'c'
+                                                 ELSE '[]' END) WITH ORDINALITY AS e(child, i)) x
+        ) c
     ), shown AS (
-        -- a name node is not shown: its child is, with the name
-        SELECT t.* FROM tree t
-        WHERE t.node->>'t' NOT IN ('name', 'has_rows')
-    ), kids AS (
-        -- a child's id: the first shown node at or below it (a named child is shown below its name node)
-        SELECT s.path,
-               (SELECT min(k.path COLLATE "C") FROM shown k WHERE k.path = s.path || '.0' OR k.path LIKE s.path || '.0.%')
-                   AS left_node,
-               (SELECT min(k.path COLLATE "C") FROM shown k WHERE k.path = s.path || '.1' OR k.path LIKE s.path || '.1.%')
-                   AS right_node
-        FROM shown s
-        WHERE s.node ? 'c'
-    )
-    SELECT s.path, df._text_id(p_id), df._node_type(s.node),
-           CASE WHEN s.node->>'t' = 'sql' THEN s.node->>'sql' ELSE (s.node - 'c')::text END,
-           s.name, k.left_node, k.right_node,
-           df._node_status(st.status),
-           CASE WHEN st.status = 'completed' THEN
+        SELECT t.*, df._node_id(p_id, t.path) AS nid,
+               coalesce(jsonb_array_length(CASE WHEN jsonb_typeof(t.node->'c') = 'array' THEN t.node->'c' END), 0)
+                   AS k
+        FROM tree t WHERE t.node->>'t' NOT IN ('name', 'has_rows')
+    ), slot AS (  -- the node shown in each child slot
+        SELECT s.anchor, s.nid FROM shown s
+    ), inst AS (
+        SELECT i.owner, i.status, i.error FROM pgflow.instances i WHERE i.id = p_id
+    ), real AS (
+        SELECT s.path, s.nid, s.node, s.name, s.sort, s.orch, s.gen, st.status AS raw, st.output, st.error,
+               st.attempt, st.enqueued_at, coalesce(st.finished_at, st.started_at, st.enqueued_at) AS updated,
                CASE s.node->>'t'
-                   WHEN 'sql' THEN df._rows(st.output)
-                   WHEN 'loop' THEN st.output->'value'
-                   WHEN 'race' THEN st.output->'value'
-                   WHEN 'if' THEN NULL
-                   ELSE st.output END
-               WHEN st.status = 'failed' THEN to_jsonb(st.error)
+                   WHEN 'seq' THEN CASE WHEN s.k > 2 THEN df._node_id(p_id, s.path || '>2') ELSE c0.nid END
+                   WHEN 'if' THEN c1.nid
+                   WHEN 'loop' THEN CASE WHEN s.node->'while' = 'true' THEN c1.nid ELSE c0.nid END
+                   ELSE c0.nid END AS left_node,
+               CASE s.node->>'t'
+                   WHEN 'seq' THEN cl.nid
+                   WHEN 'if' THEN c2.nid
+                   WHEN 'loop' THEN NULL
+                   ELSE c1.nid END AS right_node,
+               CASE WHEN s.node->>'t' = 'sql' THEN s.node->>'sql'
+                    ELSE ((s.node - 'c')
+                          || CASE WHEN s.node->>'t' = 'if' OR (s.node->>'t' = 'loop' AND s.node->'while' = 'true')
+                                  THEN jsonb_build_object('condition_node', c0.nid) ELSE '{}' END
+                          || CASE WHEN s.node->>'t' = 'join' AND s.k > 2 THEN jsonb_build_object('extra_nodes',
+                                      (SELECT jsonb_agg(x.nid ORDER BY x.i) FROM (
+                                          SELECT e.nid, substring(e.anchor FROM '[0-9]+$')::int AS i FROM slot e
+                                          WHERE e.anchor LIKE s.path || '.%'
+                                            AND e.anchor !~~ (s.path || '.%.%')) x WHERE x.i >= 2))
+                                  ELSE '{}' END)::text END AS query
+        FROM shown s
+        LEFT JOIN st ON st.step_name = s.path
+        LEFT JOIN slot c0 ON c0.anchor = s.path || '.0'
+        LEFT JOIN slot c1 ON c1.anchor = s.path || '.1'
+        LEFT JOIN slot c2 ON c2.anchor = s.path || '.2'
+        LEFT JOIN slot cl ON cl.anchor = s.path || '.' || (s.k - 1)
+    ), virtual AS (
+        -- the inner THEN pairs of a sequence of k > 2: pair j (2 .. k - 1) covers children 0 .. k - j
+        SELECT r.path || '>' || j AS path, df._node_id(p_id, r.path || '>' || j) AS nid, r.sort || ARRAY[0, j] AS sort,
+               r.orch, r.gen, r.enqueued_at, r.updated,
+               CASE WHEN j < s.k - 1 THEN df._node_id(p_id, r.path || '>' || (j + 1)) ELSE c0.nid END AS left_node,
+               cr.nid AS right_node,
+               CASE WHEN r.raw IS NULL OR r.raw = 'skipped' THEN r.raw
+                    WHEN (SELECT x.status FROM st x WHERE x.step_name = r.path || '.' || (s.k - j)) = 'completed'
+                        THEN 'completed'
+                    WHEN EXISTS (SELECT FROM st x WHERE x.step_name ~ ('^' || replace(r.path, '.', '\.') || '\.[0-9]+$')
+                                 AND substring(x.step_name FROM '[0-9]+$')::int <= s.k - j AND x.status = 'failed')
+                        THEN 'failed'
+                    WHEN EXISTS (SELECT FROM st x WHERE x.step_name = r.path || '.0') THEN 'running'
+               END AS raw
+        FROM real r
+        JOIN shown s ON s.path = r.path
+        CROSS JOIN LATERAL generate_series(2, s.k - 1) AS j
+        LEFT JOIN slot c0 ON c0.anchor = r.path || '.0'
+        LEFT JOIN slot cr ON cr.anchor = r.path || '.' || (s.k - j)
+        WHERE r.node->>'t' = 'seq' AND s.k > 2
+    ), every AS (
+        SELECT r.path, r.nid, df._node_type(r.node) AS node_type, r.query, r.name, r.left_node, r.right_node,
+               r.raw, df._shown_status(r.node, r.raw) AS status, r.node, r.output, r.error, r.attempt, r.sort,
+               r.orch, r.gen, r.enqueued_at, r.updated
+        FROM real r
+        UNION ALL
+        SELECT v.path, v.nid, 'THEN', NULL::text, NULL::text, v.left_node, v.right_node, v.raw,
+               df._node_status(v.raw), '{"t": "seq"}'::jsonb, NULL::jsonb, NULL::text, NULL::integer, v.sort,
+               v.orch, v.gen,
+               v.enqueued_at, v.updated
+        FROM virtual v
+    ), judged AS (
+        SELECT e.*,
+               CASE WHEN e.node->>'t' = 'loop' AND e.raw IN ('skipped', 'cancelled') THEN 'failed'
+                    WHEN e.raw = 'skipped' OR EXISTS (SELECT FROM st sk WHERE sk.status = 'skipped'
+                                                      AND e.path LIKE sk.step_name || '.%') THEN 'skipped'
+                    WHEN e.raw IS NULL AND NOT (SELECT status FROM inst) = ANY (pgflow.open_instance_statuses())
+                        THEN 'skipped'
+                    ELSE e.status END AS inferred,
+               CASE WHEN e.raw IN ('failed', 'cancelled') OR (e.node->>'t' = 'loop' AND e.raw = 'skipped') THEN
+                   coalesce(e.error,
+                            (SELECT f.error FROM st f WHERE f.step_name LIKE e.path || '.%' AND f.status = 'failed'
+                             AND f.error IS NOT NULL ORDER BY f.finished_at LIMIT 1),
+                            CASE WHEN e.raw = 'skipped' THEN 'cancelled: another branch won the race' END,
+                            (SELECT i.error FROM inst i))
+               END AS failure
+        FROM every e
+    )
+    SELECT j.nid, df._text_id(p_id), j.node_type, j.query, j.name, j.left_node, j.right_node, j.status,
+           CASE WHEN j.failure IS NOT NULL THEN to_jsonb(j.failure)
+                WHEN j.raw = 'completed' THEN
+                    CASE j.node->>'t'
+                        WHEN 'sql' THEN df._rows(j.output)
+                        WHEN 'loop' THEN j.output->'value'
+                        WHEN 'race' THEN j.output->'value'
+                        WHEN 'if' THEN NULL
+                        ELSE j.output END
            END,
-           st.error, df._role(i.owner), current_database()::text, st.enqueued_at,
-           coalesce(st.finished_at, st.started_at, st.enqueued_at),
-           CASE WHEN st.status IS NOT NULL THEN jsonb_build_object('execution_id', df._text_id(p_id) || '::1', 'attempt', st.attempt) END,
-           CASE
-               WHEN st.status = 'skipped' OR EXISTS (SELECT FROM pgflow.steps sk WHERE sk.instance_id = p_id
-                    AND sk.task_index = -1 AND sk.status = 'skipped' AND s.path LIKE sk.step_name || '.%') THEN 'skipped'
-               WHEN st.status IS NULL AND NOT i.status = ANY (pgflow.open_instance_statuses()) THEN 'skipped'
-               ELSE df._node_status(st.status) END
-    FROM shown s
-    LEFT JOIN kids k USING (path)
-    JOIN pgflow.instances i ON i.id = p_id
-    LEFT JOIN pgflow.steps st ON st.instance_id = p_id AND st.step_name = s.path AND st.task_index = -1
+           j.failure, (SELECT df._role(i.owner) FROM inst i), current_database()::text, j.enqueued_at, j.updated,
+           CASE WHEN j.raw IS NOT NULL THEN jsonb_build_object('execution_id', j.orch || '::' || j.gen,
+                                                               'attempt', j.attempt) END,
+           j.inferred,
+           CASE WHEN j.inferred = 'skipped' THEN
+               (SELECT a.nid FROM shown a JOIN st ON st.step_name = a.path
+                WHERE j.path LIKE a.path || '.%' AND st.status <> 'skipped'
+                ORDER BY length(a.path) DESC LIMIT 1)
+           END,
+           j.sort
+    FROM judged j
 $$;
 
 CREATE VIEW df.nodes WITH (security_invoker = true) AS
-    SELECT n.* FROM pgflow.instances i, LATERAL df._nodes(i.id) n;
+    SELECT n.id, n.instance_id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status,
+           n.result, n.error, n.submitted_by, n.database, n.created_at, n.updated_at, n.status_details,
+           n.inferred_status
+    FROM pgflow.instances i, LATERAL df._nodes(i.id) n;
 
 CREATE FUNCTION df.instance_nodes(instance_id_param text, last_n_executions integer DEFAULT 5)
 RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_node text, right_node text,
@@ -556,9 +772,9 @@ RETURNS TABLE (node_id text, node_type text, query text, result_name text, left_
                inferred_status_from_ancestor_id text, updated_at timestamptz)
 LANGUAGE sql STABLE AS $$
     SELECT n.id, n.node_type, n.query, n.result_name, n.left_node, n.right_node, n.status, n.result::text,
-           n.status_details::text, n.inferred_status, NULL::text, n.updated_at
+           n.status_details::text, n.inferred_status, n.inferred_status_from_ancestor_id, n.updated_at
     FROM df._nodes(df._id(instance_id_param)) n
-    ORDER BY string_to_array(substr(n.id, 3), '.')::int[] NULLS FIRST
+    ORDER BY n.sort_key
 $$;
 
 -- ------------------------------------------------------------------------------------------------ writes
@@ -730,15 +946,19 @@ BEGIN
     FROM numbered x WHERE x.n <= lim ORDER BY x.n;
 END $$;
 
--- A tree as pg_durable's explain shows it: one line per node (result-name nodes folded into their node),
--- with a marker and status when the instance exists (p_id), "branch N:" before the branches of a join/race.
-CREATE FUNCTION df._explain_lines(p_tree jsonb, p_id bigint) RETURNS text LANGUAGE sql STABLE AS $$
+-- A tree as pg_durable's explain shows it: one line per node (result-name nodes folded into their node, a
+-- sequence's steps one under the other, each after the first marked →), with a marker and status when the
+-- instance exists (p_id; nodes that will never run are skipped, ⊘), "branch N:" before a join's or race's
+-- branches.
+CREATE FUNCTION df._explain_lines(p_tree jsonb, p_id bigint) RETURNS text LANGUAGE sql STABLE SET jit = off AS $$
     WITH RECURSIVE t(path, depth, node, sort, prefix, name) AS (
         SELECT 'r'::text, 0, p_tree, ARRAY[0], ''::text, NULL::text
         UNION ALL
         SELECT t.path || '.' || (c.i - 1),
-               t.depth + CASE WHEN t.node->>'t' IN ('name', 'has_rows') THEN 0 ELSE 1 END, c.child, t.sort || c.i::int,
-               CASE WHEN t.node->>'t' = 'name' THEN t.prefix
+               t.depth + CASE WHEN t.node->>'t' IN ('name', 'has_rows', 'seq') THEN 0 ELSE 1 END, c.child,
+               t.sort || c.i::int,
+               CASE WHEN t.node->>'t' = 'name' OR (t.node->>'t' = 'seq' AND c.i = 1) THEN t.prefix
+                    WHEN t.node->>'t' = 'seq' THEN '→ '
                     WHEN t.node->>'t' IN ('join', 'race') THEN format('branch %s: ', c.i)
                     WHEN t.node->>'t' = 'if' THEN (ARRAY['condition: ', 'then: ', 'else: '])[c.i]
                     ELSE '' END,
@@ -746,12 +966,16 @@ CREATE FUNCTION df._explain_lines(p_tree jsonb, p_id bigint) RETURNS text LANGUA
         FROM t, jsonb_array_elements(CASE WHEN jsonb_typeof(t.node->'c') = 'array' THEN t.node->'c'
                                           ELSE '[]' END) WITH ORDINALITY AS c(child, i)
     ), shown AS (
-        SELECT t.*, df._node_status(st.status) AS status,
-               st.status = 'skipped' OR EXISTS (SELECT FROM pgflow.steps sk WHERE sk.instance_id = p_id
-                   AND sk.task_index = -1 AND sk.status = 'skipped' AND t.path LIKE sk.step_name || '.%') AS skipped
+        SELECT t.*, df._shown_status(t.node, st.status) AS status,
+               NOT (t.node->>'t' = 'loop' AND coalesce(st.status IN ('skipped', 'cancelled'), false))
+               AND (st.status = 'skipped'
+                    OR EXISTS (SELECT FROM pgflow.steps sk WHERE sk.instance_id = p_id AND sk.task_index = -1
+                               AND sk.status = 'skipped' AND t.path LIKE sk.step_name || '.%')
+                    OR (st.status IS NULL AND NOT (SELECT i.status FROM pgflow.instances i WHERE i.id = p_id)
+                                                  = ANY (pgflow.open_instance_statuses()))) AS skipped
         FROM t
         LEFT JOIN pgflow.steps st ON st.instance_id = p_id AND st.step_name = t.path AND st.task_index = -1
-        WHERE t.node->>'t' NOT IN ('name', 'has_rows')
+        WHERE t.node->>'t' NOT IN ('name', 'has_rows', 'seq')
     )
     SELECT string_agg(repeat('  ', depth)
         || CASE WHEN p_id IS NULL THEN ''

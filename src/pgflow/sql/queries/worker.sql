@@ -53,6 +53,7 @@ SELECT msg_id FROM pgmq.set_vt(%(queue)s, %(msg_ids)s::bigint[], %(vt)s);
 -- using the pg_durable layer (USAGE on schema df) has HTTP only while it may EXECUTE df.http, as there.
 SELECT r.rolname IS NOT NULL AS role_exists,
        coalesce(r.rolsuper, false) AS superuser,
+       -- pg_durable.enable_superuser_instances: the same switch under pg_durable's name (README)
        coalesce(pg_catalog.current_setting('pgflow.allow_superuser', true), '') IN ('on', 'true', '1')
            OR coalesce(pg_catalog.current_setting('pg_durable.enable_superuser_instances', true), '')
                IN ('on', 'true', '1') AS superuser_allowed,

@@ -39,9 +39,10 @@ REVOKE ALL ON FUNCTION pgflow.node(jsonb) FROM PUBLIC;
 
 CREATE FUNCTION pgflow._compose(p_type text, p_left text, p_right text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$
-    -- a ~> b ~> c is one sequence of three, not nested pairs
+    -- a ~> b ~> c is one sequence of three and a | b | c one race of three (the same results as nested
+    -- pairs); a & b & c stays (a & b) & c, whose result nests as [[a, b], c] (as pg_durable's)
     SELECT jsonb_build_object('t', p_type, 'c',
-        (CASE WHEN pgflow.node(p_left)->>'t' = p_type
+        (CASE WHEN p_type <> 'join' AND pgflow.node(p_left)->>'t' = p_type
               THEN pgflow.node(p_left)->'c' ELSE jsonb_build_array(pgflow.node(p_left)) END)
         || jsonb_build_array(pgflow.node(p_right)))::text
 $$;

@@ -202,13 +202,14 @@ DECLARE
     ref text;
     n int := coalesce(jsonb_array_length(CASE WHEN jsonb_typeof(p_node->'c') = 'array' THEN p_node->'c' END), 0);
     d int := p_depth + 1;
+    i bigint;
 BEGIN
     IF jsonb_typeof(p_node) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'pgflow: not a workflow node: %', left(coalesce(p_node::text, 'NULL'), 200)
             USING ERRCODE = '22023';
     END IF;
-    IF p_depth > 100 THEN
-        RAISE EXCEPTION 'pgflow: a workflow may nest at most 100 levels' USING ERRCODE = '22023';
+    IF p_depth > 256 THEN
+        RAISE EXCEPTION 'pgflow: the workflow exceeds the maximum nesting depth of 256' USING ERRCODE = '22023';
     END IF;
     IF p_node ? 'c' AND jsonb_typeof(p_node->'c') <> 'array' THEN
         RAISE EXCEPTION 'pgflow: the children of a % node must be an array', t USING ERRCODE = '22023';
@@ -255,8 +256,12 @@ BEGIN
             RAISE EXCEPTION 'pgflow: % needs at least % children', t, CASE WHEN t = 'seq' THEN 1 ELSE 2 END
                 USING ERRCODE = '22023';
         END IF;
-        FOR child IN SELECT jsonb_array_elements(p_node->'c') LOOP
-            names := pgflow._validate(child, p_in_loop, names, d);
+        -- a sequence of n counts as n - 1 nested pairs (a ~> b ~> c is (a ~> b) ~> c): its first child is
+        -- n - 1 levels down, its last one level
+        FOR child, i IN SELECT c.v, c.i FROM jsonb_array_elements(p_node->'c') WITH ORDINALITY AS c(v, i) LOOP
+            names := pgflow._validate(child, p_in_loop, names,
+                                      CASE WHEN t = 'seq' THEN p_depth + greatest(n - greatest(i::int - 1, 1), 1)
+                                           ELSE d END);
         END LOOP;
     WHEN 'name' THEN
         IF coalesce(p_node->>'name', '') !~ '^[A-Za-z_][A-Za-z0-9_]*$'
@@ -267,7 +272,7 @@ BEGIN
         IF n <> 1 THEN
             RAISE EXCEPTION 'pgflow: |=> names exactly one node' USING ERRCODE = '22023';
         END IF;
-        names := pgflow._validate(p_node->'c'->0, p_in_loop, names, d) || (p_node->>'name');
+        names := pgflow._validate(p_node->'c'->0, p_in_loop, names, p_depth) || (p_node->>'name');
     WHEN 'if' THEN
         IF n NOT IN (2, 3) THEN
             RAISE EXCEPTION 'pgflow: if needs a condition, a then branch and an optional else' USING ERRCODE = '22023';
@@ -291,12 +296,9 @@ BEGIN
         FOR child IN SELECT jsonb_array_elements(p_node->'c') LOOP
             names := pgflow._validate(child, true, names, d);
         END LOOP;
-    WHEN 'break' THEN
-        IF NOT p_in_loop THEN
-            RAISE EXCEPTION 'pgflow: break outside a loop' USING ERRCODE = '22023';
-        END IF;
-        IF n > 1 THEN
-            RAISE EXCEPTION 'pgflow: break takes at most one node (its value)' USING ERRCODE = '22023';
+    WHEN 'break' THEN  -- outside a loop it fails the instance when it runs (as pg_durable's)
+        IF jsonb_typeof(p_node->'c') IS DISTINCT FROM 'array' OR n > 1 THEN
+            RAISE EXCEPTION 'pgflow: break takes a list of at most one node (its value) in "c"' USING ERRCODE = '22023';
         END IF;
         IF n = 1 THEN
             names := pgflow._validate(p_node->'c'->0, p_in_loop, names, d);
