@@ -841,12 +841,11 @@ END $$;
 CREATE TRIGGER nodes_insert INSTEAD OF INSERT ON df.nodes
     FOR EACH ROW EXECUTE FUNCTION df._nodes_insert();
 
--- DELETE FROM df.vars removes variables (the caller's own; an administrator's reach all).
+-- DELETE FROM df.vars removes variables: the caller's own (the view shows no other), through
+-- pgflow.delete_variable since users write no table directly.
 CREATE FUNCTION df._vars_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    DELETE FROM pgflow.variables v
-    WHERE v.owner = (SELECT r.rolname FROM pg_roles r WHERE r.oid = OLD.owner) AND v.name = OLD.name
-      AND v.secret_ref IS NULL;
+    PERFORM pgflow.delete_variable(OLD.name);
     RETURN OLD;
 END $$;
 CREATE TRIGGER vars_delete INSTEAD OF DELETE ON df.vars
