@@ -212,7 +212,8 @@ def coordinator(dsn: str | None, batch: int, retention: float, maintenance_every
 @click.option("--queue", "-q", "queues", multiple=True, callback=_queue_names,
               help="Queue to serve (repeatable). Default: all.")
 @click.option("--batch-size", default=20, show_default=True, type=click.IntRange(1, 10_000),
-              help="Messages read per batch.")
+              help="Most messages read per batch (fewer when a queue's tasks are slow: about 0.25 s of work "
+                   "per read, so that slow tasks are not held by one worker while others wait).")
 @click.option("--visibility-timeout", default=30, show_default=True, type=click.IntRange(1, 86_400),
               help="Seconds a read message stays hidden; extended while its step runs.")
 @click.option("--import", "imports", multiple=True, metavar="MODULE",

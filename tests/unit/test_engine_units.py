@@ -18,6 +18,7 @@ from pgflow.db.queries import named_blocks, query_files
 from pgflow.engine import coordinator as c
 from pgflow.engine import tree as ev
 from pgflow.engine.messages import decode, task_message
+from pgflow.engine.worker import ReadSizes
 from pgflow.flow import Flow
 from pgflow.shape import FlowShape, StepShape
 from pgflow.statuses import StepStatus
@@ -355,3 +356,19 @@ def test_the_worker_imports_neither_the_coordinator_nor_the_client():
         reached = imports_of(worker_side)
         assert "pgflow.engine.runners.python" in reached  # the walk follows imports
         assert not reached & {"pgflow.engine.coordinator", "pgflow.engine.maintenance", "pgflow.client"}, reached
+
+
+def test_a_worker_reads_about_a_quarter_second_of_work_at_once():
+    """Slow tasks are read one at a time (twenty one-second tasks held by one worker would leave the
+    others idle at the tail); fast ones in full batches; a queue not seen yet in full batches."""
+    sizes = ReadSizes(batch_size=20)
+    assert sizes.size("q") == 20
+    sizes.observe("q", tasks=20, seconds=0.02)  # 1 ms per task
+    assert sizes.size("q") == 20
+    sizes.observe("slow", tasks=4, seconds=4.0)  # 1 s per task
+    assert sizes.size("slow") == 1
+    sizes.observe("mid", tasks=10, seconds=0.5)  # 50 ms per task: 5 of them make 0.25 s
+    assert sizes.size("mid") == 5
+    sizes.observe("mid", tasks=0, seconds=3.0)  # nothing ran (a stop): no sample
+    assert sizes.size("mid") == 5
+    assert sizes.size("q") == 20  # per queue

@@ -197,6 +197,31 @@ class Heartbeat:
                 conn = None
 
 
+class ReadSizes:
+    """How many tasks to read from each queue at once. A batch read saves round trips for short tasks, but
+    the tasks a worker has read wait for it while other workers may be idle: twenty one-second tasks held by
+    one worker are twenty seconds of tail. So a worker reads about ``prefetch_seconds`` of work (by the
+    recent time per task on that queue), at least one task and at most ``batch_size``."""
+
+    def __init__(self, batch_size: int, prefetch_seconds: float = 0.25) -> None:
+        self.batch_size = batch_size
+        self.prefetch_seconds = prefetch_seconds
+        self._per_task: dict[str, float] = {}  # queue -> moving average of seconds per task
+
+    def size(self, queue: str) -> int:
+        per_task = self._per_task.get(queue)
+        if not per_task:
+            return self.batch_size
+        return max(1, min(self.batch_size, int(self.prefetch_seconds / per_task)))
+
+    def observe(self, queue: str, tasks: int, seconds: float) -> None:
+        """Record that ``tasks`` tasks of ``queue`` took ``seconds`` to run."""
+        if tasks > 0:
+            sample = seconds / tasks
+            previous = self._per_task.get(queue)
+            self._per_task[queue] = sample if previous is None else (previous + sample) / 2
+
+
 class Worker(ConnectedLoop):
     """One worker process's loop: read a batch, claim it, run it, acknowledge it."""
 
@@ -206,6 +231,7 @@ class Worker(ConnectedLoop):
         super().__init__(dsn)
         self.queues = ServedQueues(queues)
         self.batch_size = batch_size
+        self.read_sizes = ReadSizes(batch_size)
         self.visibility_timeout = visibility_timeout
         self.poll_interval = poll_interval
         self.ack_interval = ack_interval
@@ -266,12 +292,12 @@ class Worker(ConnectedLoop):
         None for the claimed rows: :meth:`process` claims them one by one and dead-letters what fails."""
         try:
             rows = Q.all(self._conn, "read_tasks", {"queue": queue, "vt": self.visibility_timeout,
-                                                    "qty": self.batch_size}, row_factory=dict_row)
+                                                    "qty": self.read_sizes.size(queue)}, row_factory=dict_row)
         except psycopg.Error:
             if self._conn.broken or self._conn.closed:
                 raise
             read = Q.all(self._conn, "read_messages", {"queue": queue, "vt": self.visibility_timeout,
-                                                       "qty": self.batch_size})
+                                                       "qty": self.read_sizes.size(queue)})
             return [(msg_id, message) for msg_id, message in read], None
         claimed = {r["msg_id"]: r for r in rows if r["attempt"] is not None}
         waits = metrics().queue_wait.labels(queue)
@@ -305,6 +331,7 @@ class Worker(ConnectedLoop):
         self.heartbeat.hold(queue, set(claimed))
         acks = _Acks(queue)
         bodies = {msg_id: body for msg_id, body, _ in read}
+        started, ran = time.monotonic(), 0
         try:
             for index, task in enumerate(tasks):
                 if self.stop_event.is_set():
@@ -312,9 +339,11 @@ class Worker(ConnectedLoop):
                     Q.execute(conn, "release_tasks", {"queue": queue, **task_arrays(tasks[index:])})
                     break
                 self._run_guarded(task, bodies[task.msg_id], acks)
+                ran += 1
                 if acks.due(self.ack_interval):
                     acks.flush(conn)
             acks.flush(conn)
+            self.read_sizes.observe(queue, ran, time.monotonic() - started)
         finally:
             self.heartbeat.hold(queue, set())
 
