@@ -230,7 +230,6 @@ class Worker(ConnectedLoop):
                  health: Health | None = None) -> None:
         super().__init__(dsn)
         self.queues = ServedQueues(queues)
-        self.batch_size = batch_size
         self.read_sizes = ReadSizes(batch_size)
         self.visibility_timeout = visibility_timeout
         self.poll_interval = poll_interval

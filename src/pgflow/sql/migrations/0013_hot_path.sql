@@ -10,7 +10,8 @@
 -- - register_flow, which every start of the Python API calls, wrote a registration row for each start (an
 --   INSERT ... ON CONFLICT DO NOTHING): it now reads first (05_register_flow.sql);
 -- - the coordinator notified each finished instance's waiters with a definer call per instance: one call
---   per batch now (notify_done(name[], bigint[]), 25_trust.sql; queries/coordinator.sql).
+--   per batch now (notify_done(name[], bigint[]), 25_trust.sql; queries/coordinator.sql), which inlines
+--   _channel_of (no longer a definer function: only definer functions call it).
 
 CREATE OR REPLACE FUNCTION pgflow.next_parked_in(p_queue text) RETURNS double precision
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgflow, pg_temp AS $$
@@ -129,16 +130,26 @@ BEGIN
     END LOOP;
 END $$;
 
--- Tell the owners' waiters that instances finished (each id on its owner's channel; a role without one uses
--- the shared channel, as _channel_of). Anyone may call it: a waiter re-reads the instance's status, so a
--- false alarm costs one read. One call per batch: the coordinator finishes instances by the hundred, and a
--- definer call per instance cost more than the rest of finishing it. count() makes the statement run every
--- row (a SQL function's last statement otherwise stops at its first).
+-- The channel of a role's finished instances: made by grant_usage (and for the role that installed pgflow),
+-- never here: a row inserted in a user's open transaction would make the coordinator wait on it. A role
+-- without one (the owner, superusers) uses the shared channel. Internal (never granted) and called only by
+-- definer functions (done_channel, notify_done), as the owner: so no definer or search_path of its own
+-- (every name in it is qualified), and the planner inlines it into notify_done's batch.
+CREATE OR REPLACE FUNCTION pgflow._channel_of(p_role name) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce((SELECT c.channel FROM pgflow.role_channels c
+                     WHERE c.role_name OPERATOR(pg_catalog.=) p_role), 'pgflow_instance_done')
+$$;
+
+-- Tell the owners' waiters that instances finished (each id on its owner's channel, _channel_of). Anyone may
+-- call it: a waiter re-reads the instance's status, so a false alarm costs one read. One call per batch: the
+-- coordinator finishes instances by the hundred, and a definer call per instance cost more than the rest of
+-- finishing it. count() makes the statement run every row (a SQL function's last statement otherwise stops
+-- at its first).
 CREATE FUNCTION pgflow.notify_done(p_owners name[], p_ids bigint[]) RETURNS void
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
-    SELECT count(pg_catalog.pg_notify(coalesce(c.channel, 'pgflow_instance_done'), u.id::text))
+    SELECT count(pg_catalog.pg_notify(pgflow._channel_of(u.owner), u.id::text))
     FROM unnest(p_owners, p_ids) AS u(owner, id)
-    LEFT JOIN pgflow.role_channels c ON c.role_name = u.owner
 $$;
 REVOKE ALL ON FUNCTION pgflow.notify_done(name[], bigint[]) FROM PUBLIC;
 
