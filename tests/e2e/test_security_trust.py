@@ -390,6 +390,29 @@ def test_per_role_quotas_hold_with_clear_errors(site):
     assert as_role(boss, "SELECT max_open_instances FROM pgflow.quotas_of(%s)", (site.names["bob"],)) == [(2,)]
 
 
+def test_the_open_instance_quota_counts_only_when_its_bound_passes_it(site):
+    """A start bounds the role's open instances with two index probes (its oldest open instance, anyone's
+    newest) and counts them only when that bound passes the quota. Other users' instances widen the bound
+    but must never refuse a start the exact count allows; the bound is never below the count."""
+    alice, bob, boss = site.users["alice"], site.users["bob"], site.users["boss"]
+    as_role(boss, "SELECT pgflow.set_quota(%s, p_max_open_instances => 3)", (site.names["bob"],))
+    first = as_role(bob, "SELECT pgflow.start(pgflow.wait_for_signal('go'))")[0][0]
+    as_role(alice, "SELECT count(pgflow.start(pgflow.wait_for_signal('go'))) FROM generate_series(1, 5)")
+    later = [as_role(bob, "SELECT pgflow.start(pgflow.wait_for_signal('go'))")[0][0] for _ in range(2)]
+    with pytest.raises(psycopg.errors.ConfigurationLimitExceeded, match="3 open instances.*quota of 3"):
+        as_role(bob, "SELECT pgflow.start('SELECT 1')")
+    as_role(bob, "SELECT pgflow.cancel(%s)", (first,))  # the oldest one closes: the bound shrinks to exact
+    as_role(bob, "SELECT pgflow.start('SELECT 1')")
+    bounds = as_role(site.owner, """
+        SELECT r.rolname, pgflow.open_instances_bound(r.rolname),
+               (SELECT count(*) FROM pgflow.instances i WHERE i.owner = r.rolname
+                  AND i.status = ANY (pgflow.open_instance_statuses()))
+        FROM pg_roles r WHERE r.rolname = ANY (%s)""", (list(site.names.values()),))
+    assert {name for name, _, _ in bounds} == set(site.names.values())
+    assert all(bound >= count for _, bound, count in bounds), bounds
+    assert dict((n, c) for n, _, c in bounds)[site.names["bob"]] == 3, later
+
+
 def test_a_queue_depth_quota_fails_the_map_that_would_pass_it(site):
     """Attack 12: bob's maps filled the queues (30,000 tasks delayed alice's instance by 123 s), each one
     within the map-width quota. A per-role queue-depth quota counts the tasks a role has on queues: the map
