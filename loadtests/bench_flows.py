@@ -207,15 +207,15 @@ CREATE TABLE bench_embed.chunks (
 """
 
 
-def prepare_embed(conn, documents: int, batches: int, dims: int) -> int:
+def prepare_embed(conn, documents: int, batches: int, dims: int) -> list[int]:
     """Create the tables and ``documents`` reproducible documents (demo.generate_document) in ``batches``
-    batches; returns the number of chunks the run will embed."""
+    batches; returns the number of chunks the run will embed in each batch (one instance per batch)."""
     conn.execute(EMBED_SCHEMA.format(dims=int(dims)))
-    chunks = 0
+    chunks = [0] * batches
     with conn.cursor().copy("COPY bench_embed.documents (id, batch, body) FROM STDIN") as copy:
         for doc_id in range(documents):
             body = demo.generate_document(doc_id)
-            chunks += -(-len(body.split()) // demo.CHUNK_WORDS)
+            chunks[doc_id % batches] += -(-len(body.split()) // demo.CHUNK_WORDS)
             copy.write_row((doc_id, doc_id % batches, body))
     return chunks
 
