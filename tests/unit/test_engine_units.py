@@ -106,6 +106,23 @@ def test_map_quotas_count_the_maps_admitted_in_one_fan_out():
     assert c.MapQuotas(None, None, 0).admit("owner", "m", 10**6, 10**6) is None
 
 
+def test_a_fresh_count_keeps_the_maps_admitted_in_the_same_fan_out():
+    quota = c.MapQuotas(width=None, depth=10, queued=9, counted_at=1.0)  # a reused, older count
+    assert quota.admit("bob", "m", 1, 1) is None
+    assert quota.admit("bob", "m", 3, 3) is not None  # 10 + 3 by the old count
+    quota.recount(2, 5.0)  # the queues drained meanwhile: 2 on them now, plus the map admitted above
+    assert (quota.queued, quota.counted_at) == (3, 5.0)
+    assert quota.admit("bob", "m", 3, 3) is None and quota.queued == 6
+
+
+def test_queued_counts_are_reused_only_while_recent():
+    counts = c.QueuedCounts(ttl=2.0)
+    assert counts.reusable("bob", 100.0) is None
+    counts.keep("bob", c.MapQuotas(width=None, depth=10, queued=7, counted_at=100.0))
+    assert counts.reusable("bob", 101.9) == (7, 100.0)
+    assert counts.reusable("bob", 102.0) is None and counts.reusable("alice", 101.0) is None
+
+
 def test_an_instance_is_complete_only_when_every_step_completed():
     inst = dag(diamond())
     inst.states.update({"top": StepStatus.COMPLETED, "left": StepStatus.COMPLETED, "right": StepStatus.COMPLETED,

@@ -191,11 +191,14 @@ def map_tasks(step: StepShape, items: list[Any]) -> list[tuple[int, Any]]:
 @dataclass
 class MapQuotas:
     """An owner's map quotas in one fan-out (None: no limit): the widest map and the tasks it may have on
-    queues at once (``queued``: how many it has, counting the maps admitted so far)."""
+    queues at once (``queued``: how many it has, counting the maps admitted so far; ``counted_at``: when the
+    count it started from was taken, on the monotonic clock)."""
 
     width: int | None
     depth: int | None
     queued: int
+    counted_at: float = 0.0
+    admitted: int = 0  # tasks of the maps admitted in this fan-out (not on the queues yet)
 
     def admit(self, owner: str, step: str, elements: int, tasks: int) -> str | None:
         """Why a map of ``elements`` elements in ``tasks`` tasks is refused, or None (then it counts)."""
@@ -206,7 +209,33 @@ class MapQuotas:
             return (f"step {step} would queue {tasks:,} tasks while role {owner} has {self.queued:,} on queues, "
                     f"over its queue-depth quota of {self.depth:,} tasks (pgflow.set_quota)")
         self.queued += tasks
+        self.admitted += tasks
         return None
+
+    def recount(self, queued: int, counted_at: float) -> None:
+        """Start again from a fresh count of the tasks on queues (the maps admitted so far still count)."""
+        self.queued, self.counted_at = queued + self.admitted, counted_at
+
+
+class QueuedCounts:
+    """Each owner's tasks on queues, as last counted, for the queue-depth quota. Counting runs over the
+    owner's whole backlog (up to its quota: 16 ms per fan-out batch at 60,000 queued tasks, about a quarter
+    of a second at the default quota of 1,000,000), so a count is reused for ``ttl`` seconds to admit maps,
+    plus what this coordinator queued since. A map the reused count would refuse is decided on a fresh
+    count: a refusal never rests on an old one. A second coordinator's maps are seen at the next count."""
+
+    def __init__(self, ttl: float = 2.0) -> None:
+        self.ttl = ttl
+        self._counts: dict[str, tuple[int, float]] = {}  # owner -> (queued, counted_at)
+
+    def reusable(self, owner: str, now: float) -> tuple[int, float] | None:
+        """The owner's last count and when it was taken, if it is recent enough to admit maps by."""
+        count = self._counts.get(owner)
+        return count if count is not None and now - count[1] < self.ttl else None
+
+    def keep(self, owner: str, quotas: MapQuotas) -> None:
+        """Remember the owner's count after a fan-out (the maps it admitted included)."""
+        self._counts[owner] = (quotas.queued, quotas.counted_at)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -235,6 +264,7 @@ class Coordinator(ConnectedLoop):
                                        vacuum_min_dead=vacuum_min_dead)
         self._finished: list[tuple[int, str, str, float]] = []  # completions of the round, counted once committed
         self._role: str | None = None  # the role the coordinator runs as (metrics name its flows)
+        self.queued_counts = QueuedCounts()
 
     def run(self) -> None:
         """Run the loop until :meth:`stop`, with the vacuum thread beside it (``vacuum_every`` 0: none)."""
@@ -408,8 +438,8 @@ class Coordinator(ConnectedLoop):
             outputs = {(iid, step): output for iid, step, output in rows}
         again: set[int] = set()
         failures: dict[int, str] = {}
-        quotas = {o: MapQuotas(width, depth, queued) for o, width, depth, queued in Q.all(
-            conn, "map_quotas", {"owners": sorted({inst.owner for inst, _ in maps})})}
+        now = time.monotonic()
+        quotas = self._map_quotas(conn, sorted({inst.owner for inst, _ in maps}), now)
         for inst, step in maps:
             items = inst.input if step.over == INPUT else outputs.get((inst.id, step.over))
             items, problem = map_elements(step, items)
@@ -417,6 +447,9 @@ class Coordinator(ConnectedLoop):
             quota = quotas.get(inst.owner)
             if not problem and quota is not None:
                 problem = quota.admit(inst.owner, step.name, len(items), len(tasks))
+                if problem and quota.counted_at < now:  # refused by a reused count: count afresh
+                    quota.recount(*self._count_queued(conn, {inst.owner: quota.depth})[inst.owner])
+                    problem = quota.admit(inst.owner, step.name, len(items), len(tasks))
             if problem:
                 failures.setdefault(inst.id, problem)
                 continue
@@ -433,12 +466,35 @@ class Coordinator(ConnectedLoop):
                 writes.enqueue(step.queue, inst.id, step.name, index,
                                task_message(inst.shape.name, inst.shape.version, inst.id, step.name, index, item),
                                claim_headers(writes, step, inst, item[0] if step.batch_size else item))
+        for owner, quota in quotas.items():
+            if quota.depth is not None:
+                self.queued_counts.keep(owner, quota)
         if failures:
             self._fail(conn, failures)
             for iid in failures:
                 instances.pop(iid, None)
             writes.drop_instances(failures)
         return again
+
+    def _map_quotas(self, conn: psycopg.Connection, owners: list[str], now: float) -> dict[str, MapQuotas]:
+        """The owners' map quotas, each with its tasks on queues: a recent count (QueuedCounts) when there
+        is one, else counted now (``counted_at`` = ``now``)."""
+        limits = {o: (width, depth) for o, width, depth in Q.all(conn, "map_quotas", {"owners": owners})}
+        reused = {o: self.queued_counts.reusable(o, now) for o, (_, depth) in limits.items() if depth is not None}
+        counted = self._count_queued(conn, {o: limits[o][1] for o, count in reused.items() if count is None}, now)
+        return {o: MapQuotas(width, depth, *(reused.get(o) or counted.get(o) or (0, now)))
+                for o, (width, depth) in limits.items()}
+
+    def _count_queued(self, conn: psycopg.Connection, depths: dict[str, int],
+                      now: float | None = None) -> dict[str, tuple[int, float]]:
+        """How many tasks each owner has on queues (counted up to one past its quota ``depths[owner]``),
+        and when they were counted."""
+        if not depths:
+            return {}
+        at = time.monotonic() if now is None else now
+        owners = sorted(depths)
+        rows = Q.all(conn, "queued_tasks", {"owners": owners, "depths": [depths[o] for o in owners]})
+        return {o: (n, at) for o, n in rows}
 
     def _complete(self, conn: psycopg.Connection, instances: dict[int, DagInstance]) -> None:
         done = [completion(inst) for inst in instances.values() if is_complete(inst)]

@@ -33,18 +33,20 @@ SELECT i.id, now() + make_interval(secs => %(delay)s) FROM pgflow.instances i
 WHERE i.id = ANY(%(ids)s) AND i.status = ANY (pgflow.open_instance_statuses());
 
 -- name: map_quotas
--- per owner: the widest map it may fan out, the tasks it may have on queues at once and how many it has
--- (counted up to one past the quota). NULL: no limit; the pgflow owner has none.
-SELECT q.o, q.width, q.depth,
-       CASE WHEN q.depth IS NULL THEN 0 ELSE (
-           SELECT count(*) FROM (
-               SELECT 1 FROM pgflow.instances i JOIN pgflow.steps s ON s.instance_id = i.id
-               WHERE i.owner = q.o AND i.status = ANY (pgflow.open_instance_statuses())
-                 AND s.status = ANY (pgflow.claimable_step_statuses())
-               LIMIT q.depth + 1) AS n) END
-FROM (SELECT o, CASE WHEN engine THEN NULL ELSE (pgflow.quotas_of(o)).max_map_width END AS width,
-             CASE WHEN engine THEN NULL ELSE (pgflow.quotas_of(o)).max_queued_tasks END AS depth
-      FROM unnest(%(owners)s::name[]) AS o, pgflow.is_engine_role(o) AS engine) AS q;
+-- per owner: the widest map it may fan out and the tasks it may have on queues at once. NULL: no limit;
+-- the pgflow owner has none.
+SELECT o, CASE WHEN engine THEN NULL ELSE (pgflow.quotas_of(o)).max_map_width END AS width,
+       CASE WHEN engine THEN NULL ELSE (pgflow.quotas_of(o)).max_queued_tasks END AS depth
+FROM unnest(%(owners)s::name[]) AS o, pgflow.is_engine_role(o) AS engine;
+
+-- name: queued_tasks
+-- per owner: the tasks it has on queues, counted up to one past its queue-depth quota
+SELECT u.o, (SELECT count(*) FROM (
+                 SELECT 1 FROM pgflow.instances i JOIN pgflow.steps s ON s.instance_id = i.id
+                 WHERE i.owner = u.o AND i.status = ANY (pgflow.open_instance_statuses())
+                   AND s.status = ANY (pgflow.claimable_step_statuses())
+                 LIMIT u.depth + 1) AS n)
+FROM unnest(%(owners)s::name[], %(depths)s::bigint[]) AS u(o, depth);
 
 -- name: mark_started
 UPDATE pgflow.instances SET status = 'running', started_at = now()
