@@ -69,9 +69,7 @@ class ConnectedLoop:
         self._close()
         self._conn = connect(self.dsn, autocommit=True)
         require_schema(self._conn)
-        # synchronous_commit: see settings (off by default: a crash loses whole recent decisions, redone).
-        # plan_cache_mode: plan each execution for its actual parameters; a generic plan cached while the
-        # tables were small can be disastrous once the backlog is large (psycopg prepares frequent statements)
+        # the engine's session settings, and why: queries/loop.sql (engine_session)
         Q.execute(self._conn, "engine_session", {"synchronous_commit": settings.current().synchronous_commit})
         self._listen = connect(self.dsn, autocommit=True)
         self.on_connect()

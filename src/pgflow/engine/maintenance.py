@@ -1,13 +1,15 @@
 """The coordinator's upkeep: the stalled-instance safety net, retention of finished instances, archived
-messages and HTTP audit rows, VACUUM of the tables whose rows live for milliseconds, and the sampled metrics
-(instances by status, queue depth and age, wake-up backlog, dead letters). Maintenance is done by one
-coordinator at a time (a row lock no user can take); the vacuum runs in a thread of its own."""
+messages and HTTP audit rows, VACUUM of the tables whose rows live for milliseconds and ANALYZE of the busiest
+ones, and the sampled metrics (instances by status, queue depth and age, wake-up backlog, dead letters).
+Maintenance is done by one coordinator at a time (a row lock no user can take); VACUUM and ANALYZE run in a
+thread of their own."""
 
 from __future__ import annotations
 
 import logging
 import time
 from threading import Event
+from typing import Any
 
 import psycopg
 
@@ -97,19 +99,31 @@ class Maintenance:
         returns the tables vacuumed. Why: their rows live for milliseconds, and autovacuum (a pass a minute
         at most, by default) leaves the dead index entries at the head of the indexes that every read walks
         from the start; with a 100,000-instance backlog throughput was 12% lower (loadtests/README.md)."""
+        return self._each_table("churned_tables", "vacuum", {"min_dead": self.vacuum_min_dead})
+
+    def analyze_stale_tables(self) -> list[str]:
+        """ANALYZE the engine's busiest tables (instances, steps, wake-ups, queues) whose live rows differ by
+        half (and by ``vacuum_min_dead`` rows) from what their statistics say; returns the tables analyzed.
+        Why: they fill in bursts, and plans made with statistics of a nearly empty table read every open
+        instance to lock a batch of them by id (loadtests/README.md)."""
+        return self._each_table("stale_statistics", "analyze", {"min_changes": self.vacuum_min_dead})
+
+    def _each_table(self, tables_query: str, command: str, params: dict[str, Any]) -> list[str]:
+        """Run ``command`` (VACUUM or ANALYZE) on each table ``tables_query`` names, on the maintenance
+        thread's own connection; returns the tables, schema-qualified."""
         if self._vacuum_conn is None or self._vacuum_conn.closed:
             self._vacuum_conn = connect(self.dsn, autocommit=True)
-        conn = self._vacuum_conn
-        tables = Q.all(conn, "churned_tables", {"min_dead": self.vacuum_min_dead})
+        tables = Q.all(self._vacuum_conn, tables_query, params)
         for schema, table in tables:
-            conn.execute(Q.composed("vacuum", table=(schema, table)))
+            self._vacuum_conn.execute(Q.composed(command, table=(schema, table)))
         return [f"{schema}.{table}" for schema, table in tables]
 
     def vacuum_loop(self, stop: Event) -> None:
-        """Vacuum every ``vacuum_every`` seconds until ``stop`` is set."""
+        """Vacuum and analyze every ``vacuum_every`` seconds until ``stop`` is set."""
         while not stop.wait(self.vacuum_every):
             try:
                 self.vacuum_churned_tables()
+                self.analyze_stale_tables()
             except (psycopg.Error, DatabaseUnavailable) as exc:  # the main loop deals with outages
                 log.info("vacuum skipped: %s", str(exc).strip())
                 close_quietly(self._vacuum_conn)

@@ -22,7 +22,7 @@ SELECT extract(epoch FROM min(due_at) - now()) FROM pgflow.wakeups;
 -- fails alone (coordinator.py).
 SELECT id, flow_name, flow_version, status, input::text, variables::text, owner
 FROM pgflow.instances
-WHERE id = ANY(%(ids)s) AND status = ANY (pgflow.open_instance_statuses())
+WHERE id = ANY(%(ids)s::bigint[]) AND status = ANY (pgflow.open_instance_statuses())
 ORDER BY id
 FOR NO KEY UPDATE SKIP LOCKED;
 
@@ -30,7 +30,7 @@ FOR NO KEY UPDATE SKIP LOCKED;
 -- open instances that were woken but locked by someone else: looked at again shortly
 INSERT INTO pgflow.wakeups (instance_id, due_at)
 SELECT i.id, now() + make_interval(secs => %(delay)s) FROM pgflow.instances i
-WHERE i.id = ANY(%(ids)s) AND i.status = ANY (pgflow.open_instance_statuses());
+WHERE i.id = ANY(%(ids)s::bigint[]) AND i.status = ANY (pgflow.open_instance_statuses());
 
 -- name: map_quotas
 -- per owner: the widest map it may fan out and the tasks it may have on queues at once. NULL: no limit;
@@ -50,12 +50,12 @@ FROM unnest(%(owners)s::name[], %(depths)s::bigint[]) AS u(o, depth);
 
 -- name: mark_started
 UPDATE pgflow.instances SET status = 'running', started_at = now()
-WHERE id = ANY(%(ids)s) AND status = 'pending';
+WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending';
 
 -- name: step_states
 SELECT instance_id, step_name, status, error
 FROM pgflow.steps
-WHERE instance_id = ANY(%(ids)s) AND task_index = -1;
+WHERE instance_id = ANY(%(ids)s::bigint[]) AND task_index = -1;
 
 -- name: map_progress
 SELECT c.instance_id, c.step_name,
@@ -64,7 +64,7 @@ SELECT c.instance_id, c.step_name,
            AS failure
 FROM pgflow.steps p
 JOIN pgflow.steps c ON c.instance_id = p.instance_id AND c.step_name = p.step_name AND c.task_index >= 0
-WHERE p.instance_id = ANY(%(ids)s) AND p.task_index = -1 AND p.status = 'mapping'
+WHERE p.instance_id = ANY(%(ids)s::bigint[]) AND p.task_index = -1 AND p.status = 'mapping'
 GROUP BY c.instance_id, c.step_name;
 
 -- name: step_outputs
@@ -140,10 +140,10 @@ RETURNING i.id, i.flow_name, i.owner, u.error;
 -- name: cancel_open_steps
 -- every open step of the failed instances, timers and signal waits included
 UPDATE pgflow.steps SET status = 'cancelled', finished_at = now()
-WHERE instance_id = ANY(%(ids)s) AND status = ANY (pgflow.open_step_statuses());
+WHERE instance_id = ANY(%(ids)s::bigint[]) AND status = ANY (pgflow.open_step_statuses());
 
 -- name: notify_done
-SELECT pgflow.notify_done(array_agg(i.owner), array_agg(i.id)) FROM pgflow.instances i WHERE i.id = ANY(%(ids)s);
+SELECT pgflow.notify_done(array_agg(i.owner), array_agg(i.id)) FROM pgflow.instances i WHERE i.id = ANY(%(ids)s::bigint[]);
 
 -- name: define_limits
 -- limits declared in flow code, written before their first tasks are enqueued

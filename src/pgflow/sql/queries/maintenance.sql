@@ -38,6 +38,20 @@ WHERE n_dead_tup >= %(min_dead)s
   AND ((schemaname = 'pgflow' AND relname = 'wakeups')
        OR (schemaname = 'pgmq' AND relname IN (SELECT 'q_' || queue_name FROM pgflow.queues)));
 
+-- name: stale_statistics
+-- the engine's busiest tables whose live rows differ by half from what the planner believes (pg_class
+-- .reltuples, -1 before the first VACUUM or ANALYZE): they fill in bursts (20,000 starts in a second), and
+-- with statistics that still say "nearly empty" the planner took scans of every open instance for lookups
+-- by id (autovacuum's ANALYZE comes a minute later at best). Steady churn, whose size does not move, is
+-- left alone: an ANALYZE reads up to 30,000 rows.
+SELECT s.schemaname, s.relname FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
+WHERE abs(s.n_live_tup - greatest(c.reltuples, 0)) >= greatest(%(min_changes)s, 0.5 * greatest(c.reltuples, 0))
+  AND ((s.schemaname = 'pgflow' AND s.relname IN ('instances', 'steps', 'wakeups'))
+       OR (s.schemaname = 'pgmq' AND s.relname IN (SELECT 'q_' || queue_name FROM pgflow.queues)));
+
+-- name: analyze
+ANALYZE (SKIP_LOCKED) {table};
+
 -- name: vacuum
 -- no truncation: it takes an exclusive lock (the engine's statements waited on it) to give back pages the
 -- next second refills; index cleanup always, since the dead index entries are the point

@@ -2,9 +2,10 @@
 -- step rows written in the coordinator's transaction, so a task is on its queue exactly when its row says so.
 
 -- The virtual time at the head of a queue: the tag of the first ready message in fair order (0 when none
--- is ready). One probe of the fair index (04_queues.sql).
+-- is ready). One probe of the fair index (04_queues.sql), pinned as read_queue's plan is (08_read_and_claim.sql).
 CREATE FUNCTION pgflow.queue_head(p_queue text) RETURNS bigint
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgflow, pg_temp AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgflow, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off AS $$
 DECLARE
     head bigint;
 BEGIN

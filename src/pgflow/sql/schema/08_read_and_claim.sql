@@ -85,9 +85,14 @@ REVOKE ALL ON FUNCTION pgflow.claim_tasks(bigint[], bigint[], text[], integer[],
 -- the messages for p_vt seconds, read_ct + 1, SKIP LOCKED between readers) in fair order (04_queues.sql):
 -- first parked messages that are due (tasks a limit held back, 22_limits.sql; oldest due first), then
 -- ready messages by priority, virtual-time tag, instance and msg_id, each through its own index.
+-- The plan is pinned to those index scans (and the UPDATE to msg_id probes): a queue table's statistics
+-- lag behind its churn (it fills from empty in a second), and with them the planner read 20 messages by
+-- sorting every ready one and joined them back by a sequential scan (5-18 ms a read at 20,000 queued, in
+-- the chain benchmark on PostgreSQL 15; the index scans take a fraction of a millisecond at any depth).
 CREATE FUNCTION pgflow.read_queue(p_queue text, p_vt integer, p_qty integer)
 RETURNS SETOF pgmq.message_record
-LANGUAGE plpgsql SET search_path = pg_catalog, pgflow, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pgflow, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off AS $$
 BEGIN
     RETURN QUERY EXECUTE format($q$
         WITH due AS MATERIALIZED (

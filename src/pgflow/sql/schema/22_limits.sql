@@ -246,7 +246,8 @@ REVOKE ALL ON FUNCTION pgflow.charge_limit(text, text, double precision) FROM PU
 -- When a worker with nothing to do should look again: the first parked message of a queue to come due (in
 -- seconds, NULL when none is parked), so tasks a limit held back start on time, not at the next poll.
 CREATE FUNCTION pgflow.next_parked_in(p_queue text) RETURNS double precision
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgflow, pg_temp AS $$
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgflow, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off AS $$
 DECLARE
     due timestamptz;
 BEGIN
