@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from threading import Event
 from typing import Any
 
@@ -99,24 +100,24 @@ class Maintenance:
         returns the tables vacuumed. Why: their rows live for milliseconds, and autovacuum (a pass a minute
         at most, by default) leaves the dead index entries at the head of the indexes that every read walks
         from the start; with a 100,000-instance backlog throughput was 12% lower (loadtests/README.md)."""
-        return self._each_table("churned_tables", "vacuum", {"min_dead": self.vacuum_min_dead})
+        conn = self._maintenance_conn()
+        tables = Q.all(conn, "churned_tables", {"min_dead": self.vacuum_min_dead})
+        return _run_on_each(conn, tables, lambda table: Q.composed("vacuum", table=table))
 
     def analyze_stale_tables(self) -> list[str]:
         """ANALYZE the engine's busiest tables (instances, steps, wake-ups, queues) whose live rows differ by
         half (and by ``vacuum_min_dead`` rows) from what their statistics say; returns the tables analyzed.
         Why: they fill in bursts, and plans made with statistics of a nearly empty table read every open
         instance to lock a batch of them by id (loadtests/README.md)."""
-        return self._each_table("stale_statistics", "analyze", {"min_changes": self.vacuum_min_dead})
+        conn = self._maintenance_conn()
+        tables = Q.all(conn, "stale_statistics", {"min_changes": self.vacuum_min_dead})
+        return _run_on_each(conn, tables, lambda table: Q.composed("analyze", table=table))
 
-    def _each_table(self, tables_query: str, command: str, params: dict[str, Any]) -> list[str]:
-        """Run ``command`` (VACUUM or ANALYZE) on each table ``tables_query`` names, on the maintenance
-        thread's own connection; returns the tables, schema-qualified."""
+    def _maintenance_conn(self) -> psycopg.Connection:
+        """The VACUUM and ANALYZE thread's own connection (opened again after an outage)."""
         if self._vacuum_conn is None or self._vacuum_conn.closed:
             self._vacuum_conn = connect(self.dsn, autocommit=True)
-        tables = Q.all(self._vacuum_conn, tables_query, params)
-        for schema, table in tables:
-            self._vacuum_conn.execute(Q.composed(command, table=(schema, table)))
-        return [f"{schema}.{table}" for schema, table in tables]
+        return self._vacuum_conn
 
     def vacuum_loop(self, stop: Event) -> None:
         """Vacuum and analyze every ``vacuum_every`` seconds until ``stop`` is set."""
@@ -129,3 +130,11 @@ class Maintenance:
                 close_quietly(self._vacuum_conn)
                 self._vacuum_conn = None
         close_quietly(self._vacuum_conn)
+
+
+def _run_on_each(conn: psycopg.Connection, tables: list[tuple[str, str]],
+                 command: Callable[[tuple[str, str]], Any]) -> list[str]:
+    """Run the statement ``command`` makes for each (schema, table); the tables, schema-qualified."""
+    for table in tables:
+        conn.execute(command(table))
+    return [f"{schema}.{table}" for schema, table in tables]
