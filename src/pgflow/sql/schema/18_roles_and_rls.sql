@@ -21,9 +21,42 @@ CREATE FUNCTION pgflow.is_admin() RETURNS boolean LANGUAGE sql STABLE SET search
 $$;
 REVOKE ALL ON FUNCTION pgflow.is_admin() FROM PUBLIC;
 
+-- Proofs that a role is the current_user of a frame that is about to act through a definer function, for
+-- the one case the session's role cannot vouch for: a SECURITY DEFINER function of the caller's own (owned by
+-- another role, who chose to run it as itself) that calls df.start. Parameter defaults cannot carry that
+-- identity (an explicit argument forges them) and a definer function sees only its owner as current_user,
+-- so the frame writes it down first: its INSERT is stamped by the trigger with the inserting current_user,
+-- backend and transaction, whatever the row said (a BYPASSRLS role cannot choose them either). The writer
+-- removes it (pgflow._end_proof) as soon as the call it covers returns; a rollback removes it too.
+CREATE UNLOGGED TABLE pgflow.caller_proofs (
+    pid integer NOT NULL,
+    xact xid8 NOT NULL,
+    role name NOT NULL
+);
+REVOKE ALL ON pgflow.caller_proofs FROM PUBLIC;
+
+CREATE FUNCTION pgflow._stamp_proof() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    NEW.pid := pg_catalog.pg_backend_pid();
+    NEW.xact := pg_catalog.pg_current_xact_id();
+    NEW.role := current_user;  -- a trigger runs as the role that inserts (this function is not a definer)
+    RETURN NEW;
+END $$;
+REVOKE ALL ON FUNCTION pgflow._stamp_proof() FROM PUBLIC;
+CREATE TRIGGER stamp BEFORE INSERT ON pgflow.caller_proofs FOR EACH ROW EXECUTE FUNCTION pgflow._stamp_proof();
+
+-- Drop the proofs this backend wrote (the call they covered has returned).
+CREATE FUNCTION pgflow._end_proof() RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    DELETE FROM pgflow.caller_proofs WHERE pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+$$;
+REVOKE ALL ON FUNCTION pgflow._end_proof() FROM PUBLIC;
+
 -- The role a definer function acts for: p_caller, which callers pass as their current_user (a parameter
 -- default, evaluated before the function switches to its owner). A caller may only name a role its session
--- could SET ROLE to, so naming another role gains nothing it did not have.
+-- could SET ROLE to, or one whose frame proved itself in this transaction (pgflow.caller_proofs), so naming
+-- another role gains nothing it did not have. Called by definer functions only (it reads caller_proofs).
 CREATE FUNCTION pgflow._check_caller(p_caller name) RETURNS name
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
@@ -32,8 +65,11 @@ BEGIN
     END IF;
     IF p_caller IS NULL
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
-       OR NOT (p_caller OPERATOR(pg_catalog.=) session_user
-               OR pg_catalog.pg_has_role(session_user, p_caller, 'member')) THEN
+       OR NOT (pg_catalog.pg_has_role(session_user, p_caller, 'member')
+               OR EXISTS (SELECT 1 FROM pgflow.caller_proofs c
+                          WHERE c.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                            AND c.xact OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id()
+                            AND c.role OPERATOR(pg_catalog.=) p_caller)) THEN
         RAISE EXCEPTION 'pgflow: role % may not act as role %', session_user, coalesce(p_caller, 'NULL')
             USING ERRCODE = '42501';
     END IF;
