@@ -114,34 +114,59 @@ def forged_calls(victim: str, victim_iid: int) -> list[tuple[str, tuple]]:
 
 def assert_all_refused(conn: psycopg.Connection, victim: str, victim_iid: int) -> None:
     for statement, params in forged_calls(victim, victim_iid):
-        with conn.transaction(), pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as"), conn.transaction():
             conn.execute(statement, params)
 
 
+def assert_no_definer_acts_as_owner(df_dsn: str, roles: dict[str, str], admin: Session) -> None:
+    """pgflow's and df's own SECURITY DEFINER functions run as the pgflow owner: none of them may be made to
+    start, cancel, signal or set variables as that owner for a granted caller, and none writes a proof (it
+    would prove its owner)."""
+    hostile = session(df_dsn, roles["hostile"])
+    owner = admin.one("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgflow'")
+    admin_iid = int(admin.one("SELECT df.start(df.wait_for_signal('go'))"), 16)
+    with psycopg.connect(df_dsn) as conn:
+        conn.execute(f"SET SESSION AUTHORIZATION {roles['hostile']}")
+        assert_all_refused(conn, owner, admin_iid)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # not granted, and it checks the session's role
+        hostile.one("SELECT df._autonomous(%s, 'start', '{\"node\": \"SELECT 1\"}')", (owner,))
+    definers = admin.rows("SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = "
+                          "p.pronamespace WHERE n.nspname IN ('pgflow', 'df') AND p.prosecdef "
+                          "AND pg_get_functiondef(p.oid) ~ %s",
+                          (r"df\.start\(|_start_as_caller|INSERT INTO pgflow\.caller_proofs",))
+    assert definers == []
+    assert admin.one("SELECT df.status(%s)", (format(admin_iid, "08x"),)) in ("pending", "running")
+
+
 def test_a_hostile_role_cannot_prove_another_role(df_dsn, roles, admin, df_engine):
-    """The proof table is stamped by its trigger: whatever a hostile role writes (even with BYPASSRLS) names
-    itself, in its own backend and transaction; it may not delete or read others' proofs either."""
+    """A proof is refused where the session could act as the role anyway (a hostile role's own session, even
+    with BYPASSRLS) and stamped by the trigger elsewhere: a row written in the victim's definer function names
+    the victim, in the caller's backend, whatever it said. Users may not read, change or delete proofs."""
     victim, hostile = session(df_dsn, roles["victim"]), session(df_dsn, roles["hostile"])
     victim_iid = int(victim.one("SELECT df.start(df.wait_for_signal('go'))"), 16)
     owner = admin.one("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgflow'")
     admin.run(f"ALTER ROLE {roles['hostile']} BYPASSRLS")
-    hostile.run("BEGIN")
+    forge = "INSERT INTO pgflow.caller_proofs (pid, xact, role) VALUES (pg_backend_pid(), pg_current_xact_id(), %s)"
     for name in (roles["victim"], owner):
-        hostile.run("INSERT INTO pgflow.caller_proofs (pid, xact, role) "
-                    "VALUES (pg_backend_pid(), pg_current_xact_id(), %s)", (name,))
-    hostile.run("SAVEPOINT forged")
-    for name in (roles["victim"], owner):
-        for statement, params in forged_calls(name, victim_iid):
-            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="may not act as"):
-                hostile.run(statement, params)
-            hostile.run("ROLLBACK TO SAVEPOINT forged")
-    hostile.run("ROLLBACK")
-    assert admin.rows("SELECT role FROM pgflow.caller_proofs") == []  # rolled back with its transaction
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="needs no proof"):
+            hostile.run(forge, (name,))
+    victim.run("CREATE FUNCTION victim_prove(who text) RETURNS void LANGUAGE sql SECURITY DEFINER "
+               "AS $$ INSERT INTO pgflow.caller_proofs (pid, xact, role) VALUES (0, '1', who::name) $$")
+    victim.run(f"GRANT EXECUTE ON FUNCTION victim_prove(text) TO {roles['hostile']}")
+    with psycopg.connect(df_dsn) as conn:
+        conn.execute(f"SET SESSION AUTHORIZATION {roles['hostile']}")
+        conn.execute("SELECT public.victim_prove(%s)", (owner,))
+        assert_all_refused(conn, owner, victim_iid)  # the row says the owner, but it proves only the victim
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        conn.commit()
+    assert admin.rows("SELECT pid, role::text FROM pgflow.caller_proofs") == [(pid, roles["victim"])]
     for statement in ("DELETE FROM pgflow.caller_proofs", "SELECT * FROM pgflow.caller_proofs",
                       "UPDATE pgflow.caller_proofs SET role = current_user"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             hostile.run(statement)
+    admin.run("DELETE FROM pgflow.caller_proofs")
     assert victim.one("SELECT df.status(%s)", (format(victim_iid, "08x"),)) in ("pending", "running")
+    assert_no_definer_acts_as_owner(df_dsn, roles, admin)
 
 
 def test_a_proof_ends_with_the_start_it_covered(df_dsn, roles, admin, df_engine):
@@ -160,24 +185,6 @@ def test_a_proof_ends_with_the_start_it_covered(df_dsn, roles, admin, df_engine)
     assert owner_of(admin, started) == roles["victim"]
     assert admin.one("SELECT count(*) FROM pgflow.caller_proofs") == 0
     assert victim.one("SELECT df.status(%s)", (format(victim_iid, "08x"),)) in ("pending", "running")
-
-
-def test_pgflow_and_df_definer_functions_never_act_as_their_owner_for_a_caller(df_dsn, roles, admin):
-    """pgflow's and df's own SECURITY DEFINER functions run as the pgflow owner: none of them may be made to
-    start, cancel, signal or set variables as that owner (or another role) for a granted caller."""
-    hostile = session(df_dsn, roles["hostile"])
-    owner = admin.one("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgflow'")
-    admin_iid = int(admin.one("SELECT df.start(df.wait_for_signal('go'))"), 16)
-    with psycopg.connect(df_dsn) as conn:
-        conn.execute(f"SET SESSION AUTHORIZATION {roles['hostile']}")
-        assert_all_refused(conn, owner, admin_iid)
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # not granted, and it checks the session's role
-        hostile.one("SELECT df._autonomous(%s, 'start', '{\"node\": \"SELECT 1\"}')", (owner,))
-    definers = admin.rows("SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = "
-                          "p.pronamespace WHERE n.nspname IN ('pgflow', 'df') AND p.prosecdef "
-                          "AND pg_get_functiondef(p.oid) ~ 'df\\.start\\(|_start_as_caller|caller_proofs \\('")
-    assert definers == []  # no definer function writes a proof (it would prove its owner)
-    assert admin.one("SELECT df.status(%s)", (format(admin_iid, "08x"),)) in ("pending", "running")
 
 
 # ------------------------------------------------------------------------------------ typed results
@@ -227,7 +234,7 @@ def test_df_start_is_refused_while_worker_ready_is_marked_down(admin, df_dsn, en
         wait_until(lambda: conn.execute("SELECT schema_version FROM df._worker_ready").fetchone(), 30,
                    "df._worker_ready to show the engine within one transaction")
         conn.execute("UPDATE df._worker_ready SET schema_version = -1")
-        with conn.transaction(), pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="worker_ready"):
+        with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="worker_ready"), conn.transaction():
             conn.execute("SELECT df.start('SELECT 1', 'held-back')")
         conn.execute("UPDATE df._worker_ready SET schema_version = 1")
         accepted = conn.execute("SELECT df.start('SELECT 1', 'after')").fetchone()[0]

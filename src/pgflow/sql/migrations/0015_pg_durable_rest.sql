@@ -80,6 +80,12 @@ REVOKE ALL ON pgflow.caller_proofs FROM PUBLIC;
 CREATE FUNCTION pgflow._stamp_proof() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- only a frame whose role the session cannot vouch for needs (or may write) a proof: no junk rows
+    IF current_user OPERATOR(pg_catalog.=) session_user
+       OR pg_catalog.pg_has_role(session_user, current_user, 'member') THEN
+        RAISE EXCEPTION 'pgflow: % needs no proof of its role (the session may act as it)', current_user
+            USING ERRCODE = '42501';
+    END IF;
     NEW.pid := pg_catalog.pg_backend_pid();
     NEW.xact := pg_catalog.pg_current_xact_id();
     NEW.role := current_user;  -- a trigger runs as the role that inserts (this function is not a definer)

@@ -26,7 +26,8 @@ REVOKE ALL ON FUNCTION pgflow.is_admin() FROM PUBLIC;
 -- another role, who chose to run it as itself) that calls df.start. Parameter defaults cannot carry that
 -- identity (an explicit argument forges them) and a definer function sees only its owner as current_user,
 -- so the frame writes it down first: its INSERT is stamped by the trigger with the inserting current_user,
--- backend and transaction, whatever the row said (a BYPASSRLS role cannot choose them either). The writer
+-- backend and transaction, whatever the row said (a BYPASSRLS role cannot choose them either), and refused
+-- where the session could act as that role anyway (so no one writes rows they need not). The writer
 -- removes it (pgflow._end_proof) as soon as the call it covers returns; a rollback removes it too.
 CREATE UNLOGGED TABLE pgflow.caller_proofs (
     pid integer NOT NULL,
@@ -38,6 +39,12 @@ REVOKE ALL ON pgflow.caller_proofs FROM PUBLIC;
 CREATE FUNCTION pgflow._stamp_proof() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
+    -- only a frame whose role the session cannot vouch for needs (or may write) a proof: no junk rows
+    IF current_user OPERATOR(pg_catalog.=) session_user
+       OR pg_catalog.pg_has_role(session_user, current_user, 'member') THEN
+        RAISE EXCEPTION 'pgflow: % needs no proof of its role (the session may act as it)', current_user
+            USING ERRCODE = '42501';
+    END IF;
     NEW.pid := pg_catalog.pg_backend_pid();
     NEW.xact := pg_catalog.pg_current_xact_id();
     NEW.role := current_user;  -- a trigger runs as the role that inserts (this function is not a definer)
