@@ -159,6 +159,7 @@ DECLARE
 BEGIN
     FOR r IN SELECT g.role_name FROM pgflow.role_grants g JOIN pg_roles p ON p.rolname = g.role_name LOOP
         EXECUTE format('GRANT INSERT ON pgflow.caller_proofs TO %I', r.role_name);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION pgflow._rights_at_start(), pgflow._end_proof() TO %I', r.role_name);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION pgflow._rights_at_start(), pgflow._end_proof(), pgflow._stamp_proof() '
+                       'TO %I', r.role_name);
     END LOOP;
 END $$;
