@@ -187,6 +187,39 @@ def test_a_proof_ends_with_the_start_it_covered(df_dsn, roles, admin, df_engine)
     assert victim.one("SELECT df.status(%s)", (format(victim_iid, "08x"),)) in ("pending", "running")
 
 
+# ------------------------------------------------------------------------------------ forged owners
+
+
+def test_a_forged_owner_fails_an_instance_not_yet_picked_up_and_changes_nothing_later(df_dsn, roles, admin,
+                                                                                       engine_factory):
+    """An administrator granted a role UPDATE on submitted_by (it bypasses row-level security): its write
+    fails a pending instance (nothing ran, no node failed) and has no effect once the engine runs it; the
+    engine never runs as the forged role. A role without the grant cannot use the function behind it."""
+    admin.run(f"ALTER ROLE {roles['hostile']} BYPASSRLS; "
+              f"GRANT UPDATE (submitted_by) ON df.instances, df.nodes TO {roles['hostile']}")
+    victim, hostile = session(df_dsn, roles["victim"]), session(df_dsn, roles["hostile"])
+    owner = admin.one("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgflow'")
+    forge = "UPDATE df.instances SET submitted_by = %s::regrole WHERE id = %s"
+    early = victim.one("SELECT df.start('SELECT 1')")  # no engine yet: pending for sure
+    hostile.run(forge, (owner, early))
+    hostile.run("UPDATE df.nodes SET submitted_by = %s::regrole WHERE instance_id = %s", (owner, early))
+    assert victim.finish(early, 5) == "failed"
+    assert "submitted_by was changed" in admin.one("SELECT error FROM df.instances WHERE id = %s", (early,))
+    assert admin.one("SELECT count(*) FROM df.nodes WHERE instance_id = %s AND status = 'failed'", (early,)) == 0
+    victim.run("CREATE TABLE ran_as (who text); GRANT INSERT ON ran_as TO PUBLIC")
+    engine_factory().start(concurrency=1)
+    late = victim.one("SELECT df.start(df.sleep(1) ~> 'INSERT INTO ran_as SELECT current_user')")
+    wait_until(lambda: victim.one("SELECT df.status(%s)", (late,)) == "running", 30, "the instance to run")
+    hostile.run(forge, (owner, late))
+    assert victim.finish(late) == "completed"
+    assert victim.rows("SELECT who FROM ran_as") == [(roles["victim"],)]
+    assert owner_of(admin, late) == roles["victim"]
+    plain = session(df_dsn, roles["plain"])
+    pending = plain.one("SELECT df.start(df.wait_for_signal('go'))")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="submitted_by"):
+        plain.run("SELECT df._owner_forged(%s)", (int(pending, 16),))
+
+
 # ------------------------------------------------------------------------------------ typed results
 
 

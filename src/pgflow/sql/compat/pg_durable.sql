@@ -826,11 +826,46 @@ $$;
 -- then affects 0 rows). Columns nobody may write are not granted (grant_usage), so writing them fails
 -- with insufficient_privilege.
 
+-- A write of another submitted_by (a column an administrator may grant) is a forgery. The engine never reads
+-- the owner back from these views, so it never runs as the forged role; like pg_durable, whose engine rejects
+-- an instance whose owner changed before its graph was loaded, the write fails an instance the coordinator has
+-- not picked up yet (still pending; no node ran). Afterwards it changes nothing. A definer function (users
+-- cannot write instances): it acts only for a session that holds the UPDATE right on submitted_by.
+CREATE FUNCTION df._owner_forged(p_id bigint, p_caller name DEFAULT current_user) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    caller name := pgflow._check_caller(p_caller);
+    owner_name name;
+BEGIN
+    IF NOT (has_column_privilege(caller, 'df.instances', 'submitted_by', 'UPDATE')
+            OR has_column_privilege(caller, 'df.nodes', 'submitted_by', 'UPDATE')) THEN
+        RAISE EXCEPTION 'permission denied for column submitted_by' USING ERRCODE = '42501';
+    END IF;
+    -- only an instance the caller's UPDATE could reach: its own (or any, for administrators), or any for a
+    -- role that bypasses row-level security
+    SELECT i.owner INTO owner_name FROM pgflow.instances i WHERE i.id = p_id;
+    IF NOT FOUND OR NOT (pgflow._may_control(caller, owner_name)
+                         OR (SELECT r.rolbypassrls OR r.rolsuper FROM pg_roles r WHERE r.rolname = caller)) THEN
+        RETURN;
+    END IF;
+    UPDATE pgflow.instances
+    SET status = 'failed', finished_at = clock_timestamp(),
+        error = 'rejected before it ran: its submitted_by was changed (by ' || caller || ')'
+    WHERE id = p_id AND status = 'pending';
+    IF FOUND THEN
+        UPDATE pgflow.steps SET status = 'cancelled', finished_at = clock_timestamp()
+        WHERE instance_id = p_id AND status = ANY (pgflow.open_step_statuses());
+        PERFORM pgflow.notify_done(owner_name, p_id);
+    END IF;
+END $$;
+
 -- UPDATE df.instances: status 'cancelled' cancels the instance (df.cancel); setting the status it already
--- has, or updated_at, changes nothing. submitted_by (which an administrator may grant) has no effect: the
--- engine runs an instance as the role that started it and never reads the owner back from this view.
+-- has, or updated_at, changes nothing; another submitted_by is a forgery (df._owner_forged).
 CREATE FUNCTION df._instances_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NEW.submitted_by IS DISTINCT FROM OLD.submitted_by THEN
+        PERFORM df._owner_forged(df._id(OLD.id));
+    END IF;
     IF NEW.id IS DISTINCT FROM OLD.id OR NEW.root_node IS DISTINCT FROM OLD.root_node THEN
         RAISE EXCEPTION 'an instance''s id and root_node cannot change' USING ERRCODE = '42501';
     END IF;
@@ -846,10 +881,13 @@ END $$;
 CREATE TRIGGER instances_update INSTEAD OF UPDATE ON df.instances
     FOR EACH ROW EXECUTE FUNCTION df._instances_update();
 
--- UPDATE df.nodes: the status it already has, updated_at and submitted_by change nothing; a node's other
--- state is the engine's.
+-- UPDATE df.nodes: the status it already has and updated_at change nothing, another submitted_by is a forgery
+-- (df._owner_forged); a node's other state is the engine's.
 CREATE FUNCTION df._nodes_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NEW.submitted_by IS DISTINCT FROM OLD.submitted_by THEN
+        PERFORM df._owner_forged(df._id(OLD.instance_id));
+    END IF;
     IF NEW.status IS DISTINCT FROM OLD.status THEN
         RAISE EXCEPTION 'df.nodes.status is set by the engine (cancel the instance with df.cancel)'
             USING ERRCODE = '0A000';
