@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 
 import psycopg
+import psycopg.sql
 import pytest
 from conftest import run_sql, wait_until
 from test_pg_durable_compat import (  # noqa: F401 (fixtures)
@@ -185,6 +186,24 @@ def test_a_proof_ends_with_the_start_it_covered(df_dsn, roles, admin, df_engine)
     assert owner_of(admin, started) == roles["victim"]
     assert admin.one("SELECT count(*) FROM pgflow.caller_proofs") == 0
     assert victim.one("SELECT df.status(%s)", (format(victim_iid, "08x"),)) in ("pending", "running")
+
+
+def test_a_sql_step_cannot_act_as_the_workers_role_or_anyone_else(df_dsn, roles, admin, df_engine):
+    """A worker runs a user's SQL step with its own role as the session's: the step's code naming that role (or,
+    the worker being a superuser, any role) as p_caller must be refused; acting as itself still works."""
+    hostile = session(df_dsn, roles["hostile"])
+    owner = admin.one("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgflow'")
+    victim_iid = int(session(df_dsn, roles["victim"]).one("SELECT df.start(df.wait_for_signal('go'))"), 16)
+    for name in (owner, roles["victim"]):
+        for statement, params in forged_calls(name, victim_iid):
+            step = statement % tuple(psycopg.sql.Literal(p).as_string(None) for p in params)
+            iid = hostile.one("SELECT df.start(%s)", (step,))
+            assert hostile.finish(iid) == "failed", step
+            assert "may not act as role" in hostile.one("SELECT error FROM df.instances WHERE id = %s", (iid,))
+    own = hostile.one("SELECT df.start($$SELECT pgflow.set_variable('mine', '\"1\"')$$)")
+    assert hostile.finish(own) == "completed"
+    assert admin.rows("SELECT owner::text, name FROM pgflow.variables") == [(roles["hostile"], "mine")]
+    assert admin.one("SELECT df.status(%s)", (format(victim_iid, "08x"),)) in ("pending", "running")
 
 
 # ------------------------------------------------------------------------------------ forged owners

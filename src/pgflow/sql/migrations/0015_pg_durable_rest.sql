@@ -5,7 +5,9 @@
 -- - pgflow.caller_proofs: a SECURITY DEFINER function of a user's own that calls df.start acts as its owner,
 --   as in pg_durable; the frame proves its current_user in a row the trigger stamps, and pgflow._check_caller
 --   accepts a role proven in this backend and transaction (18_roles_and_rls.sql). Roles granted usage may
---   insert proofs (of themselves only) (20_usage.sql).
+--   insert proofs (of themselves only) (20_usage.sql);
+-- - in an engine session, code inside a SQL step's executor (pgflow_exec.<role>) acts only as the executor's
+--   role: a user's SQL step could name the worker's role (the session's) as p_caller and act as it.
 
 CREATE FUNCTION pgflow._rights_at_start() RETURNS boolean LANGUAGE sql STABLE AS $$
     SELECT coalesce(pg_catalog.current_setting('pgflow.check_rights_at_start', true), '')
@@ -101,11 +103,43 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $
 $$;
 REVOKE ALL ON FUNCTION pgflow._end_proof() FROM PUBLIC;
 
+CREATE FUNCTION pgflow._executor_frames() RETURNS name[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    stack text;
+BEGIN
+    GET DIAGNOSTICS stack = PG_CONTEXT;
+    RETURN ARRAY(SELECT CASE WHEN m[1] LIKE '"%' THEN replace(substr(m[1], 2, length(m[1]) - 2), '""', '"')
+                             ELSE m[1] END::name
+                 FROM regexp_matches(stack, 'pgflow_exec\.("(?:[^"]|"")+"|[a-z0-9_$]+)\(', 'g') AS m);
+END $$;
+REVOKE ALL ON FUNCTION pgflow._executor_frames() FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION pgflow._check_caller(p_caller name) RETURNS name
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    frames name[];
 BEGIN
-    IF p_caller OPERATOR(pg_catalog.=) session_user THEN  -- the common case, and the session's role exists
-        RETURN p_caller;
+    IF p_caller OPERATOR(pg_catalog.=) session_user AND NOT pgflow.is_engine_role(session_user) THEN
+        RETURN p_caller;  -- the common case: a user's own session (its role exists)
+    END IF;
+    IF pgflow.is_engine_role(session_user) THEN
+        frames := pgflow._executor_frames();
+        IF pg_catalog.cardinality(frames) OPERATOR(pg_catalog.>) 0 THEN
+            IF p_caller IS NULL
+               OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
+               OR EXISTS (SELECT 1 FROM pg_catalog.unnest(frames) AS f(role)
+                          WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                                            WHERE r.rolname OPERATOR(pg_catalog.=) f.role)
+                             OR NOT pg_catalog.pg_has_role(f.role, p_caller, 'member')) THEN
+                RAISE EXCEPTION 'pgflow: a SQL step of role % may not act as role %', frames[1],
+                    coalesce(p_caller, 'NULL') USING ERRCODE = '42501';
+            END IF;
+            RETURN p_caller;
+        END IF;
+        IF p_caller OPERATOR(pg_catalog.=) session_user THEN
+            RETURN p_caller;
+        END IF;
     END IF;
     IF p_caller IS NULL
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
@@ -159,7 +193,8 @@ DECLARE
 BEGIN
     FOR r IN SELECT g.role_name FROM pgflow.role_grants g JOIN pg_roles p ON p.rolname = g.role_name LOOP
         EXECUTE format('GRANT INSERT ON pgflow.caller_proofs TO %I', r.role_name);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION pgflow._rights_at_start(), pgflow._end_proof(), pgflow._stamp_proof() '
+        EXECUTE format('GRANT EXECUTE ON FUNCTION pgflow._rights_at_start(), pgflow._end_proof(), pgflow._stamp_proof(), '
+                       'pgflow._executor_frames() '
                        'TO %I', r.role_name);
     END LOOP;
 END $$;

@@ -60,15 +60,54 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $
 $$;
 REVOKE ALL ON FUNCTION pgflow._end_proof() FROM PUBLIC;
 
+-- The roles of the SQL-step executors (pgflow_exec.<role>, 19_executors.sql) on the call stack. A worker runs a
+-- user's SQL step inside one, in a session whose role is the worker's own: that role must not vouch for the
+-- step's code. Read from the stack's text (language-independent: only the executor's name is matched); text a
+-- user controls can only add names, which only narrows what pgflow._check_caller accepts.
+CREATE FUNCTION pgflow._executor_frames() RETURNS name[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    stack text;
+BEGIN
+    GET DIAGNOSTICS stack = PG_CONTEXT;
+    RETURN ARRAY(SELECT CASE WHEN m[1] LIKE '"%' THEN replace(substr(m[1], 2, length(m[1]) - 2), '""', '"')
+                             ELSE m[1] END::name
+                 FROM regexp_matches(stack, 'pgflow_exec\.("(?:[^"]|"")+"|[a-z0-9_$]+)\(', 'g') AS m);
+END $$;
+REVOKE ALL ON FUNCTION pgflow._executor_frames() FROM PUBLIC;
+
 -- The role a definer function acts for: p_caller, which callers pass as their current_user (a parameter
 -- default, evaluated before the function switches to its owner). A caller may only name a role its session
 -- could SET ROLE to, or one whose frame proved itself in this transaction (pgflow.caller_proofs), so naming
--- another role gains nothing it did not have. Called by definer functions only (it reads caller_proofs).
+-- another role gains nothing it did not have. In an engine session, code inside a SQL step's executor acts
+-- only as a role every executor on the stack may SET ROLE to: the worker's role (and its membership in every
+-- role, as a superuser) never vouches for a user's step. Called by definer functions only (it reads
+-- caller_proofs).
 CREATE FUNCTION pgflow._check_caller(p_caller name) RETURNS name
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    frames name[];
 BEGIN
-    IF p_caller OPERATOR(pg_catalog.=) session_user THEN  -- the common case, and the session's role exists
-        RETURN p_caller;
+    IF p_caller OPERATOR(pg_catalog.=) session_user AND NOT pgflow.is_engine_role(session_user) THEN
+        RETURN p_caller;  -- the common case: a user's own session (its role exists)
+    END IF;
+    IF pgflow.is_engine_role(session_user) THEN
+        frames := pgflow._executor_frames();
+        IF pg_catalog.cardinality(frames) OPERATOR(pg_catalog.>) 0 THEN
+            IF p_caller IS NULL
+               OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
+               OR EXISTS (SELECT 1 FROM pg_catalog.unnest(frames) AS f(role)
+                          WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                                            WHERE r.rolname OPERATOR(pg_catalog.=) f.role)
+                             OR NOT pg_catalog.pg_has_role(f.role, p_caller, 'member')) THEN
+                RAISE EXCEPTION 'pgflow: a SQL step of role % may not act as role %', frames[1],
+                    coalesce(p_caller, 'NULL') USING ERRCODE = '42501';
+            END IF;
+            RETURN p_caller;
+        END IF;
+        IF p_caller OPERATOR(pg_catalog.=) session_user THEN
+            RETURN p_caller;
+        END IF;
     END IF;
     IF p_caller IS NULL
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
