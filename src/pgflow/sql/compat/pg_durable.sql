@@ -405,7 +405,9 @@ BEGIN
                                   (p_args->>'id')::bigint, p_args->>'name', p_args->'data')
         -- the new instance is read back through df.instances, so that a LOCK TABLE df.instances holds the
         -- launch back there, as it holds back pg_durable's insert
-        WHEN 'start' THEN 'SET pgflow.check_rights_at_start = off; ' || format('WITH s AS MATERIALIZED (SELECT pgflow.start(%L::jsonb, NULL, %L) AS id) '
+        -- (rights are checked when the steps run, as in df._start_as_caller)
+        WHEN 'start' THEN format('SET pgflow.check_rights_at_start = off; '
+                                 'WITH s AS MATERIALIZED (SELECT pgflow.start(%L::jsonb, NULL, %L) AS id) '
                                  'SELECT s.id::text FROM s WHERE NOT EXISTS (SELECT FROM df.instances WHERE false)',
                                  p_args->'node', p_args->>'label')
     END;
@@ -502,7 +504,8 @@ BEGIN
     IF transaction_mode = 'new' THEN
         slot := df._launch_slot();
         BEGIN
-            new_id := coalesce(df._autonomous(current_user, 'start', jsonb_build_object('node', node, 'label', label))::bigint,
+            new_id := coalesce(df._autonomous(current_user, 'start',
+                                              jsonb_build_object('node', node, 'label', label))::bigint,
                                df._start_as_caller(node, label, true));
         EXCEPTION WHEN OTHERS OR query_canceled THEN  -- a failed or cancelled launch gives its slot back too
             PERFORM pg_advisory_unlock(1346982470, slot);

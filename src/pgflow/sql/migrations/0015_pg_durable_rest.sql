@@ -193,7 +193,8 @@ DECLARE
 BEGIN
     FOR r IN SELECT g.role_name FROM pgflow.role_grants g JOIN pg_roles p ON p.rolname = g.role_name LOOP
         EXECUTE format('GRANT INSERT ON pgflow.caller_proofs TO %I', r.role_name);
-        EXECUTE format('GRANT EXECUTE ON FUNCTION pgflow._rights_at_start(), pgflow._end_proof(), pgflow._stamp_proof(), '
+        EXECUTE format('GRANT EXECUTE ON FUNCTION pgflow._rights_at_start(), pgflow._end_proof(), '
+                       'pgflow._stamp_proof(), '
                        'pgflow._executor_frames() '
                        'TO %I', r.role_name);
     END LOOP;

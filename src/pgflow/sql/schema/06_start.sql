@@ -9,10 +9,10 @@
 -- would run as superuser); HTTP steps need the 'http' right and Python steps of a control-flow workflow the
 -- 'python' right (pgflow.may_use, 18_roles_and_rls.sql), unless pgflow.check_rights_at_start is off (the df
 -- layer's start, as pg_durable: the workers check both rights again before each such step runs, so skipping
--- the early check only moves the refusal to run time, where the instance fails). The owner, variables and secret references are
--- captured here; the trace context by the instances table's column default. Inputs and the role's open
--- instances are checked against its limits and quotas first (pgflow.check_start, 25_trust.sql), and only a
--- flow version the caller registered can be started.
+-- the early check only moves the refusal to run time, where the instance fails). The owner, variables and
+-- secret references are captured here; the trace context by the instances table's column default. Inputs
+-- and the role's open instances are checked against its limits and quotas first (pgflow.check_start,
+-- 25_trust.sql), and only a flow version the caller registered can be started.
 
 -- Whether a start refuses HTTP and Python steps its owner has no right to (pgflow.check_rights_at_start, on
 -- unless set off). Anyone may set it off: the workers refuse those steps anyway.
