@@ -134,7 +134,7 @@ def assert_no_definer_acts_as_owner(df_dsn: str, roles: dict[str, str], admin: S
     definers = admin.rows("SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = "
                           "p.pronamespace WHERE n.nspname IN ('pgflow', 'df') AND p.prosecdef "
                           "AND pg_get_functiondef(p.oid) ~ %s",
-                          (r"df\.start\(|_start_as_caller|INSERT INTO pgflow\.caller_proofs",))
+                          (r"df\.start\(|_start_as_caller\(|INSERT INTO pgflow\.caller_proofs",))
     assert definers == []
     assert admin.one("SELECT df.status(%s)", (format(admin_iid, "08x"),)) in ("pending", "running")
 

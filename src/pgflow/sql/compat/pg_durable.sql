@@ -405,7 +405,7 @@ BEGIN
                                   (p_args->>'id')::bigint, p_args->>'name', p_args->'data')
         -- the new instance is read back through df.instances, so that a LOCK TABLE df.instances holds the
         -- launch back there, as it holds back pg_durable's insert
-        -- (rights are checked when the steps run, as in df._start_as_caller)
+        -- (rights are checked when the steps run, as for every df.start)
         WHEN 'start' THEN format('SET pgflow.check_rights_at_start = off; '
                                  'WITH s AS MATERIALIZED (SELECT pgflow.start(%L::jsonb, NULL, %L) AS id) '
                                  'SELECT s.id::text FROM s WHERE NOT EXISTS (SELECT FROM df.instances WHERE false)',
