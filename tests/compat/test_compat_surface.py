@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 import test_pg_durable_compat as compat
-from conftest import run_sql
+from conftest import run_sql, wait_until
 from fake_hosts import serve
 from test_pg_durable_compat import Session, start
 
@@ -232,6 +232,8 @@ def test_a_granted_submitted_by_write_does_not_change_who_runs_it(df_dsn, make_r
                     f"ALTER ROLE {forger} BYPASSRLS; CREATE TABLE ran_as (who text); GRANT ALL ON ran_as TO {owner}")
     session = Session(df_dsn, owner)
     iid = start(session, "df.sleep(1) ~> 'INSERT INTO ran_as SELECT current_user'")
+    # once running (a forgery while still pending fails the instance: test_compat_rest.py)
+    wait_until(lambda: session.one("SELECT df.status(%s)", (iid,)) == "running", 30, "the instance to run")
     forging = Session(df_dsn, forger)
     assert forging.conn.execute("UPDATE df.instances SET submitted_by = 'postgres'::regrole WHERE id = %s",
                                 (iid,)).rowcount == 1

@@ -28,7 +28,7 @@ def dumps(value: Any, what: str = "value", default: Any = None) -> str:
     try:
         blob = orjson.dumps(value, default=default, option=orjson.OPT_SERIALIZE_NUMPY)
     except TypeError as exc:
-        raise NotSerializable(f"{what} is not JSON-serializable: {exc}") from None
+        raise NotSerializable(f"{what} is not JSON-serializable: {exc.__cause__ or exc}") from None
     limit = settings.current().max_payload_bytes
     if len(blob) > limit:
         raise PayloadTooLarge(f"{what} is {len(blob):,} bytes, over the {limit:,}-byte limit "

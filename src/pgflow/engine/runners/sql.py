@@ -11,7 +11,6 @@ worker call a user's function or type.
 
 from __future__ import annotations
 
-import base64
 import decimal
 import re
 from collections.abc import Callable
@@ -80,12 +79,13 @@ def _unique(names: list[str]) -> list[str]:
 
 
 def _sql_value(value: Any) -> Any:
-    """JSON form of column types orjson does not know (numeric, bytea). A numeric becomes a JSON string of
-    its exact digits, scale included (a JSON number read back as a float would lose both)."""
+    """JSON form of column types orjson does not know. A numeric becomes a JSON string of its exact digits,
+    scale included (a JSON number read back as a float would lose both). A bytea fails the step, as in
+    pg_durable: base64 text would pass for a text column downstream; encode() says what it is."""
     if isinstance(value, decimal.Decimal):
         return format(value, "f")
     if isinstance(value, bytes | memoryview):
-        return base64.b64encode(bytes(value)).decode()
+        raise TypeError("unsupported column type bytea: select encode(column, 'base64') (or 'hex') instead")
     return str(value)
 
 

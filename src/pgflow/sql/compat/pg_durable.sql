@@ -405,7 +405,9 @@ BEGIN
                                   (p_args->>'id')::bigint, p_args->>'name', p_args->'data')
         -- the new instance is read back through df.instances, so that a LOCK TABLE df.instances holds the
         -- launch back there, as it holds back pg_durable's insert
-        WHEN 'start' THEN format('WITH s AS MATERIALIZED (SELECT pgflow.start(%L::jsonb, NULL, %L) AS id) '
+        -- (rights are checked when the steps run, as for every df.start)
+        WHEN 'start' THEN format('SET pgflow.check_rights_at_start = off; '
+                                 'WITH s AS MATERIALIZED (SELECT pgflow.start(%L::jsonb, NULL, %L) AS id) '
                                  'SELECT s.id::text FROM s WHERE NOT EXISTS (SELECT FROM df.instances WHERE false)',
                                  p_args->'node', p_args->>'label')
     END;
@@ -440,11 +442,35 @@ BEGIN
     END LOOP;
 END $$;
 
+-- pgflow.start as the current role, with pg_durable's timing of rights: HTTP and Python rights are checked
+-- when each step runs (the instance fails there), not at start. When the current role is not one the session
+-- may SET ROLE to (a SECURITY DEFINER function of the user's own, owned by another role, calls df.start), the
+-- frame proves it first (pgflow.caller_proofs) and the proof ends with the call.
+CREATE FUNCTION df._start_as_caller(node jsonb, label text, detached boolean) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    rights text := current_setting('pgflow.check_rights_at_start', true);
+    proven boolean := current_user <> session_user AND NOT pg_has_role(session_user, current_user, 'member');
+    new_id bigint;
+BEGIN
+    IF proven THEN
+        INSERT INTO pgflow.caller_proofs DEFAULT VALUES;  -- stamped with current_user by its trigger
+    END IF;
+    PERFORM set_config('pgflow.check_rights_at_start', 'off', true);
+    new_id := pgflow.start(node, NULL, label, detached);
+    PERFORM set_config('pgflow.check_rights_at_start', coalesce(rights, ''), true);
+    IF proven THEN
+        PERFORM pgflow._end_proof();
+    END IF;
+    RETURN new_id;
+END $$;
+
 CREATE FUNCTION df.start(fut text, label text DEFAULT NULL, database text DEFAULT NULL,
                          transaction_mode text DEFAULT 'caller') RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     slot integer;
     new_id bigint;
+    node jsonb;
 BEGIN
     IF transaction_mode IS NULL OR transaction_mode NOT IN ('caller', 'new') THEN
         RAISE EXCEPTION 'invalid transaction_mode %: expected ''caller'' or ''new''',
@@ -470,13 +496,17 @@ BEGIN
     IF fut IS NULL THEN
         RAISE EXCEPTION 'df.start: the workflow is NULL' USING ERRCODE = '22004';
     END IF;
-    fut := df._checked(fut);
+    IF NOT df._accepting() THEN
+        RAISE EXCEPTION 'pgflow: df.start refused: df._worker_ready shows no ready engine in this transaction'
+            USING ERRCODE = '55000';
+    END IF;
+    node := df._filled(pgflow.node(df._checked(fut)), label);
     IF transaction_mode = 'new' THEN
         slot := df._launch_slot();
         BEGIN
-            new_id := coalesce(df._autonomous(current_user, 'start', jsonb_build_object(
-                                   'node', df._filled(pgflow.node(fut), label), 'label', label))::bigint,
-                               pgflow.start(df._filled(pgflow.node(fut), label), NULL, label, true));
+            new_id := coalesce(df._autonomous(current_user, 'start',
+                                              jsonb_build_object('node', node, 'label', label))::bigint,
+                               df._start_as_caller(node, label, true));
         EXCEPTION WHEN OTHERS OR query_canceled THEN  -- a failed or cancelled launch gives its slot back too
             PERFORM pg_advisory_unlock(1346982470, slot);
             RAISE;
@@ -484,7 +514,7 @@ BEGIN
         PERFORM pg_advisory_unlock(1346982470, slot);
         RETURN df._text_id(new_id);
     END IF;
-    RETURN df._text_id(pgflow.start(df._filled(pgflow.node(fut), label), NULL, label));
+    RETURN df._text_id(df._start_as_caller(node, label, false));
 END $$;
 
 CREATE FUNCTION df.status(instance_id text) RETURNS text LANGUAGE sql STABLE STRICT AS $$
@@ -596,6 +626,22 @@ CREATE VIEW df.instances WITH (security_invoker = true) AS
            CASE WHEN i.status = 'completed' THEN i.finished_at END AS completed_at,
            i.flow_name AS function_name, i.error
     FROM pgflow.instances i;
+
+-- pg_durable's engine (duroxide) keeps an event history per instance; pgflow's tables are the state, so this
+-- view derives the events they imply: each instance started (one execution: pgflow has no continue-as-new)
+-- and, once it ended, completed or failed (a cancellation is a failure there too).
+CREATE VIEW df.history WITH (security_invoker = true) AS
+    SELECT df._text_id(i.id) AS instance_id, 1::bigint AS execution_id, e.event_id, e.event_type,
+           (jsonb_build_object('type', e.event_type, 'instance_id', df._text_id(i.id), 'execution_id', 1)
+            || CASE WHEN e.event_id = 2 AND i.status <> 'completed'
+                    THEN jsonb_build_object('status', i.status, 'error', i.error) ELSE '{}' END)::text AS event_data,
+           e.created_at
+    FROM pgflow.instances i
+    CROSS JOIN LATERAL (VALUES (1::bigint, 'OrchestrationStarted', i.created_at),
+                               (2::bigint, CASE i.status WHEN 'completed' THEN 'OrchestrationCompleted'
+                                                         ELSE 'OrchestrationFailed' END, i.finished_at))
+        AS e(event_id, event_type, created_at)
+    WHERE e.event_id = 1 OR i.status IN ('completed', 'failed', 'cancelled');
 
 -- A node's id as pg_durable shows it: 8 hex digits, fixed by the instance and the node's place in its tree.
 CREATE FUNCTION df._node_id(p_id bigint, p_path text) RETURNS text LANGUAGE sql IMMUTABLE AS $$
@@ -783,11 +829,46 @@ $$;
 -- then affects 0 rows). Columns nobody may write are not granted (grant_usage), so writing them fails
 -- with insufficient_privilege.
 
+-- A write of another submitted_by (a column an administrator may grant) is a forgery. The engine never reads
+-- the owner back from these views, so it never runs as the forged role; like pg_durable, whose engine rejects
+-- an instance whose owner changed before its graph was loaded, the write fails an instance the coordinator has
+-- not picked up yet (still pending; no node ran). Afterwards it changes nothing. A definer function (users
+-- cannot write instances): it acts only for a session that holds the UPDATE right on submitted_by.
+CREATE FUNCTION df._owner_forged(p_id bigint, p_caller name DEFAULT current_user) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    caller name := pgflow._check_caller(p_caller);
+    owner_name name;
+BEGIN
+    IF NOT (has_column_privilege(caller, 'df.instances', 'submitted_by', 'UPDATE')
+            OR has_column_privilege(caller, 'df.nodes', 'submitted_by', 'UPDATE')) THEN
+        RAISE EXCEPTION 'permission denied for column submitted_by' USING ERRCODE = '42501';
+    END IF;
+    -- only an instance the caller's UPDATE could reach: its own (or any, for administrators), or any for a
+    -- role that bypasses row-level security
+    SELECT i.owner INTO owner_name FROM pgflow.instances i WHERE i.id = p_id;
+    IF NOT FOUND OR NOT (pgflow._may_control(caller, owner_name)
+                         OR (SELECT r.rolbypassrls OR r.rolsuper FROM pg_roles r WHERE r.rolname = caller)) THEN
+        RETURN;
+    END IF;
+    UPDATE pgflow.instances
+    SET status = 'failed', finished_at = clock_timestamp(),
+        error = 'rejected before it ran: its submitted_by was changed (by ' || caller || ')'
+    WHERE id = p_id AND status = 'pending';
+    IF FOUND THEN
+        UPDATE pgflow.steps SET status = 'cancelled', finished_at = clock_timestamp()
+        WHERE instance_id = p_id AND status = ANY (pgflow.open_step_statuses());
+        PERFORM pgflow.notify_done(owner_name, p_id);
+    END IF;
+END $$;
+
 -- UPDATE df.instances: status 'cancelled' cancels the instance (df.cancel); setting the status it already
--- has, or updated_at, changes nothing. submitted_by (which an administrator may grant) has no effect: the
--- engine runs an instance as the role that started it and never reads the owner back from this view.
+-- has, or updated_at, changes nothing; another submitted_by is a forgery (df._owner_forged).
 CREATE FUNCTION df._instances_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NEW.submitted_by IS DISTINCT FROM OLD.submitted_by THEN
+        PERFORM df._owner_forged(df._id(OLD.id));
+    END IF;
     IF NEW.id IS DISTINCT FROM OLD.id OR NEW.root_node IS DISTINCT FROM OLD.root_node THEN
         RAISE EXCEPTION 'an instance''s id and root_node cannot change' USING ERRCODE = '42501';
     END IF;
@@ -803,10 +884,13 @@ END $$;
 CREATE TRIGGER instances_update INSTEAD OF UPDATE ON df.instances
     FOR EACH ROW EXECUTE FUNCTION df._instances_update();
 
--- UPDATE df.nodes: the status it already has, updated_at and submitted_by change nothing; a node's other
--- state is the engine's.
+-- UPDATE df.nodes: the status it already has and updated_at change nothing, another submitted_by is a forgery
+-- (df._owner_forged); a node's other state is the engine's.
 CREATE FUNCTION df._nodes_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    IF NEW.submitted_by IS DISTINCT FROM OLD.submitted_by THEN
+        PERFORM df._owner_forged(df._id(OLD.instance_id));
+    END IF;
     IF NEW.status IS DISTINCT FROM OLD.status THEN
         RAISE EXCEPTION 'df.nodes.status is set by the engine (cancel the instance with df.cancel)'
             USING ERRCODE = '0A000';
@@ -1037,10 +1121,37 @@ END $$;
 -- The database this engine serves (pg_durable's pg_durable.database): the one it is connected to.
 CREATE FUNCTION df.target_database() RETURNS text LANGUAGE sql STABLE AS $$ SELECT current_database()::text $$;
 CREATE FUNCTION df.duroxide_schema() RETURNS text LANGUAGE sql IMMUTABLE AS $$ SELECT 'df'::text $$;
-CREATE VIEW df._worker_ready AS
-    SELECT 1 AS schema_version
-    WHERE EXISTS (SELECT FROM pgflow.engine_processes() WHERE kind = 'coordinator')
-      AND EXISTS (SELECT FROM pgflow.engine_processes() WHERE kind = 'worker');
+-- Whether a coordinator and a worker are connected. pg_stat_activity is otherwise read once per transaction:
+-- a loop polling df._worker_ready in one transaction (a DO block) would never see the engine connect.
+CREATE FUNCTION df._engine_ready() RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM pg_stat_clear_snapshot();
+    RETURN EXISTS (SELECT FROM pgflow.engine_processes() WHERE kind = 'coordinator')
+       AND EXISTS (SELECT FROM pgflow.engine_processes() WHERE kind = 'worker');
+END $$;
+
+-- The version an administrator's UPDATE of df._worker_ready set in this transaction (1 when none did).
+CREATE FUNCTION df._ready_version() RETURNS integer LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('df.worker_ready', true), '')::integer, 1)
+$$;
+
+CREATE VIEW df._worker_ready AS SELECT df._ready_version() AS schema_version WHERE df._engine_ready();
+
+-- pg_durable's df.start refuses while its worker_ready row is below version 1, and an administrator may set
+-- it so (to hold starts back). The view holds no data: the UPDATE lasts until the end of the transaction.
+-- Starts are not refused merely because no coordinator is connected: they wait durably for one.
+CREATE FUNCTION df._set_ready_version() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('df.worker_ready', NEW.schema_version::text, true);
+    RETURN NEW;
+END $$;
+CREATE TRIGGER set_version INSTEAD OF UPDATE ON df._worker_ready
+    FOR EACH ROW EXECUTE FUNCTION df._set_ready_version();
+
+-- Whether df.start accepts a start (see df._set_ready_version).
+CREATE FUNCTION df._accepting() RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT df._ready_version() >= 1
+$$;
 
 -- ------------------------------------------------------------------------------------------------ grants
 
@@ -1096,7 +1207,7 @@ BEGIN
         CONTINUE WHEN f = ANY (df._admin_functions()) AND NOT with_grant;
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, p_role) || opt;
     END LOOP;
-    EXECUTE format('GRANT SELECT ON df.instances, df.nodes, df.vars, df._worker_ready TO %I', p_role) || opt;
+    EXECUTE format('GRANT SELECT ON df.instances, df.nodes, df.vars, df.history, df._worker_ready TO %I', p_role) || opt;
     PERFORM df._grant_writes(p_role, opt);
     FOR f IN SELECT u.f FROM unnest(CASE WHEN include_http THEN '{}' ELSE df._http_functions() END
                                     || CASE WHEN with_grant THEN '{}' ELSE df._admin_functions() END) AS u(f)
@@ -1117,7 +1228,7 @@ BEGIN
     LOOP
         EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %I CASCADE', f, p_role);
     END LOOP;
-    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars, df._worker_ready FROM %I CASCADE', p_role);
+    EXECUTE format('REVOKE ALL ON df.instances, df.nodes, df.vars, df.history, df._worker_ready FROM %I CASCADE', p_role);
     EXECUTE format('REVOKE ALL ON SCHEMA df FROM %I CASCADE', p_role);
     PERFORM df._pgflow_usage(p_role);
 END $$;

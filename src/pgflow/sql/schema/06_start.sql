@@ -7,10 +7,20 @@
 --
 -- Guards, in order: a superuser may not start instances unless pgflow.allow_superuser is on (its SQL steps
 -- would run as superuser); HTTP steps need the 'http' right and Python steps of a control-flow workflow the
--- 'python' right (pgflow.may_use, 18_roles_and_rls.sql). The owner, variables and secret references are
--- captured here; the trace context by the instances table's column default. Inputs and the role's open
--- instances are checked against its limits and quotas first (pgflow.check_start, 25_trust.sql), and only a
--- flow version the caller registered can be started.
+-- 'python' right (pgflow.may_use, 18_roles_and_rls.sql), unless pgflow.check_rights_at_start is off (the df
+-- layer's start, as pg_durable: the workers check both rights again before each such step runs, so skipping
+-- the early check only moves the refusal to run time, where the instance fails). The owner, variables and
+-- secret references are captured here; the trace context by the instances table's column default. Inputs
+-- and the role's open instances are checked against its limits and quotas first (pgflow.check_start,
+-- 25_trust.sql), and only a flow version the caller registered can be started.
+
+-- Whether a start refuses HTTP and Python steps its owner has no right to (pgflow.check_rights_at_start, on
+-- unless set off). Anyone may set it off: the workers refuse those steps anyway.
+CREATE FUNCTION pgflow._rights_at_start() RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT coalesce(pg_catalog.current_setting('pgflow.check_rights_at_start', true), '')
+           OPERATOR(pg_catalog.<>) ALL (ARRAY['off', 'false', '0'])
+$$;
+REVOKE ALL ON FUNCTION pgflow._rights_at_start() FROM PUBLIC;
 
 -- A definer function acting for p_caller (its default is the caller's current_user, see
 -- pgflow._check_caller): users have no INSERT on instances, wake-ups or signals, so every instance passes
@@ -44,12 +54,13 @@ BEGIN
         RAISE EXCEPTION 'pgflow: flow % version % is not registered (by role %): register it first',
             p_flow, p_version, caller USING ERRCODE = 'P0002';
     END IF;
-    IF EXISTS (SELECT 1 FROM jsonb_array_elements(shape->'steps') s WHERE s->>'kind' = 'http')
+    IF pgflow._rights_at_start()
+       AND EXISTS (SELECT 1 FROM jsonb_array_elements(shape->'steps') s WHERE s->>'kind' = 'http')
        AND NOT pgflow.may_use('http', caller) THEN
         RAISE EXCEPTION 'pgflow: role % may not use HTTP steps (pgflow.grant_usage(role, include_http => true))',
             caller USING ERRCODE = '42501';
     END IF;
-    IF shape ? 'tree'  -- a control-flow workflow names its Python functions itself
+    IF pgflow._rights_at_start() AND shape ? 'tree'  -- a control-flow workflow names its Python functions itself
        AND EXISTS (SELECT 1 FROM jsonb_array_elements(shape->'steps') s WHERE s->>'kind' = 'python')
        AND NOT pgflow.may_use('python', caller) THEN
         RAISE EXCEPTION 'pgflow: role % may not use Python steps in workflows (pgflow.grant_usage(role, '

@@ -21,19 +21,101 @@ CREATE FUNCTION pgflow.is_admin() RETURNS boolean LANGUAGE sql STABLE SET search
 $$;
 REVOKE ALL ON FUNCTION pgflow.is_admin() FROM PUBLIC;
 
+-- Proofs that a role is the current_user of a frame that is about to act through a definer function, for
+-- the one case the session's role cannot vouch for: a SECURITY DEFINER function of the caller's own (owned by
+-- another role, who chose to run it as itself) that calls df.start. Parameter defaults cannot carry that
+-- identity (an explicit argument forges them) and a definer function sees only its owner as current_user,
+-- so the frame writes it down first: its INSERT is stamped by the trigger with the inserting current_user,
+-- backend and transaction, whatever the row said (a BYPASSRLS role cannot choose them either), and refused
+-- where the session could act as that role anyway (so no one writes rows they need not). The writer
+-- removes it (pgflow._end_proof) as soon as the call it covers returns; a rollback removes it too.
+CREATE UNLOGGED TABLE pgflow.caller_proofs (
+    pid integer NOT NULL,
+    xact xid8 NOT NULL,
+    role name NOT NULL
+);
+REVOKE ALL ON pgflow.caller_proofs FROM PUBLIC;
+
+CREATE FUNCTION pgflow._stamp_proof() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    -- only a frame whose role the session cannot vouch for needs (or may write) a proof: no junk rows
+    IF current_user OPERATOR(pg_catalog.=) session_user
+       OR pg_catalog.pg_has_role(session_user, current_user, 'member') THEN
+        RAISE EXCEPTION 'pgflow: % needs no proof of its role (the session may act as it)', current_user
+            USING ERRCODE = '42501';
+    END IF;
+    NEW.pid := pg_catalog.pg_backend_pid();
+    NEW.xact := pg_catalog.pg_current_xact_id();
+    NEW.role := current_user;  -- a trigger runs as the role that inserts (this function is not a definer)
+    RETURN NEW;
+END $$;
+REVOKE ALL ON FUNCTION pgflow._stamp_proof() FROM PUBLIC;
+CREATE TRIGGER stamp BEFORE INSERT ON pgflow.caller_proofs FOR EACH ROW EXECUTE FUNCTION pgflow._stamp_proof();
+
+-- Drop the proofs this backend wrote (the call they covered has returned).
+CREATE FUNCTION pgflow._end_proof() RETURNS void
+LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    DELETE FROM pgflow.caller_proofs WHERE pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+$$;
+REVOKE ALL ON FUNCTION pgflow._end_proof() FROM PUBLIC;
+
+-- The roles of the SQL-step executors (pgflow_exec.<role>, 19_executors.sql) on the call stack. A worker runs a
+-- user's SQL step inside one, in a session whose role is the worker's own: that role must not vouch for the
+-- step's code. Read from the stack's text (language-independent: only the executor's name is matched); text a
+-- user controls can only add names, which only narrows what pgflow._check_caller accepts.
+CREATE FUNCTION pgflow._executor_frames() RETURNS name[]
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    stack text;
+BEGIN
+    GET DIAGNOSTICS stack = PG_CONTEXT;
+    RETURN ARRAY(SELECT CASE WHEN m[1] LIKE '"%' THEN replace(substr(m[1], 2, length(m[1]) - 2), '""', '"')
+                             ELSE m[1] END::name
+                 FROM regexp_matches(stack, 'pgflow_exec\.("(?:[^"]|"")+"|[a-z0-9_$]+)\(', 'g') AS m);
+END $$;
+REVOKE ALL ON FUNCTION pgflow._executor_frames() FROM PUBLIC;
+
 -- The role a definer function acts for: p_caller, which callers pass as their current_user (a parameter
 -- default, evaluated before the function switches to its owner). A caller may only name a role its session
--- could SET ROLE to, so naming another role gains nothing it did not have.
+-- could SET ROLE to, or one whose frame proved itself in this transaction (pgflow.caller_proofs), so naming
+-- another role gains nothing it did not have. In an engine session, code inside a SQL step's executor acts
+-- only as a role every executor on the stack may SET ROLE to: the worker's role (and its membership in every
+-- role, as a superuser) never vouches for a user's step. Called by definer functions only (it reads
+-- caller_proofs).
 CREATE FUNCTION pgflow._check_caller(p_caller name) RETURNS name
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    frames name[];
 BEGIN
-    IF p_caller OPERATOR(pg_catalog.=) session_user THEN  -- the common case, and the session's role exists
-        RETURN p_caller;
+    IF p_caller OPERATOR(pg_catalog.=) session_user AND NOT pgflow.is_engine_role(session_user) THEN
+        RETURN p_caller;  -- the common case: a user's own session (its role exists)
+    END IF;
+    IF pgflow.is_engine_role(session_user) THEN
+        frames := pgflow._executor_frames();
+        IF pg_catalog.cardinality(frames) OPERATOR(pg_catalog.>) 0 THEN
+            IF p_caller IS NULL
+               OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
+               OR EXISTS (SELECT 1 FROM pg_catalog.unnest(frames) AS f(role)
+                          WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
+                                            WHERE r.rolname OPERATOR(pg_catalog.=) f.role)
+                             OR NOT pg_catalog.pg_has_role(f.role, p_caller, 'member')) THEN
+                RAISE EXCEPTION 'pgflow: a SQL step of role % may not act as role %', frames[1],
+                    coalesce(p_caller, 'NULL') USING ERRCODE = '42501';
+            END IF;
+            RETURN p_caller;
+        END IF;
+        IF p_caller OPERATOR(pg_catalog.=) session_user THEN
+            RETURN p_caller;
+        END IF;
     END IF;
     IF p_caller IS NULL
        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) p_caller)
-       OR NOT (p_caller OPERATOR(pg_catalog.=) session_user
-               OR pg_catalog.pg_has_role(session_user, p_caller, 'member')) THEN
+       OR NOT (pg_catalog.pg_has_role(session_user, p_caller, 'member')
+               OR EXISTS (SELECT 1 FROM pgflow.caller_proofs c
+                          WHERE c.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                            AND c.xact OPERATOR(pg_catalog.=) pg_catalog.pg_current_xact_id()
+                            AND c.role OPERATOR(pg_catalog.=) p_caller)) THEN
         RAISE EXCEPTION 'pgflow: role % may not act as role %', session_user, coalesce(p_caller, 'NULL')
             USING ERRCODE = '42501';
     END IF;

@@ -31,6 +31,9 @@ BEGIN
     EXECUTE format('GRANT SELECT ON pgflow.instances, pgflow.steps, pgflow.signals, pgflow.variables, '
                    'pgflow.flows, pgflow.flow_steps, pgflow.flow_registrations, pgflow.role_channels, pgflow.queues, '
                    'pgflow.migrations, pgflow.http_audit TO %I', p_role);
+    -- a frame of the role's own proves its identity before it acts through a definer function (the trigger
+    -- stamps the row: the role can prove no one but itself; pgflow._check_caller)
+    EXECUTE format('GRANT INSERT ON pgflow.caller_proofs TO %I', p_role);
     -- nothing else on any table (no INSERT, UPDATE, DELETE, so no SELECT ... FOR UPDATE either): users write
     -- through definer functions that check ownership, rights, limits and quotas (start_instances, signal,
     -- cancel_instance, retry_instance, set_variable, ...)
