@@ -253,3 +253,32 @@ def _writable(dsn: str, role: str) -> list[tuple]:
               AND (has_table_privilege(%(role)s, c.oid, p.priv)
                    OR (p.priv IN ('INSERT', 'UPDATE') AND has_any_column_privilege(%(role)s, c.oid, p.priv)))
             ORDER BY 1, 2""", {"role": role}).fetchall()
+
+
+def test_migrating_rebuilds_every_executor_to_fire_deferred_triggers_as_its_role(server):
+    """Migration 0016: executors made before it left a step's deferred triggers to commit time, where they ran
+    as the worker's role (PostgreSQL 15-17). Every role's executors are rebuilt."""
+    target = next(m.version for m in store.migrations() if m.name == "deferred_triggers")
+    role = f"pgflow_exe_{uuid.uuid4().hex[:8]}"
+    admin = server[0]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}"')
+    bodies = ("SELECT count(*) FILTER (WHERE prosrc LIKE '%%SET CONSTRAINTS ALL IMMEDIATE%%'), count(*) "
+              "FROM pg_proc WHERE pronamespace = 'pgflow_exec'::regnamespace AND proname = %s")
+    try:
+        with fresh_database(admin, None) as old, connect(old) as conn, conn.transaction():
+            store.install_pgmq(conn)
+            store.Q.execute(conn, "create_migrations_table")
+            for migration in store.migrations():
+                if migration.version < target:
+                    store.apply_migration(conn, migration)
+            conn.execute("SELECT pgflow.grant_usage(%s)", (role,))
+            assert conn.execute(bodies, (role,)).fetchone() == (0, 2)  # the premise: both without it
+            store.apply_pending_migrations(conn, target - 1)
+            assert conn.execute(bodies, (role,)).fetchone() == (2, 2)
+            assert conn.execute("SELECT bool_and(prosecdef) AND bool_and(proowner = %s::regrole) FROM pg_proc "
+                                "WHERE pronamespace = 'pgflow_exec'::regnamespace AND proname = %s",
+                                (role, role)).fetchone() == (True,)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP ROLE IF EXISTS "{role}"')

@@ -50,6 +50,41 @@ def test_a_steps_search_path_never_reaches_pgflows_statements(site):
     assert callers <= {names["bob"]}, callers
 
 
+def test_a_role_cannot_alter_or_replace_its_own_executor(site):
+    """Bob owns his executor (it must run as him), and an owner may ALTER a function: SECURITY INVOKER would
+    run his SQL steps as the worker's role. Without USAGE on pgflow_exec he cannot name it, so he can
+    neither alter, replace nor drop it (DROP OWNED BY only breaks his own steps)."""
+    bob, names = site.users["bob"], site.names
+    executor = f'pgflow_exec."{names["bob"]}"'
+    for attack in (f"ALTER FUNCTION {executor}(text, jsonb, integer) SECURITY INVOKER",
+                   f"ALTER FUNCTION {executor}(text, jsonb, integer, boolean) SECURITY INVOKER",
+                   f"CREATE OR REPLACE FUNCTION {executor}(p_sql text, p_params jsonb, p_timeout_ms integer) "
+                   "RETURNS SETOF record LANGUAGE sql AS $$ SELECT 1 $$",
+                   f"DROP FUNCTION {executor}(text, jsonb, integer)"):
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            as_role(bob, attack)
+    assert as_role(site.owner, "SELECT bool_and(prosecdef) FROM pg_proc "
+                               "WHERE pronamespace = 'pgflow_exec'::regnamespace AND proname = %s",
+                   (names["bob"],)) == [(True,)]
+
+
+def test_a_deferred_trigger_of_a_step_fires_as_its_owner(site):
+    """A deferred constraint trigger fires at commit, after the executor returned: on PostgreSQL 15-17 it ran
+    as the worker's role (a superuser could then do anything). The executor fires every deferred trigger
+    before it returns, as the step's owner, also after the step set its constraints deferred."""
+    bob, names = site.users["bob"], site.names
+    as_role(bob, "CREATE TABLE b.fired (who text); CREATE TABLE b.box (v int);"
+                 "CREATE FUNCTION b.record() RETURNS trigger LANGUAGE plpgsql AS"
+                 " $$ BEGIN INSERT INTO b.fired VALUES (current_user); RETURN NULL; END $$;"
+                 "CREATE CONSTRAINT TRIGGER later AFTER INSERT ON b.box DEFERRABLE INITIALLY DEFERRED"
+                 " FOR EACH ROW EXECUTE FUNCTION b.record()")
+    one_worker(site)
+    deferring = "DO $$ BEGIN SET CONSTRAINTS ALL DEFERRED; INSERT INTO b.box VALUES (2); END $$"
+    st = run(t.sql("INSERT INTO b.box VALUES (1)") >> t.sql("SELECT v FROM b.box") >> t.sql(deferring), bob)
+    fired = as_role(bob, "SELECT who FROM b.fired")
+    assert st.status == "completed" and fired == [(names["bob"],)] * 2, (st.status, st.error, fired)
+
+
 def test_a_temp_table_never_captures_another_users_statement(site):
     """Bob's step creates pg_temp.orders, open to everyone; Alice's later INSERT INTO orders on the same
     worker must go to her table, not his."""
