@@ -70,6 +70,9 @@ DECLARE
     stack text;
 BEGIN
     GET DIAGNOSTICS stack = PG_CONTEXT;
+    IF pg_catalog.strpos(stack, 'pgflow_exec.') OPERATOR(pg_catalog.=) 0 THEN
+        RETURN '{}';  -- the common case, without the regular expression
+    END IF;
     RETURN ARRAY(SELECT CASE WHEN m[1] LIKE '"%' THEN replace(substr(m[1], 2, length(m[1]) - 2), '""', '"')
                              ELSE m[1] END::name
                  FROM regexp_matches(stack, 'pgflow_exec\.("(?:[^"]|"")+"|[a-z0-9_$]+)\(', 'g') AS m);
@@ -86,12 +89,13 @@ REVOKE ALL ON FUNCTION pgflow._executor_frames() FROM PUBLIC;
 CREATE FUNCTION pgflow._check_caller(p_caller name) RETURNS name
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
+    engine boolean := pgflow.is_engine_role(session_user);
     frames name[];
 BEGIN
-    IF p_caller OPERATOR(pg_catalog.=) session_user AND NOT pgflow.is_engine_role(session_user) THEN
+    IF p_caller OPERATOR(pg_catalog.=) session_user AND NOT engine THEN
         RETURN p_caller;  -- the common case: a user's own session (its role exists)
     END IF;
-    IF pgflow.is_engine_role(session_user) THEN
+    IF engine THEN
         frames := pgflow._executor_frames();
         IF pg_catalog.cardinality(frames) OPERATOR(pg_catalog.>) 0 THEN
             IF p_caller IS NULL
