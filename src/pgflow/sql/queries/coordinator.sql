@@ -20,11 +20,17 @@ SELECT extract(epoch FROM min(due_at) - now()) FROM pgflow.wakeups;
 -- and woken again later (rewake_skipped). NO KEY UPDATE: a signal's foreign-key check (KEY SHARE) does not
 -- conflict with it at all. Input and variables as text: decoded per instance, so one that cannot be decoded
 -- fails alone (coordinator.py).
-SELECT id, flow_name, flow_version, status, input::text, variables::text, owner
-FROM pgflow.instances
-WHERE id = ANY(%(ids)s::bigint[]) AND status = ANY (pgflow.open_instance_statuses())
-ORDER BY id
-FOR NO KEY UPDATE SKIP LOCKED;
+-- One primary-key probe per id, in the order given (sorted: coordinators lock in one order): with the
+-- statistics of a table filled in a burst, "id = ANY(ids) AND status is open" read every open instance
+-- through the status index and sorted them (5.2 s of a 10 s chain run on PostgreSQL 15).
+SELECT i.id, i.flow_name, i.flow_version, i.status, i.input::text, i.variables::text, i.owner
+FROM unnest(%(ids)s::bigint[]) AS u(id)
+CROSS JOIN LATERAL (
+    SELECT * FROM pgflow.instances i
+    WHERE i.id = u.id AND i.status = ANY (pgflow.open_instance_statuses())
+    FOR NO KEY UPDATE SKIP LOCKED
+) AS i
+ORDER BY i.id;
 
 -- name: rewake_skipped
 -- open instances that were woken but locked by someone else: looked at again shortly

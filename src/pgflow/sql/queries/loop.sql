@@ -7,10 +7,5 @@
 -- again: still exactly once). Starts, signals and cancellations, which clients rely on, use the server's.
 -- plan_cache_mode: plan each execution for its actual parameters; a generic plan cached while the tables were
 -- small can be disastrous once the backlog is large (psycopg prepares frequent statements).
--- No bitmap scans: the engine's statements look rows up by key (instances by id, steps by instance), and a
--- table filled in a burst has statistics that say it is nearly empty; the planner then read every open
--- instance through the status index to lock 500 of them by id, then sorted them (lock_instances: 5.2 s of a
--- 10 s chain run on PostgreSQL 15, in 137 statements of 20-70 ms).
 SELECT set_config('synchronous_commit', %(synchronous_commit)s, false),
-       set_config('plan_cache_mode', 'force_custom_plan', false),
-       set_config('enable_bitmapscan', 'off', false);
+       set_config('plan_cache_mode', 'force_custom_plan', false);
