@@ -1,19 +1,21 @@
 -- Named queries of pgflow.client (starting, watching and controlling instances).
 
 -- name: register_and_start
--- one round trip: register the flow version (a no-op when known), then start the instance. Every start
--- sets pgflow.trace_context (read by the instances' column default; '' for none) for its transaction.
-WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb)),
-     traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true),
-                      set_config('pgflow.priority', %(priority)s, true))
-SELECT pgflow.start_instance(%(flow)s, %(version)s, %(input)s::jsonb, %(label)s) FROM registered, traced;
+-- one round trip and one definer call: register the flow version (a read when it is known), then start the
+-- instance. Every start sets pgflow.trace_context (read by the instances' column default; '' for none) for
+-- its transaction.
+WITH traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true),
+                       set_config('pgflow.priority', %(priority)s, true))
+SELECT pgflow.register_and_start(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb, ARRAY[%(input)s::jsonb],
+                                 %(label)s)
+FROM traced;
 
 -- name: register_and_start_many
-WITH registered AS (SELECT pgflow.register_flow(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb)),
-     traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true),
-                      set_config('pgflow.priority', %(priority)s, true))
-SELECT pgflow.start_instances(%(flow)s, %(version)s, pgflow.jsonb_list(%(inputs)s::jsonb), %(label)s)
-FROM registered, traced;
+WITH traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true),
+                       set_config('pgflow.priority', %(priority)s, true))
+SELECT pgflow.register_and_start(%(flow)s, %(version)s, %(ref)s, %(shape)s::jsonb,
+                                 pgflow.jsonb_list(%(inputs)s::jsonb), %(label)s)
+FROM traced;
 
 -- name: start_instance
 WITH traced AS (SELECT set_config('pgflow.trace_context', coalesce(%(trace_context)s, ''), true),

@@ -151,16 +151,14 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION pgflow.check_shape(text, jsonb) FROM PUBLIC;
 
--- p_caller: the role registering (its default is evaluated as the caller, before the function switches to
--- its owner); it may only name a role the session could SET ROLE to (pgflow._check_caller).
-CREATE FUNCTION pgflow.register_flow(p_name text, p_version text, p_ref text, p_shape jsonb,
-                                     p_caller name DEFAULT current_user)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+-- Register a flow version for a caller a definer function has checked (register_flow, register_and_start):
+-- internal, never granted; no SET search_path, as pgflow._start_as.
+CREATE FUNCTION pgflow._register_as(caller name, p_name text, p_version text, p_ref text, p_shape jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     q text;
     stored record;
     exists boolean;
-    caller name := pgflow._check_caller(p_caller);
 BEGIN
     SELECT f.shape, f.ref INTO stored FROM pgflow.flows f WHERE f.flow_name = p_name AND f.version = p_version;
     exists := FOUND;
@@ -199,5 +197,15 @@ BEGIN
     FOR q IN SELECT DISTINCT s->>'queue' FROM jsonb_array_elements(p_shape->'steps') AS s LOOP
         PERFORM pgflow.ensure_queue(q, caller);
     END LOOP;
+END $$;
+REVOKE ALL ON FUNCTION pgflow._register_as(name, text, text, text, jsonb) FROM PUBLIC;
+
+-- p_caller: the role registering (its default is evaluated as the caller, before the function switches to
+-- its owner); it may only name a role the session could SET ROLE to (pgflow._check_caller).
+CREATE FUNCTION pgflow.register_flow(p_name text, p_version text, p_ref text, p_shape jsonb,
+                                     p_caller name DEFAULT current_user)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+BEGIN
+    PERFORM pgflow._register_as(pgflow._check_caller(p_caller), p_name, p_version, p_ref, p_shape);
 END $$;
 REVOKE ALL ON FUNCTION pgflow.register_flow(text, text, text, jsonb, name) FROM PUBLIC;

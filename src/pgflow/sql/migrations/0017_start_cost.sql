@@ -1,0 +1,236 @@
+-- compatible-from: 1
+-- A start's cost: one definer call registers and starts (pgflow.register_and_start, what the Python client
+-- now sends), the caller is checked once, and the internal functions behind start_instances, register_flow
+-- and check_start (_start_as, _register_as, _check_start_as) trust the caller their definer function
+-- checked. quotas_of is no longer a definer function. The old entry points keep their signatures, so older
+-- clients work unchanged.
+
+-- The quotas that apply to a role: its own row, else the defaults. Read by definer functions, coordinators
+-- and administrators (who may read the table), so it needs no definer rights of its own; every name in it is
+-- schema-qualified, so it needs no pinned search_path either (as a definer function with a pinned path it
+-- cost each start 23 us).
+CREATE OR REPLACE FUNCTION pgflow.quotas_of(p_role name) RETURNS pgflow.role_quotas
+LANGUAGE sql STABLE AS $$
+    SELECT q.* FROM pgflow.role_quotas q
+    WHERE q.role_name OPERATOR(pg_catalog.=) ANY (ARRAY[p_role, ''::name])
+    ORDER BY q.role_name OPERATOR(pg_catalog.=) '' LIMIT 1
+$$;
+REVOKE ALL ON FUNCTION pgflow.quotas_of(name) FROM PUBLIC;
+
+-- The checks of a start, before anything is written: every input within the role's size and depth limits
+-- (a 300-deep document or a 17 MiB one is refused here, with the reason, instead of reaching a coordinator),
+-- and the role's open instances within its quota. For a caller a definer function has checked (it counts
+-- the role's instances without row-level security in the way): internal, as pgflow._start_as.
+CREATE OR REPLACE FUNCTION pgflow._check_start_as(p_caller name, p_inputs jsonb[]) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    q pgflow.role_quotas := pgflow.quotas_of(p_caller);
+    open_count bigint;
+    bad record;
+BEGIN
+    -- one pass over the inputs for both limits: the first input over either
+    SELECT x.ord, pg_column_size(x.input) AS bytes, pg_column_size(x.input) > q.max_input_bytes AS too_big
+    INTO bad
+    FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
+    WHERE pg_column_size(x.input) > q.max_input_bytes
+       OR (jsonb_typeof(x.input) IN ('array', 'object')
+           AND jsonb_path_exists(x.input, format('strict $.**{%s} ? (@.type() == "array" || @.type() == "object")',
+                                                 q.max_input_depth)::jsonpath))
+    ORDER BY x.ord LIMIT 1;
+    IF FOUND AND bad.too_big THEN
+        RAISE EXCEPTION 'pgflow: input % is % bytes, over the % bytes allowed (pgflow.set_quota)',
+            bad.ord, bad.bytes, q.max_input_bytes USING ERRCODE = '54000';
+    ELSIF FOUND THEN
+        RAISE EXCEPTION 'pgflow: input % nests arrays or objects deeper than % levels (pgflow.set_quota)',
+            bad.ord, q.max_input_depth USING ERRCODE = '54001';
+    END IF;
+    IF q.max_open_instances IS NOT NULL AND NOT pgflow.is_engine_role(p_caller)
+       AND pgflow.open_instances_bound(p_caller) + cardinality(p_inputs) > q.max_open_instances THEN
+        SELECT count(*) INTO open_count FROM (
+            SELECT 1 FROM pgflow.instances i
+            WHERE i.owner = p_caller AND pgflow.open_instance_id(i.status, i.id) IS NOT NULL
+            LIMIT q.max_open_instances + 1) AS o;
+        IF open_count + cardinality(p_inputs) > q.max_open_instances THEN
+            RAISE EXCEPTION 'pgflow: role % has % open instances; starting % more would pass its quota of % '
+                            '(pgflow.set_quota)', p_caller, open_count, cardinality(p_inputs),
+                            q.max_open_instances USING ERRCODE = '53400';
+        END IF;
+    END IF;
+END $$;
+REVOKE ALL ON FUNCTION pgflow._check_start_as(name, jsonb[]) FROM PUBLIC;
+
+-- The same checks for any caller (p_caller as in pgflow._check_caller): what a start would refuse.
+CREATE OR REPLACE FUNCTION pgflow.check_start(p_inputs jsonb[], p_caller name DEFAULT current_user) RETURNS void
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+    SELECT pgflow._check_start_as(pgflow._check_caller(p_caller), p_inputs)
+$$;
+REVOKE ALL ON FUNCTION pgflow.check_start(jsonb[], name) FROM PUBLIC;
+
+-- Register a flow version for a caller a definer function has checked (register_flow, register_and_start):
+-- internal, never granted; no SET search_path, as pgflow._start_as.
+CREATE OR REPLACE FUNCTION pgflow._register_as(caller name, p_name text, p_version text, p_ref text, p_shape jsonb)
+RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    q text;
+    stored record;
+    exists boolean;
+BEGIN
+    SELECT f.shape, f.ref INTO stored FROM pgflow.flows f WHERE f.flow_name = p_name AND f.version = p_version;
+    exists := FOUND;
+    IF exists AND stored.shape = p_shape AND stored.ref IS NOT DISTINCT FROM p_ref THEN
+        IF NOT EXISTS (SELECT 1 FROM pgflow.flow_registrations r  -- every start comes here: read, not write
+                       WHERE r.flow_name = p_name AND r.version = p_version AND r.role_name = caller) THEN
+            INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, caller)
+            ON CONFLICT DO NOTHING;
+        END IF;
+        RETURN;
+    END IF;
+    PERFORM pgflow.check_shape(p_name, p_shape);
+    IF p_version IS DISTINCT FROM pgflow.shape_version(p_shape) THEN
+        RAISE EXCEPTION 'pgflow: flow % version % does not match its shape (whose version is %)',
+            p_name, coalesce(quote_literal(left(p_version, 40)), 'NULL'), pgflow.shape_version(p_shape)
+            USING ERRCODE = '22023';
+    END IF;
+    IF p_ref IS NOT NULL AND p_ref !~ '^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$' THEN
+        RAISE EXCEPTION 'pgflow: flow % has an invalid code reference % (module:attribute)', p_name,
+            quote_literal(left(p_ref, 60)) USING ERRCODE = '22023';
+    END IF;
+    IF exists THEN  -- same version, so the same shape: only the code reference differs
+        RAISE EXCEPTION 'pgflow: flow % version % is already registered with code reference %, not %', p_name,
+            p_version, coalesce(stored.ref, 'NULL'), coalesce(p_ref, 'NULL') USING ERRCODE = '23505';
+    END IF;
+    INSERT INTO pgflow.flows (flow_name, version, ref, shape)
+    VALUES (p_name, p_version, p_ref, p_shape)
+    ON CONFLICT DO NOTHING;
+    INSERT INTO pgflow.flow_steps (flow_name, version, step_name, deps, over)
+    SELECT p_name, p_version, s->>'name',
+           ARRAY(SELECT jsonb_array_elements_text(s->'deps')), s->>'over'
+    FROM jsonb_array_elements(p_shape->'steps') AS s
+    ON CONFLICT DO NOTHING;
+    INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, caller)
+    ON CONFLICT DO NOTHING;
+    FOR q IN SELECT DISTINCT s->>'queue' FROM jsonb_array_elements(p_shape->'steps') AS s LOOP
+        PERFORM pgflow.ensure_queue(q, caller);
+    END LOOP;
+END $$;
+REVOKE ALL ON FUNCTION pgflow._register_as(name, text, text, text, jsonb) FROM PUBLIC;
+
+-- p_caller: the role registering (its default is evaluated as the caller, before the function switches to
+-- its owner); it may only name a role the session could SET ROLE to (pgflow._check_caller).
+CREATE OR REPLACE FUNCTION pgflow.register_flow(p_name text, p_version text, p_ref text, p_shape jsonb,
+                                     p_caller name DEFAULT current_user)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+BEGIN
+    PERFORM pgflow._register_as(pgflow._check_caller(p_caller), p_name, p_version, p_ref, p_shape);
+END $$;
+REVOKE ALL ON FUNCTION pgflow.register_flow(text, text, text, jsonb, name) FROM PUBLIC;
+
+-- The start itself, for a caller a definer function has checked (pgflow._check_caller): users have no
+-- INSERT on instances, wake-ups or signals, so every instance passes these checks. The caller sees only the
+-- flow versions it registered (pgflow.register_flow), unless it is the pgflow owner or a pgflow_admin
+-- member. Internal (never granted): it trusts p_caller. No SET search_path: only definer functions call it,
+-- and they pin it; each statement here is one more a start pays for (a start used to run about 30, which
+-- doubled the server's CPU per start: loadtests/README.md, "Where the chain stands").
+CREATE OR REPLACE FUNCTION pgflow._start_as(p_caller name, p_flow text, p_version text, p_inputs jsonb[], p_label text)
+RETURNS SETOF bigint LANGUAGE plpgsql AS $$
+DECLARE
+    shape jsonb;
+    kinds record;
+    vars jsonb;
+    secrets jsonb;
+    ids bigint[];
+BEGIN
+    IF (SELECT rolsuper FROM pg_roles WHERE rolname = p_caller)
+       AND coalesce(current_setting('pgflow.allow_superuser', true), '') NOT IN ('on', 'true', '1') THEN
+        RAISE EXCEPTION 'pgflow: refusing to start an instance as superuser %: its SQL steps would run as '
+                        'superuser. Start it as an ordinary role (see pgflow.grant_usage), or allow it with '
+                        'SET pgflow.allow_superuser = on', p_caller USING ERRCODE = '42501';
+    END IF;
+    PERFORM pgflow._check_start_as(p_caller, p_inputs);
+    SELECT f.shape INTO shape FROM pgflow.flows f
+    WHERE f.flow_name = p_flow AND f.version = p_version
+      AND (EXISTS (SELECT 1 FROM pgflow.flow_registrations r
+                   WHERE r.flow_name = p_flow AND r.version = p_version AND r.role_name = p_caller)
+           OR pgflow.is_engine_role(p_caller)
+           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
+               AND pg_has_role(p_caller, 'pgflow_admin', 'member')));
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgflow: flow % version % is not registered (by role %): register it first',
+            p_flow, p_version, p_caller USING ERRCODE = 'P0002';
+    END IF;
+    IF pgflow._rights_at_start() THEN
+        SELECT bool_or(s->>'kind' = 'http') AS http,
+               shape ? 'tree' AND bool_or(s->>'kind' = 'python') AS python  -- a workflow names its functions
+        INTO kinds FROM jsonb_array_elements(shape->'steps') s;
+        IF kinds.http AND NOT pgflow.may_use('http', p_caller) THEN
+            RAISE EXCEPTION 'pgflow: role % may not use HTTP steps (pgflow.grant_usage(role, include_http => '
+                            'true))', p_caller USING ERRCODE = '42501';
+        END IF;
+        IF kinds.python AND NOT pgflow.may_use('python', p_caller) THEN
+            RAISE EXCEPTION 'pgflow: role % may not use Python steps in workflows (pgflow.grant_usage(role, '
+                            'include_python => true))', p_caller USING ERRCODE = '42501';
+        END IF;
+    END IF;
+    SELECT jsonb_object_agg(v.name, v.value) FILTER (WHERE v.secret_ref IS NULL),
+           jsonb_object_agg(v.name, v.secret_ref) FILTER (WHERE v.secret_ref IS NOT NULL)
+    INTO vars, secrets
+    FROM pgflow.variables v WHERE v.owner = p_caller;
+    WITH created AS (
+        INSERT INTO pgflow.instances (flow_name, flow_version, input, label, variables, secret_refs, owner)
+        SELECT p_flow, p_version, x.input, p_label, vars, secrets, p_caller
+        FROM unnest(p_inputs) WITH ORDINALITY AS x(input, ord)
+        ORDER BY x.ord
+        RETURNING id
+    )
+    SELECT array_agg(id ORDER BY id) INTO ids FROM created;  -- identities follow insertion order
+    INSERT INTO pgflow.wakeups (instance_id) SELECT unnest(ids);
+    PERFORM pg_notify('pgflow_coordinator', '');
+    RETURN QUERY SELECT unnest(ids);
+END $$;
+REVOKE ALL ON FUNCTION pgflow._start_as(name, text, text, jsonb[], text) FROM PUBLIC;
+
+-- Start instances of a registered flow version as p_caller (its default is the caller's current_user,
+-- evaluated before the function switches to its owner; pgflow._check_caller).
+CREATE OR REPLACE FUNCTION pgflow.start_instances(p_flow text, p_version text, p_inputs jsonb[], p_label text,
+                                       p_caller name DEFAULT current_user)
+RETURNS SETOF bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+BEGIN
+    RETURN QUERY SELECT pgflow._start_as(pgflow._check_caller(p_caller), p_flow, p_version, p_inputs, p_label);
+END $$;
+REVOKE ALL ON FUNCTION pgflow.start_instances(text, text, jsonb[], text, name) FROM PUBLIC;
+
+-- What the Python client's start and start_many send: register the flow version (a read when it is known)
+-- and start, in one definer call that checks the caller once.
+CREATE OR REPLACE FUNCTION pgflow.register_and_start(p_flow text, p_version text, p_ref text, p_shape jsonb,
+                                          p_inputs jsonb[], p_label text, p_caller name DEFAULT current_user)
+RETURNS SETOF bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    caller name := pgflow._check_caller(p_caller);
+BEGIN
+    PERFORM pgflow._register_as(caller, p_flow, p_version, p_ref, p_shape);
+    RETURN QUERY SELECT pgflow._start_as(caller, p_flow, p_version, p_inputs, p_label);
+END $$;
+REVOKE ALL ON FUNCTION pgflow.register_and_start(text, text, text, jsonb, jsonb[], text, name) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY['claim_tasks', 'read_tasks', 'complete_tasks', 'fail_task', 'release_tasks', 'enqueue_tasks',
+                 '_executor_sql', 'grant_usage', 'revoke_usage', '_internal_functions',
+                 'requeue_dead_letter', 'discard_dead_letter',
+                 'read_queue', 'queue_head', 'ensure_queue_order', 'admit_tasks', 'park_task', 'charge_limit',
+                 'define_limit', 'define_limits', 'split_task', 'next_parked_in',
+                 'grant_secret', 'revoke_secret', 'set_quota', 'quotas_of', '_channel_of',
+                 '_may_control', '_reopen_failed_steps', 'open_instances_bound', 'open_instance_id',
+                 '_start_as', '_register_as', '_check_start_as']
+$$;
+REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
+
+-- Roles granted usage before this version may call the new front door too (grant_usage grants it from now on).
+DO $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT g.role_name FROM pgflow.role_grants g JOIN pg_roles p ON p.rolname = g.role_name LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION pgflow.register_and_start(text, text, text, jsonb, jsonb[], text, '
+                       'name) TO %I', r.role_name);
+    END LOOP;
+END $$;
