@@ -3,6 +3,7 @@ reads batches with pgflow.read_tasks as a worker would (no worker runs, so nothi
 
 from __future__ import annotations
 
+import psycopg
 import pytest
 from conftest import run_sql
 from support import claim_flows as cf
@@ -87,6 +88,27 @@ def test_the_fair_read_uses_its_index(dsn, coordinator):
         ORDER BY pgflow.task_priority(headers) DESC, pgflow.task_tag(headers), pgflow.task_instance(message), msg_id
         LIMIT 20 FOR UPDATE SKIP LOCKED"""))
     assert "q_fair_fair" in plan and "Sort" not in plan
+
+
+def test_a_worker_session_plans_its_read_once_and_survives_losing_it(dsn, coordinator):
+    """The reads are prepared once per session (pgflow._prepare_once): later reads use the generic plan
+    instead of planning again, and a session that lost its statements (a pooler's DISCARD ALL, or a
+    transaction that prepared and then rolled back) reads on."""
+    pgflow.start(cf.fan, list(range(60)), dsn=dsn)
+    schedule(coordinator)
+    reads = "SELECT count(*) FROM pgflow.read_tasks('fair', 30, 5)"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert [conn.execute(reads).fetchone()[0] for _ in range(4)] == [5, 5, 5, 5]
+        plans = conn.execute("SELECT generic_plans, custom_plans FROM pg_prepared_statements "
+                             "WHERE name = 'pgflow_read_fair'").fetchone()
+        assert plans == (4, 0)
+        conn.execute("DISCARD ALL")
+        assert conn.execute(reads).fetchone()[0] == 5
+        conn.execute("DEALLOCATE ALL")
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.transaction():
+            conn.execute(reads)
+            conn.execute("SELECT 1 / 0")
+        assert conn.execute(reads).fetchone()[0] == 5
 
 
 def test_queues_created_before_the_migration_get_the_fair_indexes(dsn):

@@ -2,17 +2,22 @@
 -- step rows written in the coordinator's transaction, so a task is on its queue exactly when its row says so.
 
 -- The virtual time at the head of a queue: the tag of the first ready message in fair order (0 when none
--- is ready). One probe of the fair index (04_queues.sql), pinned as read_queue's plan is (08_read_and_claim.sql).
+-- is ready). One probe of the fair index (04_queues.sql), pinned and prepared as read_queue's is
+-- (08_read_and_claim.sql).
 CREATE FUNCTION pgflow.queue_head(p_queue text) RETURNS bigint
-LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pgflow, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off AS $$
+LANGUAGE plpgsql SET search_path = pg_catalog, pgflow, pg_temp
+    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
+    SET plan_cache_mode = force_generic_plan AS $$
 DECLARE
+    stmt text := 'pgflow_head_' || p_queue;
     head bigint;
 BEGIN
-    EXECUTE format('SELECT pgflow.task_tag(headers) FROM pgmq.%I '
-                   'WHERE vt <= clock_timestamp() AND (headers->>''parked'') IS NULL '
-                   'ORDER BY pgflow.task_priority(headers) DESC, pgflow.task_tag(headers), '
-                   'pgflow.task_instance(message), msg_id LIMIT 1', 'q_' || p_queue) INTO head;
+    PERFORM pgflow._prepare_once(stmt, format(
+        'SELECT pgflow.task_tag(headers) FROM pgmq.%I '
+        'WHERE vt <= clock_timestamp() AND (headers->>''parked'') IS NULL '
+        'ORDER BY pgflow.task_priority(headers) DESC, pgflow.task_tag(headers), '
+        'pgflow.task_instance(message), msg_id LIMIT 1', 'q_' || p_queue));
+    EXECUTE format('EXECUTE %I', stmt) INTO head;
     RETURN coalesce(head, 0);
 END $$;
 REVOKE ALL ON FUNCTION pgflow.queue_head(text) FROM PUBLIC;

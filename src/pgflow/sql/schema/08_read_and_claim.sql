@@ -89,12 +89,17 @@ REVOKE ALL ON FUNCTION pgflow.claim_tasks(bigint[], bigint[], text[], integer[],
 -- lag behind its churn (it fills from empty in a second), and with them the planner read 20 messages by
 -- sorting every ready one and joined them back by a sequential scan (5-18 ms a read at 20,000 queued, in
 -- the chain benchmark on PostgreSQL 15; the index scans take a fraction of a millisecond at any depth).
+-- The statement is prepared once per session (pgflow._prepare_once), so a read is not parsed and planned
+-- again each time.
 CREATE FUNCTION pgflow.read_queue(p_queue text, p_vt integer, p_qty integer)
 RETURNS SETOF pgmq.message_record
 LANGUAGE plpgsql SET search_path = pg_catalog, pgflow, pg_temp
-    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off AS $$
+    SET enable_seqscan = off SET enable_bitmapscan = off SET enable_sort = off
+    SET plan_cache_mode = force_generic_plan AS $$
+DECLARE
+    stmt text := 'pgflow_read_' || p_queue;
 BEGIN
-    RETURN QUERY EXECUTE format($q$
+    PERFORM pgflow._prepare_once(stmt, format($q$
         WITH due AS MATERIALIZED (
             SELECT msg_id FROM pgmq.%1$I
             WHERE vt <= clock_timestamp() AND (headers->>'parked') IS NOT NULL
@@ -112,7 +117,8 @@ BEGIN
         FROM (SELECT msg_id FROM due UNION ALL SELECT msg_id FROM fair) AS picked
         WHERE m.msg_id = picked.msg_id
         RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.last_read_at, m.vt, m.message, m.headers
-        $q$, 'q_' || p_queue) USING p_qty, p_vt;
+        $q$, 'q_' || p_queue));
+    RETURN QUERY EXECUTE format('EXECUTE %I(%L, %L)', stmt, p_qty, p_vt);
 END $$;
 REVOKE ALL ON FUNCTION pgflow.read_queue(text, integer, integer) FROM PUBLIC;
 
