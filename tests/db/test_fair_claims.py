@@ -111,6 +111,22 @@ def test_a_worker_session_plans_its_read_once_and_survives_losing_it(dsn, coordi
         assert conn.execute(reads).fetchone()[0] == 5
 
 
+def test_a_statement_prepared_under_the_reads_name_is_replaced_not_run(dsn, coordinator):
+    """Whatever else prepared a statement named as the engine's read (code sharing the session) is
+    replaced before the read: the engine never executes a statement it did not write."""
+    pgflow.start(cf.fan, list(range(10)), dsn=dsn)
+    schedule(coordinator)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TEMP TABLE hijacked (n int)")
+        conn.execute("PREPARE pgflow_read_fair (integer, integer) AS "
+                     "INSERT INTO hijacked VALUES ($1) RETURNING NULL::bigint, 0, now(), now(), now(), "
+                     "NULL::jsonb, NULL::jsonb")
+        assert conn.execute("SELECT count(*) FROM pgflow.read_tasks('fair', 30, 5)").fetchone()[0] == 5
+        assert conn.execute("SELECT count(*) FROM hijacked").fetchone()[0] == 0
+        assert "pgmq.q_fair" in conn.execute("SELECT statement FROM pg_prepared_statements "
+                                             "WHERE name = 'pgflow_read_fair'").fetchone()[0]
+
+
 def test_queues_created_before_the_migration_get_the_fair_indexes(dsn):
     """What migration 0005 runs for every existing queue."""
     run_sql(dsn, "SELECT pgmq.create('legacy')")

@@ -230,12 +230,21 @@ REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;
 -- read on PostgreSQL 15, more than the read itself). A prepared statement keeps its plan: it is planned in
 -- its caller's settings (read_queue pins its index scans and asks for the generic plan, which a LIMIT
 -- parameter would otherwise make the planner refuse, planning each call anew) and planned again when the
--- table's statistics change. PREPARE is not transactional, so the check is against the session's statements themselves.
+-- table's statistics change. PREPARE is not transactional, so the check is against the session's
+-- statements themselves, by text as well as by name: a statement of that name prepared by anything else in
+-- the session is replaced, never executed by the engine's role.
 CREATE OR REPLACE FUNCTION pgflow._prepare_once(p_name text, p_sql text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    wanted text := format('PREPARE %I AS %s', p_name, p_sql);
+    found text;
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_prepared_statements WHERE name = p_name) THEN
-        EXECUTE format('PREPARE %I AS %s', p_name, p_sql);
+    SELECT s.statement INTO found FROM pg_prepared_statements s WHERE s.name = p_name;
+    IF found IS DISTINCT FROM wanted THEN
+        IF found IS NOT NULL THEN
+            EXECUTE format('DEALLOCATE %I', p_name);
+        END IF;
+        EXECUTE wanted;
     END IF;
 END $$;
 REVOKE ALL ON FUNCTION pgflow._prepare_once(text, text) FROM PUBLIC;
