@@ -111,6 +111,22 @@ def test_a_worker_session_plans_its_read_once_and_survives_losing_it(dsn, coordi
         assert conn.execute(reads).fetchone()[0] == 5
 
 
+def test_the_reads_generic_plan_probes_the_picked_messages(dsn, coordinator):
+    """The prepared read's generic plan does not know how many messages it takes: it must still touch
+    only those (index probes), not hash or scan the whole queue."""
+    pgflow.start(cf.fan, list(range(2000)), dsn=dsn)
+    schedule(coordinator)
+    run_sql(dsn, "ANALYZE pgmq.q_fair")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pgflow.read_tasks('fair', 30, 5)").fetchone()[0] == 5
+        for setting in ("plan_cache_mode = force_generic_plan", "enable_seqscan = off",
+                        "enable_bitmapscan = off", "enable_sort = off"):
+            conn.execute(f"SET {setting}")  # read_queue's own settings
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN EXECUTE pgflow_read_fair(5, 30)"))
+    assert "Hash" not in plan and "Seq Scan" not in plan and "Merge" not in plan, plan
+    assert "q_fair_fair" in plan and "q_fair_pkey" in plan, plan
+
+
 def test_a_statement_prepared_under_the_reads_name_is_replaced_not_run(dsn, coordinator):
     """Whatever else prepared a statement named as the engine's read (code sharing the session) is
     replaced before the read: the engine never executes a statement it did not write."""
