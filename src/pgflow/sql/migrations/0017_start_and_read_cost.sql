@@ -5,8 +5,7 @@
 -- checked. quotas_of is no longer a definer function. The old entry points keep their signatures, so older
 -- clients work unchanged. The engine's dynamic reads (read_queue, queue_head) are prepared once per session
 -- instead of parsed and planned on every call (pgflow._prepare_once), and notify_done finds its channels
--- through a set-returning _channel_of the planner inlines. The fair order's header functions read JSON
--- numbers without a regular expression, with the same results (so no queue index needs rebuilding).
+-- through a set-returning _channel_of the planner inlines.
 
 -- The quotas that apply to a role: its own row, else the defaults. Read by definer functions, coordinators
 -- and administrators (who may read the table), so it needs no definer rights of its own; every name in it is
@@ -350,40 +349,6 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $
     FROM unnest(p_owners, p_ids) AS u(owner, id) CROSS JOIN LATERAL pgflow._channel_of(u.owner) AS ch
 $$;
 REVOKE ALL ON FUNCTION pgflow.notify_done(name[], bigint[]) FROM PUBLIC;
-
--- A JSON number (what pgflow writes) is read as a number; only a string is matched against a pattern: these
--- run for every message a queue's fair index stores (each send and each read), and a regular expression
--- over the number's text cost a few per cent of the server's CPU in the chain benchmark. Every header gives
--- the value the pattern over its text gave (an integer without a fraction, within the pattern's digits),
--- so the indexes built with the earlier definitions stay valid.
-CREATE OR REPLACE FUNCTION pgflow.task_priority(h jsonb) RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE jsonb_typeof(h->'priority')
-        WHEN 'number' THEN CASE WHEN scale((h->'priority')::numeric) = 0 AND abs((h->'priority')::numeric) <= 99999
-                                THEN (h->'priority')::integer ELSE 0 END
-        WHEN 'string' THEN CASE WHEN h->>'priority' ~ '^-?[0-9]{1,5}$' THEN (h->>'priority')::integer ELSE 0 END
-        ELSE 0 END
-$$;
-REVOKE ALL ON FUNCTION pgflow.task_priority(jsonb) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION pgflow.task_tag(h jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE jsonb_typeof(h->'tag')
-        WHEN 'number' THEN CASE WHEN scale((h->'tag')::numeric) = 0
-                                     AND (h->'tag')::numeric BETWEEN 0 AND 999999999999999999
-                                THEN (h->'tag')::bigint ELSE 0 END
-        WHEN 'string' THEN CASE WHEN h->>'tag' ~ '^[0-9]{1,18}$' THEN (h->>'tag')::bigint ELSE 0 END
-        ELSE 0 END
-$$;
-REVOKE ALL ON FUNCTION pgflow.task_tag(jsonb) FROM PUBLIC;
-
-CREATE OR REPLACE FUNCTION pgflow.task_instance(m jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE jsonb_typeof(m->'instance')
-        WHEN 'number' THEN CASE WHEN scale((m->'instance')::numeric) = 0
-                                     AND (m->'instance')::numeric BETWEEN 0 AND 999999999999999999
-                                THEN (m->'instance')::bigint ELSE 0 END
-        WHEN 'string' THEN CASE WHEN m->>'instance' ~ '^[0-9]{1,18}$' THEN (m->>'instance')::bigint ELSE 0 END
-        ELSE 0 END
-$$;
-REVOKE ALL ON FUNCTION pgflow.task_instance(jsonb) FROM PUBLIC;
 
 -- Roles granted usage before this version may call the new front door too (grant_usage grants it from now on).
 DO $$

@@ -49,37 +49,18 @@ REVOKE ALL ON FUNCTION pgflow._prepare_once(text, text) FROM PUBLIC;
 -- live in the message's pgmq headers (never in the message body, which stays what the worker decodes).
 -- The functions are total: a header that is absent or not a small number counts as 0, so a message from
 -- older code or from someone else's send can never make its insert fail.
--- A JSON number (what pgflow writes) is read as a number; only a string is matched against a pattern: these
--- run for every message a queue's fair index stores (each send and each read), and a regular expression
--- over the number's text cost a few per cent of the server's CPU in the chain benchmark. Every header gives
--- the value the pattern over its text gave (an integer without a fraction, within the pattern's digits),
--- so the indexes built with the earlier definitions stay valid.
 CREATE FUNCTION pgflow.task_priority(h jsonb) RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE jsonb_typeof(h->'priority')
-        WHEN 'number' THEN CASE WHEN scale((h->'priority')::numeric) = 0 AND abs((h->'priority')::numeric) <= 99999
-                                THEN (h->'priority')::integer ELSE 0 END
-        WHEN 'string' THEN CASE WHEN h->>'priority' ~ '^-?[0-9]{1,5}$' THEN (h->>'priority')::integer ELSE 0 END
-        ELSE 0 END
+    SELECT CASE WHEN h->>'priority' ~ '^-?[0-9]{1,5}$' THEN (h->>'priority')::integer ELSE 0 END
 $$;
 REVOKE ALL ON FUNCTION pgflow.task_priority(jsonb) FROM PUBLIC;
 
 CREATE FUNCTION pgflow.task_tag(h jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE jsonb_typeof(h->'tag')
-        WHEN 'number' THEN CASE WHEN scale((h->'tag')::numeric) = 0
-                                     AND (h->'tag')::numeric BETWEEN 0 AND 999999999999999999
-                                THEN (h->'tag')::bigint ELSE 0 END
-        WHEN 'string' THEN CASE WHEN h->>'tag' ~ '^[0-9]{1,18}$' THEN (h->>'tag')::bigint ELSE 0 END
-        ELSE 0 END
+    SELECT CASE WHEN h->>'tag' ~ '^[0-9]{1,18}$' THEN (h->>'tag')::bigint ELSE 0 END
 $$;
 REVOKE ALL ON FUNCTION pgflow.task_tag(jsonb) FROM PUBLIC;
 
 CREATE FUNCTION pgflow.task_instance(m jsonb) RETURNS bigint LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT CASE jsonb_typeof(m->'instance')
-        WHEN 'number' THEN CASE WHEN scale((m->'instance')::numeric) = 0
-                                     AND (m->'instance')::numeric BETWEEN 0 AND 999999999999999999
-                                THEN (m->'instance')::bigint ELSE 0 END
-        WHEN 'string' THEN CASE WHEN m->>'instance' ~ '^[0-9]{1,18}$' THEN (m->>'instance')::bigint ELSE 0 END
-        ELSE 0 END
+    SELECT CASE WHEN m->>'instance' ~ '^[0-9]{1,18}$' THEN (m->>'instance')::bigint ELSE 0 END
 $$;
 REVOKE ALL ON FUNCTION pgflow.task_instance(jsonb) FROM PUBLIC;
 
