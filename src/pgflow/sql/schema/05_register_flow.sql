@@ -153,7 +153,7 @@ REVOKE ALL ON FUNCTION pgflow.check_shape(text, jsonb) FROM PUBLIC;
 
 -- Register a flow version for a caller a definer function has checked (register_flow, register_and_start):
 -- internal, never granted; no SET search_path, as pgflow._start_as.
-CREATE FUNCTION pgflow._register_as(caller name, p_name text, p_version text, p_ref text, p_shape jsonb)
+CREATE FUNCTION pgflow._register_as(p_caller name, p_name text, p_version text, p_ref text, p_shape jsonb)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     q text;
@@ -164,8 +164,8 @@ BEGIN
     exists := FOUND;
     IF exists AND stored.shape = p_shape AND stored.ref IS NOT DISTINCT FROM p_ref THEN
         IF NOT EXISTS (SELECT 1 FROM pgflow.flow_registrations r  -- every start comes here: read, not write
-                       WHERE r.flow_name = p_name AND r.version = p_version AND r.role_name = caller) THEN
-            INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, caller)
+                       WHERE r.flow_name = p_name AND r.version = p_version AND r.role_name = p_caller) THEN
+            INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, p_caller)
             ON CONFLICT DO NOTHING;
         END IF;
         RETURN;
@@ -192,10 +192,10 @@ BEGIN
            ARRAY(SELECT jsonb_array_elements_text(s->'deps')), s->>'over'
     FROM jsonb_array_elements(p_shape->'steps') AS s
     ON CONFLICT DO NOTHING;
-    INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, caller)
+    INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, p_caller)
     ON CONFLICT DO NOTHING;
     FOR q IN SELECT DISTINCT s->>'queue' FROM jsonb_array_elements(p_shape->'steps') AS s LOOP
-        PERFORM pgflow.ensure_queue(q, caller);
+        PERFORM pgflow.ensure_queue(q, p_caller);
     END LOOP;
 END $$;
 REVOKE ALL ON FUNCTION pgflow._register_as(name, text, text, text, jsonb) FROM PUBLIC;
