@@ -380,7 +380,7 @@ END $$;
 -- this layer and switched to the caller's role (dblink lets only superusers connect without a password, so
 -- this needs dblink installed and an owner who is a superuser; otherwise NULL: the caller's transaction is
 -- used). Only the two fixed calls below can be made, with quoted values, and only as a role the session's
--- login may become anyway.
+-- login may become anyway or one proved by its caller's frame (a definer function of that role calls df).
 CREATE FUNCTION df._autonomous(p_role name, p_kind text, p_args jsonb) RETURNS text
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -388,9 +388,8 @@ DECLARE
     statement text;
     out text;
 BEGIN
-    IF NOT pg_has_role(session_user, p_role, 'MEMBER') THEN
-        RAISE EXCEPTION 'pgflow: % may not act as %', session_user, p_role USING ERRCODE = '42501';
-    END IF;
+    -- a role the session may become, or one the caller's frame proved (df._prove_current_role)
+    PERFORM pgflow._check_caller(p_role);
     SELECT format('%I.dblink', n.nspname) INTO fn FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE p.proname = 'dblink' AND p.pronargs = 2 LIMIT 1;
     IF fn IS NULL OR NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
@@ -442,6 +441,19 @@ BEGIN
     END LOOP;
 END $$;
 
+-- When the current role is not one the session may SET ROLE to (a SECURITY DEFINER function of the user's own,
+-- owned by another role, calls df), the frame proves it (pgflow.caller_proofs, stamped with current_user by
+-- its trigger) for the call that follows, and ends the proof with pgflow._end_proof() once that call returns.
+-- Whether it wrote one.
+CREATE FUNCTION df._prove_current_role() RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_user = session_user OR pg_has_role(session_user, current_user, 'member') THEN
+        RETURN false;
+    END IF;
+    INSERT INTO pgflow.caller_proofs DEFAULT VALUES;
+    RETURN true;
+END $$;
+
 -- pgflow.start as the current role, with pg_durable's timing of rights: HTTP and Python rights are checked
 -- when each step runs (the instance fails there), not at start. When the current role is not one the session
 -- may SET ROLE to (a SECURITY DEFINER function of the user's own, owned by another role, calls df.start), the
@@ -450,12 +462,9 @@ CREATE FUNCTION df._start_as_caller(node jsonb, label text, detached boolean) RE
 LANGUAGE plpgsql AS $$
 DECLARE
     rights text := current_setting('pgflow.check_rights_at_start', true);
-    proven boolean := current_user <> session_user AND NOT pg_has_role(session_user, current_user, 'member');
+    proven boolean := df._prove_current_role();
     new_id bigint;
 BEGIN
-    IF proven THEN
-        INSERT INTO pgflow.caller_proofs DEFAULT VALUES;  -- stamped with current_user by its trigger
-    END IF;
     PERFORM set_config('pgflow.check_rights_at_start', 'off', true);
     new_id := pgflow.start(node, NULL, label, detached);
     PERFORM set_config('pgflow.check_rights_at_start', coalesce(rights, ''), true);
@@ -469,6 +478,7 @@ CREATE FUNCTION df.start(fut text, label text DEFAULT NULL, database text DEFAUL
                          transaction_mode text DEFAULT 'caller') RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     slot integer;
+    proven boolean;
     new_id bigint;
     node jsonb;
 BEGIN
@@ -504,9 +514,12 @@ BEGIN
     IF transaction_mode = 'new' THEN
         slot := df._launch_slot();
         BEGIN
-            new_id := coalesce(df._autonomous(current_user, 'start',
-                                              jsonb_build_object('node', node, 'label', label))::bigint,
-                               df._start_as_caller(node, label, true));
+            proven := df._prove_current_role();  -- checked by df._autonomous
+            new_id := df._autonomous(current_user, 'start', jsonb_build_object('node', node, 'label', label));
+            IF proven THEN
+                PERFORM pgflow._end_proof();
+            END IF;
+            new_id := coalesce(new_id, df._start_as_caller(node, label, true));
         EXCEPTION WHEN OTHERS OR query_canceled THEN  -- a failed or cancelled launch gives its slot back too
             PERFORM pg_advisory_unlock(1346982470, slot);
             RAISE;
@@ -558,6 +571,7 @@ CREATE FUNCTION df.signal(instance_id text, signal_name text, signal_data text D
 LANGUAGE plpgsql STRICT AS $$
 DECLARE
     st text;
+    proven boolean;
 BEGIN
     SELECT status INTO st FROM pgflow.instances WHERE id = df._id(instance_id);
     IF NOT FOUND THEN
@@ -566,10 +580,14 @@ BEGIN
     -- a finished instance refuses it (object_not_in_prerequisite_state), also when it finished after the
     -- caller looked: as pg_durable, too late means nothing happens
     BEGIN
+        proven := df._prove_current_role();  -- a definer function of another role signals as that role
         IF df._autonomous(current_user, 'signal', jsonb_build_object('id', df._id(instance_id), 'name',
                                                                      signal_name, 'data', df._json(signal_data)))
            IS NULL THEN
             PERFORM pgflow.signal(df._id(instance_id), signal_name, df._json(signal_data));
+        END IF;
+        IF proven THEN
+            PERFORM pgflow._end_proof();
         END IF;
     EXCEPTION WHEN object_not_in_prerequisite_state THEN
         SELECT status INTO st FROM pgflow.instances WHERE id = df._id(instance_id);
