@@ -457,7 +457,8 @@ END $$;
 -- pgflow.start as the current role, with pg_durable's timing of rights: HTTP and Python rights are checked
 -- when each step runs (the instance fails there), not at start. When the current role is not one the session
 -- may SET ROLE to (a SECURITY DEFINER function of the user's own, owned by another role, calls df.start), the
--- frame proves it first (pgflow.caller_proofs) and the proof ends with the call.
+-- frame proves it first (pgflow.caller_proofs) and the proof ends with the call. Detached (transaction_mode
+-- 'new'): through the layer's loopback session (df._autonomous) when it has one, else pgflow's detached start.
 CREATE FUNCTION df._start_as_caller(node jsonb, label text, detached boolean) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -465,9 +466,14 @@ DECLARE
     proven boolean := df._prove_current_role();
     new_id bigint;
 BEGIN
-    PERFORM set_config('pgflow.check_rights_at_start', 'off', true);
-    new_id := pgflow.start(node, NULL, label, detached);
-    PERFORM set_config('pgflow.check_rights_at_start', coalesce(rights, ''), true);
+    IF detached THEN
+        new_id := df._autonomous(current_user, 'start', jsonb_build_object('node', node, 'label', label))::bigint;
+    END IF;
+    IF new_id IS NULL THEN
+        PERFORM set_config('pgflow.check_rights_at_start', 'off', true);
+        new_id := pgflow.start(node, NULL, label, detached);
+        PERFORM set_config('pgflow.check_rights_at_start', coalesce(rights, ''), true);
+    END IF;
     IF proven THEN
         PERFORM pgflow._end_proof();
     END IF;
@@ -478,7 +484,6 @@ CREATE FUNCTION df.start(fut text, label text DEFAULT NULL, database text DEFAUL
                          transaction_mode text DEFAULT 'caller') RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
     slot integer;
-    proven boolean;
     new_id bigint;
     node jsonb;
 BEGIN
@@ -514,12 +519,7 @@ BEGIN
     IF transaction_mode = 'new' THEN
         slot := df._launch_slot();
         BEGIN
-            proven := df._prove_current_role();  -- checked by df._autonomous
-            new_id := df._autonomous(current_user, 'start', jsonb_build_object('node', node, 'label', label));
-            IF proven THEN
-                PERFORM pgflow._end_proof();
-            END IF;
-            new_id := coalesce(new_id, df._start_as_caller(node, label, true));
+            new_id := df._start_as_caller(node, label, true);
         EXCEPTION WHEN OTHERS OR query_canceled THEN  -- a failed or cancelled launch gives its slot back too
             PERFORM pg_advisory_unlock(1346982470, slot);
             RAISE;
