@@ -6,6 +6,7 @@
 -- Python step may run again: at least once; a SQL step's effect is lost with its acknowledgement and runs
 -- again: still exactly once). Starts, signals and cancellations, which clients rely on, use the server's.
 -- plan_cache_mode: plan each execution for its actual parameters; a generic plan cached while the tables were
--- small can be disastrous once the backlog is large (psycopg prepares frequent statements).
+-- small can be disastrous once the backlog is large (psycopg prepares frequent statements). The functions
+-- every step passes through set their own (07_enqueue.sql): their plans are kept, pinned to index scans.
 SELECT set_config('synchronous_commit', %(synchronous_commit)s, false),
        set_config('plan_cache_mode', 'force_custom_plan', false);

@@ -1,5 +1,13 @@
 -- Enqueueing tasks: the coordinator's transition "no step row" -> 'queued'. The messages are sent and the
 -- step rows written in the coordinator's transaction, so a task is on its queue exactly when its row says so.
+--
+-- The functions every step passes through (enqueue_tasks, read_tasks, claim_tasks, complete_tasks) keep
+-- their statements' plans for the session: the engine's sessions plan each top-level statement for its
+-- actual parameters (plan_cache_mode = force_custom_plan, loop.sql), which inside these functions meant
+-- planning every statement, and every foreign-key check of every step row, on every call: 17-20% of the
+-- server's CPU in the chain benchmark. Here the planner's own choice applies (auto: a generic plan once it
+-- is no worse), and sequential scans are off, so that a plan cached while the tables were small still
+-- probes their indexes once they are large (a seq scan remains where no index serves).
 
 -- The virtual time at the head of a queue: the tag of the first ready message in fair order (0 when none
 -- is ready). One probe of the fair index (04_queues.sql), pinned and prepared as read_queue's is
@@ -30,7 +38,7 @@ REVOKE ALL ON FUNCTION pgflow.queue_head(text) FROM PUBLIC;
 CREATE FUNCTION pgflow.enqueue_tasks(
     p_queue text, p_instance_ids bigint[], p_steps text[], p_tasks integer[], p_messages jsonb[],
     p_headers jsonb[] DEFAULT NULL
-) RETURNS void LANGUAGE plpgsql AS $$
+) RETURNS void LANGUAGE plpgsql SET plan_cache_mode = auto SET enable_seqscan = off AS $$
 DECLARE
     head bigint := pgflow.queue_head(p_queue);
     sent integer;

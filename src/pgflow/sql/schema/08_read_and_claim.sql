@@ -31,7 +31,9 @@ REVOKE ALL ON FUNCTION pgflow.is_task_message(jsonb) FROM PUBLIC;
 -- Messages whose step is not runnable any more (instance cancelled or failed, step finished) return no
 -- row; a message must also name the instance's own flow and version: a forged one claims nothing.
 -- Each instance is looked up by primary key (LATERAL ... OFFSET 0 keeps the lookup a per-row index probe:
--- otherwise the planner may hash every running instance for each batch of 20 tasks).
+-- otherwise the planner may hash every running instance for each batch of 20 tasks). PL/pgSQL, not SQL, so
+-- that PostgreSQL before 18 keeps its plan too (plans kept for the session, as enqueue_tasks's are:
+-- 07_enqueue.sql).
 CREATE FUNCTION pgflow.claim_tasks(
     p_msg_ids bigint[], p_instance_ids bigint[], p_steps text[], p_tasks integer[], p_flows text[],
     p_versions text[]
@@ -39,7 +41,10 @@ CREATE FUNCTION pgflow.claim_tasks(
     msg_id bigint, instance_id bigint, step_name text, task_index integer, attempt integer,
     flow_name text, flow_version text, input jsonb, variables jsonb, deps jsonb, dep_columns jsonb,
     owner name, secret_refs jsonb, trace_context text
-) LANGUAGE sql AS $$
+) LANGUAGE plpgsql SET plan_cache_mode = auto SET enable_seqscan = off AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
     WITH u AS MATERIALIZED (
         SELECT u.*, i.input, i.variables, i.owner, i.secret_refs, i.trace_context
         FROM unnest(p_msg_ids, p_instance_ids, p_steps, p_tasks, p_flows, p_versions)
@@ -75,7 +80,7 @@ CREATE FUNCTION pgflow.claim_tasks(
           -- likewise a map task gets its element from the message, not the list it fans out over
           AND (c.task_index < 0 OR s.step_name IS DISTINCT FROM fs.over)
     ) d ON true;
-$$;
+END $$;
 REVOKE ALL ON FUNCTION pgflow.claim_tasks(bigint[], bigint[], text[], integer[], text[], text[]) FROM PUBLIC;
 
 -- pgflow reads its queues with its own function instead of pgmq.read (pgmq still sends, archives, deletes
@@ -133,7 +138,7 @@ RETURNS TABLE (
     msg_id bigint, message jsonb, instance_id bigint, step_name text, task_index integer, attempt integer,
     flow_name text, flow_version text, input jsonb, variables jsonb, deps jsonb, dep_columns jsonb,
     owner name, secret_refs jsonb, trace_context text, queue_wait double precision
-) LANGUAGE plpgsql AS $$
+) LANGUAGE plpgsql SET plan_cache_mode = auto SET enable_seqscan = off AS $$
 #variable_conflict use_column
 DECLARE
     msgs pgmq.message_record[] := ARRAY(SELECT r FROM pgflow.read_queue(p_queue, p_vt, p_qty) r);

@@ -3,12 +3,12 @@
 --
 -- A checkpoint only lands for the attempt that is still current; a message is deleted unless a newer
 -- attempt of the same task is live (then that attempt owns the message). The coordinator is woken to
--- schedule what comes next.
+-- schedule what comes next. Its plans are kept for the session, as enqueue_tasks's are (07_enqueue.sql).
 
 CREATE FUNCTION pgflow.complete_tasks(
     p_queue text, p_msg_ids bigint[], p_instance_ids bigint[], p_steps text[], p_tasks integer[],
     p_attempts integer[], p_outputs jsonb[], p_columns jsonb[] DEFAULT NULL
-) RETURNS integer LANGUAGE plpgsql AS $$
+) RETURNS integer LANGUAGE plpgsql SET plan_cache_mode = auto SET enable_seqscan = off AS $$
 DECLARE
     n integer;
 BEGIN
