@@ -167,6 +167,15 @@ def environment(dsn: str, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def write_figures(out_dir: str, scenario: str, dsn: str, args: dict[str, Any], figures: dict[str, Any]) -> Path:
+    """Write a scenario's figures with its environment as ``<out_dir>/<scenario>-<UTC time>.json`` (the
+    directory is created: a fresh checkout has no loadtests/results/); its path."""
+    out = Path(out_dir) / f"{scenario}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment(dsn, args), "figures": figures}, indent=2, default=str))
+    return out
+
+
 def _version(version: Callable[[str], str], package: str) -> str | None:
     try:
         return version(package)

@@ -12,10 +12,7 @@ measured rate. These are measurements, not tests; a JSON result goes to loadtest
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import harness as h
@@ -128,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.storm:
         h.log(f"  {args.storm:,} chains started at once: first completed after {figures['first_completion_s']:.2f} s, "
               f"median {figures['median_completion_s']:.2f} s, last {figures['last_completion_s']:.2f} s")
-    out = Path(args.out) / f"fairness-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps({"environment": h.environment(dsn, vars(args)), "figures": figures}, indent=2,
-                              default=str))
+    out = h.write_figures(args.out, "fairness", dsn, vars(args), figures)
     h.log(f"  written {out}")
     return 0
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import json
 import time
-from datetime import UTC, datetime
-from pathlib import Path
 
 import harness as h
 import psycopg
@@ -79,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(target 90-100%: {'met' if ok else 'MISSED'})")
     h.log(f"  most starts in any {args.per:g} s window: {most} (promise: <= {args.requests} + burst 1 - 1)")
     h.log(f"  attempts: max {attempts} (waiting for the limit spends none)")
-    out = Path(args.out) / f"rate_limit-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps({"environment": h.environment(dsn, vars(args)), "figures": figures}, indent=2,
-                              default=str))
+    out = h.write_figures(args.out, "rate_limit", dsn, vars(args), figures)
     h.log(f"  written {out}")
     return 0
 
