@@ -195,6 +195,7 @@ def test_plans_kept_while_the_tables_were_small_still_probe_indexes_once_they_ar
     run_sql(dsn, "ANALYZE pgflow.steps, pgflow.instances, pgflow.wakeups")  # statistics of nearly empty tables
     with psycopg.connect(dsn) as conn:
         conn.execute("SET plan_cache_mode = force_custom_plan")  # the engine's own session setting (loop.sql)
+        conn.commit()  # (a rollback would undo it)
         for _ in range(8):  # past the plan cache's first five custom plans: the kept plans are made now
             assert one_step_cycle(conn) == 5
             conn.rollback()
