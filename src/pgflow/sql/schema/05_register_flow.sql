@@ -160,11 +160,14 @@ DECLARE
     stored record;
     exists boolean;
 BEGIN
-    SELECT f.shape, f.ref INTO stored FROM pgflow.flows f WHERE f.flow_name = p_name AND f.version = p_version;
+    -- every start comes here: one read, and no write once the caller has registered this version
+    SELECT f.ref, f.shape = p_shape AND f.ref IS NOT DISTINCT FROM p_ref AS same,
+           EXISTS (SELECT 1 FROM pgflow.flow_registrations r
+                   WHERE r.flow_name = p_name AND r.version = p_version AND r.role_name = p_caller) AS registered
+    INTO stored FROM pgflow.flows f WHERE f.flow_name = p_name AND f.version = p_version;
     exists := FOUND;
-    IF exists AND stored.shape = p_shape AND stored.ref IS NOT DISTINCT FROM p_ref THEN
-        IF NOT EXISTS (SELECT 1 FROM pgflow.flow_registrations r  -- every start comes here: read, not write
-                       WHERE r.flow_name = p_name AND r.version = p_version AND r.role_name = p_caller) THEN
+    IF exists AND stored.same THEN
+        IF NOT stored.registered THEN
             INSERT INTO pgflow.flow_registrations (flow_name, version, role_name) VALUES (p_name, p_version, p_caller)
             ON CONFLICT DO NOTHING;
         END IF;

@@ -22,17 +22,17 @@ CREATE FUNCTION pgflow._rights_at_start() RETURNS boolean LANGUAGE sql STABLE AS
 $$;
 REVOKE ALL ON FUNCTION pgflow._rights_at_start() FROM PUBLIC;
 
--- The start itself, for a caller a definer function has checked (pgflow._check_caller): users have no
--- INSERT on instances, wake-ups or signals, so every instance passes these checks. The caller sees only the
--- flow versions it registered (pgflow.register_flow), unless it is the pgflow owner or a pgflow_admin
--- member. Internal (never granted): it trusts p_caller. No SET search_path: only definer functions call it,
--- and they pin it; each statement here is one more a start pays for (a start used to run about 30, which
--- doubled the server's CPU per start: loadtests/README.md, "Where the chain stands").
-CREATE FUNCTION pgflow._start_as(p_caller name, p_flow text, p_version text, p_inputs jsonb[], p_label text)
+-- The start itself, for a caller a definer function has checked (pgflow._check_caller) and a shape that
+-- caller may start (registered by it, or it is the pgflow owner or a pgflow_admin member: its caller looked
+-- that up, or registered it just now): users have no INSERT on instances, wake-ups or signals, so every
+-- instance passes these checks. Internal (never granted): it trusts p_caller and p_shape. No SET search_path:
+-- only definer functions call it, and they pin it; each statement here is one more a start pays for (a start
+-- used to run about 30, which doubled the server's CPU per start: loadtests/README.md, "Where the chain
+-- stands"), so the shape's step kinds are tested with jsonpath expressions rather than queries.
+CREATE FUNCTION pgflow._start_as(p_caller name, p_flow text, p_version text, p_shape jsonb, p_inputs jsonb[],
+                                 p_label text)
 RETURNS SETOF bigint LANGUAGE plpgsql AS $$
 DECLARE
-    shape jsonb;
-    kinds record;
     vars jsonb;
     secrets jsonb;
     ids bigint[];
@@ -44,26 +44,13 @@ BEGIN
                         'SET pgflow.allow_superuser = on', p_caller USING ERRCODE = '42501';
     END IF;
     PERFORM pgflow._check_start_as(p_caller, p_inputs);
-    SELECT f.shape INTO shape FROM pgflow.flows f
-    WHERE f.flow_name = p_flow AND f.version = p_version
-      AND (EXISTS (SELECT 1 FROM pgflow.flow_registrations r
-                   WHERE r.flow_name = p_flow AND r.version = p_version AND r.role_name = p_caller)
-           OR pgflow.is_engine_role(p_caller)
-           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
-               AND pg_has_role(p_caller, 'pgflow_admin', 'member')));
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'pgflow: flow % version % is not registered (by role %): register it first',
-            p_flow, p_version, p_caller USING ERRCODE = 'P0002';
-    END IF;
     IF pgflow._rights_at_start() THEN
-        SELECT bool_or(s->>'kind' = 'http') AS http,
-               shape ? 'tree' AND bool_or(s->>'kind' = 'python') AS python  -- a workflow names its functions
-        INTO kinds FROM jsonb_array_elements(shape->'steps') s;
-        IF kinds.http AND NOT pgflow.may_use('http', p_caller) THEN
+        IF p_shape @? '$.steps[*] ? (@.kind == "http")' AND NOT pgflow.may_use('http', p_caller) THEN
             RAISE EXCEPTION 'pgflow: role % may not use HTTP steps (pgflow.grant_usage(role, include_http => '
                             'true))', p_caller USING ERRCODE = '42501';
         END IF;
-        IF kinds.python AND NOT pgflow.may_use('python', p_caller) THEN
+        IF p_shape ? 'tree'  -- a control-flow workflow names its Python functions itself
+           AND p_shape @? '$.steps[*] ? (@.kind == "python")' AND NOT pgflow.may_use('python', p_caller) THEN
             RAISE EXCEPTION 'pgflow: role % may not use Python steps in workflows (pgflow.grant_usage(role, '
                             'include_python => true))', p_caller USING ERRCODE = '42501';
         END IF;
@@ -84,20 +71,35 @@ BEGIN
     PERFORM pg_notify('pgflow_coordinator', '');
     RETURN QUERY SELECT unnest(ids);
 END $$;
-REVOKE ALL ON FUNCTION pgflow._start_as(name, text, text, jsonb[], text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgflow._start_as(name, text, text, jsonb, jsonb[], text) FROM PUBLIC;
 
 -- Start instances of a registered flow version as p_caller (its default is the caller's current_user,
--- evaluated before the function switches to its owner; pgflow._check_caller).
+-- evaluated before the function switches to its owner; pgflow._check_caller). The caller sees only the flow
+-- versions it registered (pgflow.register_flow), unless it is the pgflow owner or a pgflow_admin member.
 CREATE FUNCTION pgflow.start_instances(p_flow text, p_version text, p_inputs jsonb[], p_label text,
                                        p_caller name DEFAULT current_user)
 RETURNS SETOF bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
+DECLARE
+    caller name := pgflow._check_caller(p_caller);
+    shape jsonb;
 BEGIN
-    RETURN QUERY SELECT pgflow._start_as(pgflow._check_caller(p_caller), p_flow, p_version, p_inputs, p_label);
+    SELECT f.shape INTO shape FROM pgflow.flows f
+    WHERE f.flow_name = p_flow AND f.version = p_version
+      AND (EXISTS (SELECT 1 FROM pgflow.flow_registrations r
+                   WHERE r.flow_name = p_flow AND r.version = p_version AND r.role_name = caller)
+           OR pgflow.is_engine_role(caller)
+           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
+               AND pg_has_role(caller, 'pgflow_admin', 'member')));
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgflow: flow % version % is not registered (by role %): register it first',
+            p_flow, p_version, caller USING ERRCODE = 'P0002';
+    END IF;
+    RETURN QUERY SELECT pgflow._start_as(caller, p_flow, p_version, shape, p_inputs, p_label);
 END $$;
 REVOKE ALL ON FUNCTION pgflow.start_instances(text, text, jsonb[], text, name) FROM PUBLIC;
 
 -- What the Python client's start and start_many send: register the flow version (a read when it is known)
--- and start, in one definer call that checks the caller once.
+-- and start, in one definer call that checks the caller once. The shape registered is the one started.
 CREATE FUNCTION pgflow.register_and_start(p_flow text, p_version text, p_ref text, p_shape jsonb,
                                           p_inputs jsonb[], p_label text, p_caller name DEFAULT current_user)
 RETURNS SETOF bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
@@ -105,7 +107,7 @@ DECLARE
     caller name := pgflow._check_caller(p_caller);
 BEGIN
     PERFORM pgflow._register_as(caller, p_flow, p_version, p_ref, p_shape);
-    RETURN QUERY SELECT pgflow._start_as(caller, p_flow, p_version, p_inputs, p_label);
+    RETURN QUERY SELECT pgflow._start_as(caller, p_flow, p_version, p_shape, p_inputs, p_label);
 END $$;
 REVOKE ALL ON FUNCTION pgflow.register_and_start(text, text, text, jsonb, jsonb[], text, name) FROM PUBLIC;
 

@@ -35,8 +35,7 @@ BEGIN
                          p_name);
         RETURN new_id;
     END IF;
-    PERFORM pgflow.register_flow(p_name, version, NULL, shape);
-    RETURN pgflow.start_instance(p_name, version, p_input, p_label);
+    RETURN (SELECT pgflow.register_and_start(p_name, version, NULL, shape, ARRAY[p_input], p_label));
 END $$;
 REVOKE ALL ON FUNCTION pgflow.start(jsonb, jsonb, text, boolean, text) FROM PUBLIC;
 
