@@ -160,7 +160,7 @@ class Client:
         ``name`` names a control-flow workflow. ``priority``: its tasks run before those of lower
         priority (added to each step's own; -1000 to 1000)."""
         if isinstance(flow, Flow):
-            flow.validate()
+            registration = flow.registration  # validates the flow the first time
             payload = _checked_input(flow, input)
         else:
             payload = dumps(input, "flow input")
@@ -168,8 +168,7 @@ class Client:
         def run(c: psycopg.Connection, traced: tracing.StartSpan) -> int:
             if isinstance(flow, Flow):
                 return Q.value(c, "register_and_start", {
-                    "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-                    "input": payload, "label": label, "trace_context": traced.traceparent,
+                    **registration, "input": payload, "label": label, "trace_context": traced.traceparent,
                     "priority": _priority(priority)})
             flow_name, version = register_tree(c, as_node(flow), name)
             return Q.value(c, "start_instance", {"flow": flow_name, "version": version, "input": payload,
@@ -182,7 +181,7 @@ class Client:
                    conn: psycopg.Connection | None = None, priority: int = 0) -> list[InstanceHandle]:
         """Start one instance of ``flow`` per input, in one statement (much faster than a loop of
         :meth:`start`); their handles in the order of ``inputs``. Same transaction rules as start."""
-        flow.validate()
+        registration = flow.registration  # validates the flow the first time
         payloads = [_checked_input(flow, i) for i in inputs]
         if not payloads:
             return []
@@ -191,8 +190,7 @@ class Client:
             ids: list[int] = []
             for _, inputs_json in json_arrays(payloads):
                 ids += [r[0] for r in Q.all(c, "register_and_start_many", {
-                    "flow": flow.name, "version": flow.version, "ref": flow.ref, "shape": flow.shape_json,
-                    "inputs": inputs_json, "label": label, "trace_context": traced.traceparent,
+                    **registration, "inputs": inputs_json, "label": label, "trace_context": traced.traceparent,
                     "priority": _priority(priority)})]
             return ids
 

@@ -292,7 +292,7 @@ class Flow:
 
     def _register(self, step: Step) -> Step:
         self.steps[step.name] = step
-        for cached in ("shape", "version", "shape_json"):  # the shape changed: recompute them lazily
+        for cached in ("shape", "version", "shape_json", "registration"):  # the shape changed: recompute lazily
             self.__dict__.pop(cached, None)
         return step
 
@@ -326,6 +326,13 @@ class Flow:
     def version(self) -> str:
         """A hash of the shape: changes whenever steps, dependencies, SQL or options change."""
         return version_hash(self.shape)
+
+    @cached_property
+    def registration(self) -> dict[str, Any]:
+        """What every start sends to register this flow version, computed once per shape (validating the
+        flow the first time): a start of a known flow then costs no validation and no search for its code
+        reference. The reference is fixed at the first start, as the database fixes it for the version."""
+        return {"flow": self.name, "version": self.version, "ref": self.ref, "shape": self.shape_json}
 
     @property
     def ref(self) -> str | None:

@@ -169,6 +169,33 @@ def test_version_is_a_stable_hash_of_the_shape():
     assert len(one.version) == 16
 
 
+def test_registration_follows_the_shape_and_refuses_an_invalid_flow():
+    """A start sends flow.registration, computed once per shape: a step added later makes a new version,
+    and a flow that does not validate is refused every time (an error is never cached)."""
+    flow = Flow("registration")
+
+    @flow.step()
+    def a(ctx, input):
+        return 1
+
+    first = flow.registration
+    assert first["flow"] == "registration" and first["version"] == flow.version
+    assert flow.registration is first
+    flow.sql("b", "SELECT 1", after=[a])
+    assert flow.registration["version"] == flow.version != first["version"]
+    assert '"b"' in flow.registration["shape"]
+
+    broken = Flow("registration_broken")
+
+    @broken.step(after=["ghost"])
+    def c(ctx, ghost):
+        return 1
+
+    for _ in range(2):
+        with pytest.raises(FlowDefinitionError, match="unknown dependency 'ghost'"):
+            _ = broken.registration
+
+
 def test_map_over_input_is_recorded():
     flow = Flow("over_input")
 
