@@ -75,7 +75,7 @@ REVOKE ALL ON FUNCTION pgflow._start_as(name, text, text, jsonb, jsonb[], text) 
 
 -- Start instances of a registered flow version as p_caller (its default is the caller's current_user,
 -- evaluated before the function switches to its owner; pgflow._check_caller). The caller sees only the flow
--- versions it registered (pgflow.register_flow), unless it is the pgflow owner or a pgflow_admin member.
+-- versions it registered (pgflow.register_flow), unless it is privileged (pgflow._is_privileged).
 CREATE FUNCTION pgflow.start_instances(p_flow text, p_version text, p_inputs jsonb[], p_label text,
                                        p_caller name DEFAULT current_user)
 RETURNS SETOF bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
@@ -87,9 +87,7 @@ BEGIN
     WHERE f.flow_name = p_flow AND f.version = p_version
       AND (EXISTS (SELECT 1 FROM pgflow.flow_registrations r
                    WHERE r.flow_name = p_flow AND r.version = p_version AND r.role_name = caller)
-           OR pgflow.is_engine_role(caller)
-           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
-               AND pg_has_role(caller, 'pgflow_admin', 'member')));
+           OR pgflow._is_privileged(caller));
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgflow: flow % version % is not registered (by role %): register it first',
             p_flow, p_version, caller USING ERRCODE = 'P0002';

@@ -99,10 +99,7 @@ DECLARE
     new_id bigint;
 BEGIN
     SELECT i.status INTO st FROM pgflow.instances i
-    WHERE i.id = p_id
-      AND (i.owner = caller OR pgflow.is_engine_role(caller)
-           OR (EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'pgflow_admin')
-               AND pg_has_role(caller, 'pgflow_admin', 'member')));
+    WHERE i.id = p_id AND pgflow._may_control(caller, i.owner);
     IF NOT FOUND THEN
         RAISE EXCEPTION 'pgflow: no instance with id %', p_id USING ERRCODE = 'P0002';
     END IF;

@@ -127,16 +127,34 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION pgflow._check_caller(name) FROM PUBLIC;
 
--- Whether p_caller may act on an instance (or variables) of p_owner: its own, or any for the pgflow owner and
--- pgflow_admin members. What the definer functions users write through (cancel, retry, signal, ...) check,
+-- Whether a role is the pgflow owner (or a member of it): the engine's own role, which quotas do not limit.
+-- Every name in it is schema-qualified, so it needs no pinned search_path (a call then saves and restores
+-- no setting; a function reading a table is still called, not inlined).
+CREATE FUNCTION pgflow.is_engine_role(p_role name) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT pg_catalog.pg_has_role(p_role, n.nspowner, 'member')
+    FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) 'pgflow'
+$$;
+REVOKE ALL ON FUNCTION pgflow.is_engine_role(name) FROM PUBLIC;
+
+-- Whether a role may act on every user's instances and flow versions: the engine's own role or a
+-- pgflow_admin member (when that role exists). The one place that rule is written: starting any registered
+-- flow version, signalling, cancelling and retrying others' instances (_may_control) and answering for
+-- other roles (may_use) ask it. Schema-qualified throughout, as is_engine_role.
+CREATE FUNCTION pgflow._is_privileged(p_role name) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT pgflow.is_engine_role(p_role)
+        OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) 'pgflow_admin')
+            AND pg_catalog.pg_has_role(p_role, 'pgflow_admin', 'member'))
+$$;
+REVOKE ALL ON FUNCTION pgflow._is_privileged(name) FROM PUBLIC;
+
+-- Whether p_caller may act on an instance (or variables) of p_owner: its own, or any for a privileged role
+-- (_is_privileged). What the definer functions users write through (cancel, retry, signal, ...) check,
 -- since row-level security does not apply to them (they run as the table owner).
 CREATE FUNCTION pgflow._may_control(p_caller name, p_owner name) RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT p_owner OPERATOR(pg_catalog.=) p_caller
-        OR pg_catalog.pg_has_role(p_caller, n.nspowner, 'member')
-        OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) 'pgflow_admin')
-            AND pg_catalog.pg_has_role(p_caller, 'pgflow_admin', 'member'))
-    FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) 'pgflow'
+    SELECT p_owner OPERATOR(pg_catalog.=) p_caller OR pgflow._is_privileged(p_caller)
 $$;
 REVOKE ALL ON FUNCTION pgflow._may_control(name, name) FROM PUBLIC;
 
@@ -171,19 +189,11 @@ CREATE POLICY own_wakeups ON pgflow.wakeups
 -- superusers and pgflow_admin members: others' rights are not revealed.
 CREATE FUNCTION pgflow.may_use(p_what text, p_role name DEFAULT current_user) RETURNS boolean
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pgflow, pg_temp AS $$
-DECLARE
-    pgflow_owner name := (SELECT n.nspowner::regrole::name FROM pg_catalog.pg_namespace n
-                          WHERE n.nspname = 'pgflow');
 BEGIN
-    IF NOT (pg_catalog.pg_has_role(session_user, pgflow_owner, 'member')
-            OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgflow_admin')
-                AND pg_catalog.pg_has_role(session_user, 'pgflow_admin', 'member'))) THEN
+    IF NOT pgflow._is_privileged(session_user) THEN
         PERFORM pgflow._check_caller(p_role);
     END IF;
-    RETURN p_role = pgflow_owner
-        OR coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = p_role), false)
-        OR (EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgflow_admin')
-            AND pg_catalog.pg_has_role(p_role, 'pgflow_admin', 'member'))
+    RETURN pgflow._is_privileged(p_role)  -- superusers too: they are members of every role
         OR coalesce((SELECT bool_or(CASE p_what WHEN 'http' THEN g.http WHEN 'python' THEN g.python END)
                      FROM pgflow.role_grants g
                      JOIN pg_catalog.pg_roles r ON r.rolname = g.role_name  -- by oid: a dropped role's grant

@@ -12,7 +12,7 @@ CREATE FUNCTION pgflow._internal_functions() RETURNS text[] LANGUAGE sql IMMUTAB
                  'read_queue', 'queue_head', 'ensure_queue_order', 'admit_tasks', 'park_task', 'charge_limit',
                  'define_limit', 'define_limits', 'split_task', 'next_parked_in',
                  'grant_secret', 'revoke_secret', 'set_quota', 'quotas_of', '_channel_of',
-                 '_may_control', '_reopen_failed_steps', 'open_instances_bound', 'open_instance_id',
+                 '_may_control', '_is_privileged', '_reopen_failed_steps', 'open_instances_bound', 'open_instance_id',
                  '_start_as', '_register_as', '_check_start_as', '_prepare_once']
 $$;
 REVOKE ALL ON FUNCTION pgflow._internal_functions() FROM PUBLIC;

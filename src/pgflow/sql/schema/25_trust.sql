@@ -59,16 +59,6 @@ LANGUAGE sql STABLE AS $$
 $$;
 REVOKE ALL ON FUNCTION pgflow.quotas_of(name) FROM PUBLIC;
 
--- Whether a role is the pgflow owner (or a member of it): the engine's own role, which quotas do not limit.
--- Every name in it is schema-qualified, so it needs no pinned search_path (a call then saves and restores
--- no setting; a function reading a table is still called, not inlined).
-CREATE FUNCTION pgflow.is_engine_role(p_role name) RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT pg_catalog.pg_has_role(p_role, n.nspowner, 'member')
-    FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) 'pgflow'
-$$;
-REVOKE ALL ON FUNCTION pgflow.is_engine_role(name) FROM PUBLIC;
-
 -- Set a role's quotas ('' for the defaults); NULL arguments keep the current value of an existing row.
 -- max_queued_tasks (queue depth) is checked by the coordinator when a map fans out: the only way one instance
 -- puts many tasks on the queues (other steps are bounded by max_open_instances times the steps of a shape).
