@@ -21,9 +21,10 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
+import harness as h
 import httpx
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -143,10 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             verdict = "met" if f["p95_ms"] < TARGET_MS else "MISSED"
             print(f"    {name:<30} p50 {f['p50_ms']:7.1f} ms  p95 {f['p95_ms']:7.1f} ms  max {f['max_ms']:7.1f} ms"
                   f"  (target < {TARGET_MS:.0f} ms: {verdict})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"console-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    path.write_text(json.dumps({"instances": total, "server_version": version, "target_ms": TARGET_MS,
-                                "repeat": args.repeat, "figures": results}, indent=2))
+    path = h.write_figures(args.out, "console", dsn, vars(args), {
+        "instances": total, "server_version": version, "target_ms": TARGET_MS, "repeat": args.repeat,
+        "list": results})
     print(f"\n{path}")
     return 0
