@@ -96,6 +96,30 @@ def test_users_see_and_control_only_their_own_instances(dsn, roles, engine):
     assert pgflow.cancel(a_py, dsn=alice) == "cancelled"
 
 
+def test_the_admin_role_acts_on_every_users_work_and_an_ordinary_role_does_not(dsn, roles, engine):
+    """One rule (pgflow._is_privileged) behind four doors: signalling and cancelling another's instance,
+    starting a flow version another role registered, and asking what another role may use."""
+    alice, bob, boss, names = roles["alice"], roles["bob"], roles["boss"], roles["names"]
+    waiting = pgflow.start(t.wait_for_signal("go"), dsn=alice)
+    assert as_role(boss, "SELECT pgflow.signal(%s, 'go') > 0", (waiting,)) == [(True,)]
+    assert pgflow.wait(waiting, 60, dsn=alice).status == "completed"
+    flow, version = as_role(alice, "SELECT flow_name, flow_version FROM pgflow.instances WHERE id = %s",
+                            (waiting,))[0]
+    with pytest.raises(psycopg.errors.NoDataFound, match="not registered"):
+        as_role(bob, "SELECT pgflow.start_instance(%s, %s, NULL, NULL)", (flow, version))
+    by_boss = as_role(boss, "SELECT pgflow.start_instance(%s, %s, NULL, NULL)", (flow, version))[0][0]
+    assert as_role(boss, "SELECT owner FROM pgflow.instances WHERE id = %s", (by_boss,)) == [(names["boss"],)]
+    assert pgflow.cancel(by_boss, dsn=boss) == "cancelled"
+    other = pgflow.start(t.wait_for_signal("never"), dsn=alice)
+    with pytest.raises(InstanceNotFound):
+        pgflow.cancel(other, dsn=bob)
+    assert pgflow.cancel(other, dsn=boss) == "cancelled"
+    assert as_role(boss, "SELECT pgflow.may_use('http', %s), pgflow.may_use('http', %s)",
+                   (names["alice"], names["bob"])) == [(True, False)]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        as_role(bob, "SELECT pgflow.may_use('http', %s)", (names["alice"],))
+
+
 def test_sql_steps_run_as_the_submitting_role(dsn, roles, engine):
     alice, names = roles["alice"], roles["names"]
     node = (t.sql("SELECT current_user::text AS who, session_user::text AS session").named("me")
