@@ -1,7 +1,9 @@
 -- compatible-from: 19
 -- One place for "may act on every user's instances": pgflow._is_privileged (the engine's own role or a
 -- pgflow_admin member). start_instances, signal, _may_control and may_use wrote that test out each; they
--- ask the helper now. Behaviour is unchanged.
+-- ask the helper now. One answer changes: may_use says yes for a member of the pgflow owner role (it used
+-- to for the owner itself and superusers only), as every other check already treated such a member as the
+-- engine's role (it may SET ROLE to the owner anyway).
 
 CREATE FUNCTION pgflow._is_privileged(p_role name) RETURNS boolean
 LANGUAGE sql STABLE AS $$
@@ -23,7 +25,7 @@ BEGIN
     IF NOT pgflow._is_privileged(session_user) THEN
         PERFORM pgflow._check_caller(p_role);
     END IF;
-    RETURN pgflow._is_privileged(p_role)  -- superusers too: they are members of every role
+    RETURN pgflow._is_privileged(p_role)  -- the owner's members too, superusers among them
         OR coalesce((SELECT bool_or(CASE p_what WHEN 'http' THEN g.http WHEN 'python' THEN g.python END)
                      FROM pgflow.role_grants g
                      JOIN pg_catalog.pg_roles r ON r.rolname = g.role_name  -- by oid: a dropped role's grant

@@ -183,8 +183,9 @@ CREATE POLICY own_wakeups ON pgflow.wakeups
     USING (false)
     WITH CHECK (EXISTS (SELECT 1 FROM pgflow.instances i WHERE i.id = instance_id));
 
--- Whether a role (by default the current one) may use a capability ('http', 'python'): the pgflow owner,
--- superusers, pgflow_admin members, and roles granted it. A definer function: users cannot read role_grants.
+-- Whether a role (by default the current one) may use a capability ('http', 'python'): privileged roles
+-- (pgflow._is_privileged: the pgflow owner and its members, superusers among them, and pgflow_admin
+-- members), and roles granted it. A definer function: users cannot read role_grants.
 -- It answers only about roles the session may act as (pgflow._check_caller), except to the pgflow owner,
 -- superusers and pgflow_admin members: others' rights are not revealed.
 CREATE FUNCTION pgflow.may_use(p_what text, p_role name DEFAULT current_user) RETURNS boolean
@@ -193,7 +194,7 @@ BEGIN
     IF NOT pgflow._is_privileged(session_user) THEN
         PERFORM pgflow._check_caller(p_role);
     END IF;
-    RETURN pgflow._is_privileged(p_role)  -- superusers too: they are members of every role
+    RETURN pgflow._is_privileged(p_role)  -- the owner's members too, superusers among them
         OR coalesce((SELECT bool_or(CASE p_what WHEN 'http' THEN g.http WHEN 'python' THEN g.python END)
                      FROM pgflow.role_grants g
                      JOIN pg_catalog.pg_roles r ON r.rolname = g.role_name  -- by oid: a dropped role's grant
