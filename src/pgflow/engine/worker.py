@@ -416,11 +416,12 @@ class Worker(ConnectedLoop):
             if isinstance(exc, psycopg.OperationalError) or (
                     isinstance(exc, psycopg.Error) and (self._conn.broken or self._conn.closed)):
                 raise
-            self._poison(task, body, f"cannot run: {type(exc).__name__}: {exc}")
+            self._poison(task, body, f"cannot run: {type(exc).__name__}: {exc}", acks)
 
-    def _poison(self, task: ClaimedTask, body: Any, reason: str) -> None:
+    def _poison(self, task: ClaimedTask, body: Any, reason: str, acks: _Acks) -> None:
         reason = redacted(" ".join(reason.split())[:2000], secret_values(task))
         try:
+            acks.flush(self._conn)
             Q.execute(self._conn, "fail_task", {
                 "queue": task.queue, "msg_id": task.msg_id, "instance_id": task.instance_id, "step": task.step,
                 "task": task.task_index, "attempt": task.attempt, "error": reason, "traceback": None,
@@ -449,12 +450,13 @@ class Worker(ConnectedLoop):
         m = metrics()
         m.started.labels(*labels).inc()  # also for tasks that fail before running, so failed <= started
         if step is None:
-            self._record_failure(task, None, NonRetryableError(f"flow version has no step {task.step!r}"), labels)
+            self._record_failure(task, None, NonRetryableError(f"flow version has no step {task.step!r}"), labels,
+                                 acks)
             return
         if task.attempt > step.max_attempts:
             self._record_failure(task, step, NonRetryableError(
                 f"attempt {task.attempt} exceeds max_attempts={step.max_attempts}: earlier attempts were lost "
-                "(worker killed, or visibility timeout expired)"), labels)
+                "(worker killed, or visibility timeout expired)"), labels, acks)
             return
         in_flight = m.in_flight.labels(task.queue)
         in_flight.inc()
@@ -465,7 +467,7 @@ class Worker(ConnectedLoop):
             if isinstance(exc, psycopg.Error) and (self._conn.broken or self._conn.closed):
                 raise  # the connection is gone: the loop reconnects; the message comes back after its vt
             if not self._put_back(task, step, exc, labels):
-                self._record_failure(task, step, exc, labels)
+                self._record_failure(task, step, exc, labels, acks)
         finally:
             in_flight.dec()
             m.step_duration.labels(*labels).observe(time.perf_counter() - started)
@@ -535,7 +537,12 @@ class Worker(ConnectedLoop):
             return True
         return False
 
-    def _record_failure(self, task: ClaimedTask, step: StepShape | None, exc: BaseException, labels: Labels) -> None:
+    def _record_failure(self, task: ClaimedTask, step: StepShape | None, exc: BaseException, labels: Labels,
+                        acks: _Acks) -> None:
+        """Record a failed attempt: a retry later, or the step failed for good. The batch's tasks that
+        completed before it are checkpointed first, so a failure that fails the instance does not leave
+        them unrecorded (a retry of the instance would otherwise run them again)."""
+        acks.flush(self._conn)
         permanent = step is None or isinstance(exc, NonRetryableError) or task.attempt >= step.max_attempts
         retry_in = None if permanent else backoff_seconds(step, task.attempt)
         secrets = secret_values(task)
